@@ -1,0 +1,128 @@
+"""Basic NNX layers whose parameters carry logical axis names where they are created."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mlgen.sharding.rules import check_names
+
+Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+
+def param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int], names: Sequence[str | None],
+          dtype=jnp.float32) -> nnx.Param:
+    """An ``nnx.Param`` of ``shape`` with logical ``names`` (one per dimension)."""
+    shape = tuple(int(s) for s in shape)
+    names = check_names(tuple(names))
+    if len(names) != len(shape):
+        raise ValueError(f"param: {len(names)} logical names {names} for shape {shape}")
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    return nnx.Param(init(key, shape, dtype), out_sharding=names)
+
+
+def zeros_init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.zeros(shape, dtype)
+
+
+def ones_init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.ones(shape, dtype)
+
+
+def normal_init(stddev: float) -> Initializer:
+    def init(key, shape, dtype=jnp.float32):
+        return stddev * jax.random.normal(key, shape, dtype)
+    return init
+
+
+def fan_in_init(fan_in: int, scale: float = 1.0) -> Initializer:
+    """Truncated-normal-ish init with variance scale / fan_in."""
+    return normal_init((scale / max(fan_in, 1)) ** 0.5)
+
+
+class Linear(nnx.Module):
+    """``y = einsum(x, w) (+ b)`` with multi-dimensional in/out features.
+
+    ``in_features`` / ``out_features`` are tuples so a projection can map ``D -> (N, H)``
+    without reshapes; ``in_names`` / ``out_names`` are their logical axis names.
+    """
+
+    def __init__(self, in_features: int | Sequence[int], out_features: int | Sequence[int], *,
+                 in_names: Sequence[str | None], out_names: Sequence[str | None], use_bias: bool = False,
+                 init: Initializer | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.in_features = (in_features,) if isinstance(in_features, int) else tuple(in_features)
+        self.out_features = (out_features,) if isinstance(out_features, int) else tuple(out_features)
+        fan_in = 1
+        for f in self.in_features:
+            fan_in *= f
+        init = init or fan_in_init(fan_in)
+        self.kernel = param(rngs, init, self.in_features + self.out_features,
+                            tuple(in_names) + tuple(out_names), param_dtype)
+        self.bias = (param(rngs, zeros_init, self.out_features, tuple(out_names), param_dtype)
+                     if use_bias else None)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in, n_out = len(self.in_features), len(self.out_features)
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        batch = letters[: x.ndim - n_in]
+        ins = letters[x.ndim - n_in: x.ndim]
+        outs = letters[x.ndim: x.ndim + n_out]
+        y = jnp.einsum(f"{batch}{ins},{ins}{outs}->{batch}{outs}", x.astype(self.dtype),
+                       self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table ``[V, D]``; ``attend`` gives tied output logits."""
+
+    def __init__(self, num_embeddings: int, features: int, *, names=("vocab", "embed"),
+                 init: Initializer | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.embedding = param(rngs, init or normal_init(0.02), (num_embeddings, features), names, param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, features: int, *, eps: float = 1e-6, names=("norm",), param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        self.scale = param(rngs, ones_init, (features,), names, param_dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, features: int, *, eps: float = 1e-5, use_bias: bool = True, use_scale: bool = True,
+                 names=("norm",), param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.scale = param(rngs, ones_init, (features,), names, param_dtype) if use_scale else None
+        self.bias = param(rngs, zeros_init, (features,), names, param_dtype) if use_bias else None
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.scale is not None:
+            y = y * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(x.dtype)

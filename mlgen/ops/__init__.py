@@ -1,0 +1,5 @@
+"""Pure array functions (no parameters, no Flax)."""
+
+from mlgen.ops.attention import attention
+
+__all__ = ["attention"]

@@ -1,0 +1,3 @@
+from mlgen.ops.attention.api import attention
+
+__all__ = ["attention"]

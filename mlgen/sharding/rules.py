@@ -62,10 +62,12 @@ PRESETS: dict[str, tuple[tuple[str, object], ...]] = {
 
 
 def get_rules(name: str) -> tuple[tuple[str, object], ...]:
-    """The (logical name, mesh axes) pairs of preset ``name``; unmapped names replicate."""
+    """The (logical name, mesh axes) pairs of preset ``name``; every other name replicates."""
     if name not in PRESETS:
         raise ConfigError(f"mesh.rules: unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return PRESETS[name]
+    mapped = PRESETS[name]
+    named = {n for n, _ in mapped}
+    return mapped + tuple((n, None) for n in PARAM_AXES + ACTIVATION_AXES if n not in named)
 
 
 def check_names(names: tuple[str | None, ...]) -> tuple[str | None, ...]:

@@ -1,0 +1,88 @@
+"""Multi-head self-attention block (GQA, optional RoPE, KV cache) over ``mlgen.ops.attention``."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mlgen import ops
+from mlgen.nn.core import Linear
+from mlgen.nn.rope import apply_rope
+from mlgen.sharding import constrain
+
+
+class KVCache(NamedTuple):
+    """One layer's cache (stacked over layers by the model).
+
+    k, v: ``[B, S_max, K, H]``; ``kv_ids``: ``[B, S_max]`` (1 = a real token was written there,
+    0 = padding or not yet written); ``index``: the next slot to write (a scalar, shared by the
+    batch: prompts are left-padded to a common length).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    kv_ids: jax.Array
+    index: jax.Array
+
+    @staticmethod
+    def zeros(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
+        z = jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)
+        return KVCache(z, z, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 use_bias: bool = False, rope_theta: float | None = 10000.0, backend="auto",
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"SelfAttention: num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q = Linear(d_model, (num_heads, head_dim), in_names=("embed",), out_names=("heads", "head_dim"), **kw)
+        self.k = Linear(d_model, (num_kv_heads, head_dim), in_names=("embed",), out_names=("kv_heads", "head_dim"), **kw)
+        self.v = Linear(d_model, (num_kv_heads, head_dim), in_names=("embed",), out_names=("kv_heads", "head_dim"), **kw)
+        self.o = Linear((num_heads, head_dim), d_model, in_names=("heads", "head_dim"), out_names=("embed",), **kw)
+        self.rope_theta = rope_theta
+        self.backend = backend
+
+    def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
+                 causal: bool = True, cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """x ``[B, T, D]``; positions ``[B, T]``. With ``cache``, the T new tokens are written at
+        ``cache.index`` and attend to every earlier real token (``segment_ids`` then marks which
+        of the new tokens are real: nonzero = real)."""
+        q = constrain(self.q(x), ("batch", "length", "act_heads", None))
+        k = constrain(self.k(x), ("batch", "length", "act_kv_heads", None))
+        v = constrain(self.v(x), ("batch", "length", "act_kv_heads", None))
+        if self.rope_theta is not None:
+            q = apply_rope(q, positions, theta=self.rope_theta)
+            k = apply_rope(k, positions, theta=self.rope_theta)
+        if cache is None:
+            out = ops.attention(q, k, v, causal=causal, segment_ids=segment_ids, backend=self.backend)
+        else:
+            cache = _write(cache, k, v, segment_ids)
+            out = _cached_attention(q, cache)
+        out = constrain(out, ("batch", "length", "act_heads", None))
+        return self.o(out), cache
+
+
+def _write(cache: KVCache, k, v, segment_ids) -> KVCache:
+    B, T = k.shape[:2]
+    ids = jnp.ones((B, T), jnp.int32) if segment_ids is None else (segment_ids != 0).astype(jnp.int32)
+    at = (0, cache.index, 0, 0)
+    return KVCache(
+        jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
+        jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at),
+        jax.lax.dynamic_update_slice(cache.kv_ids, ids, (0, cache.index)),
+        cache.index + T,
+    )
+
+
+def _cached_attention(q, cache: KVCache):
+    """New queries at slots ``index - T .. index - 1`` attend to real cache slots up to their own."""
+    T, S = q.shape[1], cache.k.shape[1]
+    q_slot = cache.index - T + jnp.arange(T)
+    visible = (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & (cache.kv_ids[:, None, :] != 0)
+    return jax.nn.dot_product_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype),
+                                        mask=visible[:, None])

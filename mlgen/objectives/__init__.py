@@ -1,0 +1,1 @@
+"""Objectives: ``loss(params, batch, rng) -> (loss, metrics)`` over pure pytrees."""

@@ -1,0 +1,165 @@
+"""Pieces shared by the attention backends: the mask rule, block ranges, padding.
+
+Every backend sees the same normalised problem: q ``[B, T, N, H]``, k/v ``[B, S, K, H]``,
+optional segment ids as a pair ``q_ids [B, T]``, ``kv_ids [B, S]`` (int32), ``causal``,
+``sliding_window`` and the query offset ``S - T`` (queries are the last T of S positions).
+The helpers below are written with plain ``jnp``/``lax`` scalar ops so that the same code
+runs in XLA, inside Pallas Triton kernels and inside Pallas Mosaic kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """Static description of the mask: which rules apply and where the queries sit."""
+
+    causal: bool
+    sliding_window: int | None
+    kv_len: int            # true key length S; keys at or past it are padding
+    has_segments: bool
+    kv_padded: bool = False  # the key axis was padded past kv_len: mask those keys
+
+
+def block_mask(spec: MaskSpec, qpos, kpos, q_ids=None, kv_ids=None):
+    """Boolean ``True = attend`` for broadcastable query / key position arrays.
+
+    ``qpos`` are query positions already shifted by ``q_offset``. Padding keys (``kpos >=
+    kv_len``) are always masked. Returns None when nothing can be masked (no rule applies).
+    """
+    mask = None
+
+    def _and(a, b):
+        return b if a is None else a & b
+
+    if spec.causal:
+        mask = _and(mask, kpos <= qpos)
+    if spec.sliding_window is not None:
+        mask = _and(mask, (qpos - kpos) < spec.sliding_window)
+        if not spec.causal:
+            mask = _and(mask, (kpos - qpos) < spec.sliding_window)
+    if spec.has_segments:
+        mask = _and(mask, q_ids == kv_ids)
+    if spec.kv_padded:
+        mask = _and(mask, kpos < spec.kv_len)
+    return mask
+
+
+def _div_nonneg(a, b: int):
+    """floor(max(a, 0) / b) using only non-negative integer division (safe in every lowering)."""
+    return lax.div(jnp.maximum(a, 0), jnp.int32(b)) if not isinstance(a, int) else max(a, 0) // b
+
+
+def kv_block_range(spec: MaskSpec, q_offset, i, block_q: int, block_k: int, num_k_blocks: int):
+    """[lo, hi) of key blocks that query block ``i`` can see (others are fully masked).
+
+    ``q_offset`` (int or traced int32 scalar) is the position of query 0 among the keys.
+    """
+    q_first = q_offset + i * block_q
+    q_last = q_first + block_q - 1
+    hi = num_k_blocks
+    lo = 0
+    if spec.causal:
+        hi = _min(hi, _div_nonneg(q_last + block_k, block_k))
+    if spec.sliding_window is not None:
+        w = spec.sliding_window
+        lo = _div_nonneg(q_first - w + 1, block_k)
+        if not spec.causal:
+            hi = _min(hi, _div_nonneg(q_last + w - 1 + block_k, block_k))
+    hi = _min(hi, -(-spec.kv_len // block_k))
+    return lo, _max(hi, lo)
+
+
+def q_block_range(spec: MaskSpec, q_offset, j, block_q: int, block_k: int, num_q_blocks: int,
+                  q_len: int):
+    """[lo, hi) of query blocks that can see key block ``j`` (the transpose of the above)."""
+    k_first = j * block_k
+    k_last = k_first + block_k - 1
+    lo = 0
+    hi = _min(num_q_blocks, -(-q_len // block_q))
+    if spec.causal:
+        lo = _div_nonneg(k_first - q_offset, block_q)
+    if spec.sliding_window is not None:
+        w = spec.sliding_window
+        # q_first(i) < k_last + w  <=>  i < (k_last + w - q_offset) / block_q
+        hi = _min(hi, _div_nonneg(k_last + w - q_offset + block_q - 1, block_q))
+        if not spec.causal:
+            lo = _max(lo, _div_nonneg(k_first - w + 1 - q_offset, block_q))
+    # A key block made only of padding is seen by nobody.
+    hi = _where(k_first >= spec.kv_len, lo, hi)
+    return lo, _max(hi, lo)
+
+
+def _min(a, b):
+    return min(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.minimum(a, b)
+
+
+def _max(a, b):
+    return max(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.maximum(a, b)
+
+
+def _where(c, a, b):
+    if isinstance(c, bool):
+        return a if c else b
+    return jnp.where(c, a, b)
+
+
+def round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def pad_axis(x, axis: int, size: int, value=0):
+    """Pad ``x`` along ``axis`` at the end up to ``size``."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def online_softmax_finish(m, l, acc):
+    """Turn running (max, sum, un-normalised output) into (output, log-sum-exp).
+
+    Rows that saw no key (``l == 0``) give output 0 and lse ``-inf``.
+    """
+    empty = l == 0
+    out = acc / jnp.where(empty, 1.0, l)
+    lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+    return out, lse
+
+
+def safe_max(m):
+    """Row max with ``-inf`` (nothing seen yet) replaced by 0 so ``exp(s - m)`` stays finite."""
+    return jnp.where(m == -jnp.inf, 0.0, m)
+
+
+def default_interpret_params():
+    """Interpret-mode flag for Mosaic (TPU) kernels run on CPU."""
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.InterpretParams()
+
+
+def platform() -> str:
+    """The platform of the default device, read at call time (no import-time global)."""
+    return jax.default_backend()
+
+
+def dot_nn(a, b):
+    """``a @ b`` for 2-D tiles with float32 accumulation (lowers in Triton and Mosaic)."""
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_nt(a, b):
+    """``a @ b.T`` for 2-D tiles with float32 accumulation, without materialising ``b.T``."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())

@@ -51,6 +51,29 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec(names))
 
 
+def fit_shardings(abstract: Any, shardings: Any) -> Any:
+    """Replicates any dimension a sharding cannot split evenly (e.g. 2 kv heads on tensor=4).
+
+    Rules are written per logical name; small models and GQA meet meshes whose axes do not
+    divide every dimension, and replicating that dimension is what a user would want.
+    """
+
+    def fit(x, sh):
+        if not isinstance(sh, NamedSharding):
+            return sh
+        parts = list(sh.spec) + [None] * (len(x.shape) - len(sh.spec))
+        for i, axes in enumerate(parts):
+            if axes is None:
+                continue
+            names = (axes,) if isinstance(axes, str) else tuple(axes)
+            size = int(np.prod([sh.mesh.shape[a] for a in names]))
+            if x.shape[i] % size:
+                parts[i] = None
+        return NamedSharding(sh.mesh, P(*parts))
+
+    return jax.tree.map(fit, abstract, shardings)
+
+
 def sharded_init(make: Callable[[], nnx.Module], mesh: Mesh) -> tuple[nnx.GraphDef, Any, Any]:
     """Initialises a model directly into its shardings (never whole on one device).
 
@@ -60,7 +83,7 @@ def sharded_init(make: Callable[[], nnx.Module], mesh: Mesh) -> tuple[nnx.GraphD
     """
     abstract = nnx.eval_shape(make)
     graphdef, abs_state = nnx.split(abstract, nnx.Param)
-    shardings = nnx.to_pure_dict(nnx.get_named_sharding(abs_state, mesh))
+    shardings = fit_shardings(nnx.to_pure_dict(abs_state), nnx.to_pure_dict(nnx.get_named_sharding(abs_state, mesh)))
 
     def init():
         return nnx.to_pure_dict(nnx.split(make(), nnx.Param)[1])

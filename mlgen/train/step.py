@@ -77,7 +77,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         if "ema" in state:
             d = ema_decay_at(state["step"], ema_decay, ema_warmup)
             new["ema"] = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state["ema"], params)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(state["step"])
         return new, metrics

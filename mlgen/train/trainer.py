@@ -74,8 +74,9 @@ def setup(cfg: config_lib.Config, *, devices: list | None = None, abstract: bool
     with sharding.use(mesh, cfg.mesh.rules):
         abs_model = nnx.eval_shape(task.make_model)
         graphdef, abs_params = nnx.split(abs_model, nnx.Param)
-        param_sh = nnx.to_pure_dict(nnx.get_named_sharding(abs_params, mesh))
-        abs_params = nnx.to_pure_dict(abs_params)
+        abs_params_dict = nnx.to_pure_dict(abs_params)
+        param_sh = sharding.fit_shardings(abs_params_dict, nnx.to_pure_dict(nnx.get_named_sharding(abs_params, mesh)))
+        abs_params = abs_params_dict
         replicated = NamedSharding(mesh, P())
         abs_state = jax.eval_shape(lambda p: init_state(p, tx, ema=ema), abs_params)
         state_sh = {

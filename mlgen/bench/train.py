@@ -1,0 +1,71 @@
+"""``mlgen bench train``: the LM train step through mlgen's own path, on the peers' shapes.
+
+Defaults match ``shared/peers/lm_train.py`` and ``jax_minimal_lm_train.py``: GPT-2 flavour,
+6 layers, width 384, 6 heads, context 256, batch 8, vocabulary 512, AdamW, float32. The step
+is the real one: config -> sharded init -> ``make_train_step`` -> jit with donation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import numpy as np
+
+from mlgen.bench import median_time
+
+
+def run(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="mlgen bench train")
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--width", type=int, default=384)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--flavour", default="gpt2", choices=["gpt2", "llama"])
+    ap.add_argument("--attention-backend", default="xla")
+    ap.add_argument("--remat", default="none")
+    a = ap.parse_args(argv)
+
+    from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig
+    from mlgen.data.text import TextDataConfig
+    from mlgen.models.transformer import TransformerConfig
+    from mlgen.objectives.lm import LMObjectiveConfig
+    from mlgen import sharding
+    from mlgen.train.step import make_train_step
+    from mlgen.train.trainer import setup
+
+    cfg = Config(
+        task="lm", workdir="/tmp/mlgen-bench-train",
+        model=TransformerConfig(flavour=a.flavour, vocab_size=a.vocab, num_layers=a.layers, d_model=a.width,
+                                num_heads=a.heads, max_len=a.seq, attention_backend=a.attention_backend,
+                                remat=a.remat, norm_eps=1e-5),
+        data=TextDataConfig(tokenizer="bpe", vocab_size=a.vocab, seq_len=a.seq, batch_size=a.batch),
+        objective=LMObjectiveConfig(),
+        mesh=MeshConfig(data=-1, rules="dp"),
+        optim=OptimConfig(lr=3e-4, b2=0.999, weight_decay=0.1, clip_norm=0.0, warmup_steps=0, schedule="constant"),
+        train=TrainConfig(num_steps=a.steps + a.warmup),
+    )
+    s = setup(cfg.validate())
+    step = make_train_step(s.task.make_loss(s.graphdef), s.optimizer)
+    rng = np.random.default_rng(1)
+    tok = rng.integers(0, a.vocab, (a.batch, a.seq + 1)).astype(np.int32)
+    host = {"inputs": tok[:, :-1], "targets": tok[:, 1:]}
+    holder = {"state": s.state}
+    with sharding.use(s.mesh, cfg.mesh.rules):
+        batch = sharding.put_batch(host, s.mesh, s.task.batch_axes, cfg.mesh.rules)
+        jstep = jax.jit(step, out_shardings=(s.state_shardings, None), donate_argnums=(0,))
+        key = jax.random.key(0)
+
+        def one():
+            holder["state"], m = jstep(holder["state"], batch, key)
+            m["loss"].block_until_ready()
+
+        med = median_time(one, steps=a.steps, warmup=a.warmup)
+    n_params = sum(x.size for x in jax.tree.leaves(holder["state"]["params"]))
+    print(json.dumps({"bench": "mlgen-train", "flavour": a.flavour, "tokens_per_s": a.batch * a.seq / med,
+                      "step_s": med, "params": int(n_params), "devices": len(jax.devices())}))

@@ -1,0 +1,60 @@
+"""Language-model task: a decoder-only Transformer, next-token loss, packed text data."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from mlgen.config import Config, check
+from mlgen.models.transformer import Transformer, TransformerConfig
+from mlgen.objectives.lm import LMObjectiveConfig, make_loss
+from mlgen.train.task import Task
+
+_AXES = ("batch", "length")
+
+
+def validate(cfg: Config, mesh: dict[str, int]) -> None:
+    from mlgen.data.text import TextDataConfig
+
+    check(isinstance(cfg.model, TransformerConfig), "model", "the lm task needs a TransformerConfig")
+    check(isinstance(cfg.data, TextDataConfig), "data", "the lm task needs a TextDataConfig")
+    check(isinstance(cfg.objective, LMObjectiveConfig), "objective", "the lm task needs an LMObjectiveConfig")
+    m, d = cfg.model, cfg.data
+    check(m.vocab_size >= d.vocab_size, "model.vocab_size",
+          f"{m.vocab_size} is smaller than the tokenizer's data.vocab_size={d.vocab_size}")
+    if m.flavour == "gpt2":
+        check(d.seq_len <= m.max_len, "data.seq_len", f"{d.seq_len} exceeds model.max_len={m.max_len}")
+    shards = mesh["data"] * mesh["fsdp"]
+    check(d.batch_size % shards == 0, "data.batch_size",
+          f"{d.batch_size} is not divisible by the data axes (data*fsdp = {shards})")
+    per_shard = d.batch_size // shards
+    check(per_shard % cfg.optim.grad_accum_steps == 0 or d.batch_size % cfg.optim.grad_accum_steps == 0,
+          "optim.grad_accum_steps", f"{cfg.optim.grad_accum_steps} does not divide data.batch_size={d.batch_size}")
+    check(d.batch_size % jax.process_count() == 0, "data.batch_size",
+          f"{d.batch_size} is not divisible by the process count {jax.process_count()}")
+    check(d.seq_len % mesh["seq"] == 0, "data.seq_len", f"{d.seq_len} is not divisible by mesh.seq={mesh['seq']}")
+    if mesh["tensor"] > 1:
+        check(m.num_heads % mesh["tensor"] == 0, "model.num_heads",
+              f"{m.num_heads} is not divisible by mesh.tensor={mesh['tensor']}")
+
+
+def build(cfg: Config, mesh) -> Task:
+    from mlgen.data.text import make_lm_data
+
+    d = cfg.data
+    pi, pc = jax.process_index(), jax.process_count()
+
+    def make_model():
+        return Transformer(cfg.model, rngs=nnx.Rngs(params=cfg.seed))
+
+    return Task(
+        make_model=make_model,
+        make_loss=lambda gd: make_loss(gd, z_loss=cfg.objective.z_loss, train=True),
+        make_eval_loss=lambda gd: make_loss(gd, z_loss=cfg.objective.z_loss, train=False),
+        train_data=lambda: make_lm_data(d, split="train", seed=cfg.seed, workdir=cfg.workdir,
+                                        process_index=pi, process_count=pc),
+        eval_data=lambda: make_lm_data(d, split="validation", seed=cfg.seed, workdir=cfg.workdir,
+                                       process_index=pi, process_count=pc),
+        batch_axes={k: _AXES for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")},
+        tokens_per_example=d.seq_len,
+    )

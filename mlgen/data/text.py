@@ -35,12 +35,14 @@ those few documents. A restored iterator yields exactly the batches that would h
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
 import os
 import sysconfig
 import tempfile
+import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -284,15 +286,31 @@ def make_lm_data(cfg: TextDataConfig, *, split: Literal["train", "validation"], 
         ds = ds.repeat(None)
     ds = ds.map(_Tokenize(tok, cfg.text_field, cfg.add_bos, cfg.add_eos))
     rows = cfg.batch_size // process_count
-    stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(8, 2 * rows)))
+    if cfg.num_workers == 0:  # tokenize in background threads
+        stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(8, 2 * rows)))
+    else:  # tokenize in worker processes, sequentially in each
+        stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if cfg.num_workers > 0:
         _allow_mp_outside_absl()
         stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     # Train rows come from `rows` independent lanes (decorrelated rows); validation fills the
     # rows of a batch one after another from a single lane (no half-empty batches).
     lanes = rows if split == "train" else 1
-    return LMBatchIterator(iter(stream), ds, rows=rows, lanes=lanes, seq_len=cfg.seq_len,
-                           pack=cfg.pack, pad_id=tok.pad_id)
+    it = LMBatchIterator(iter(stream), ds, rows=rows, lanes=lanes, seq_len=cfg.seq_len,
+                         pack=cfg.pack, pad_id=tok.pad_id)
+    _LIVE.add(it)
+    return it
+
+
+# Live iterators, closed before the interpreter tears modules down (grain's own __del__ then
+# fails noisily and leaks worker shared memory).
+_LIVE: "weakref.WeakSet[LMBatchIterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+    for it in list(_LIVE):
+        it.close()
 
 
 def _allow_mp_outside_absl() -> None:
@@ -329,7 +347,8 @@ class LMBatchIterator(grain.DatasetIterator):
         min_len = 1 if self._pack else 2
         while not self._exhausted:
             try:
-                toks = next(self._parent)
+                # A plain copy: worker outputs live in shared memory, freed once dropped.
+                toks = np.array(next(self._parent), dtype=np.int32)
             except StopIteration:
                 self._exhausted = True
                 break

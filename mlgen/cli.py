@@ -39,6 +39,8 @@ def _set_jax_globals(cpu_devices: int | None, platform: str | None) -> None:
         os.environ["JAX_PLATFORMS"] = platform
     import jax
 
+    if os.environ.get("MLGEN_DISTRIBUTED") == "1":  # set by tpu_scripts/pod.sh on every pod worker
+        jax.distributed.initialize()
     cache = os.environ.get("MLGEN_COMPILATION_CACHE", os.path.expanduser("~/.cache/mlgen/jax"))
     if cache != "off":
         jax.config.update("jax_compilation_cache_dir", cache)

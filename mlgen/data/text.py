@@ -210,7 +210,12 @@ def read_document(doc: Document, text_field: str = "text") -> str:
 # ----------------------------------------------------------------------------- tokenizer
 def get_tokenizer(cfg: TextDataConfig, workdir: str | None = None) -> Tokenizer:
     """The tokenizer of ``cfg``: bytes, a given sentencepiece model, ``WORKDIR/tokenizer.model``,
-    or a new model trained on the train split (saved there, so that generation can reload it)."""
+    or a new model trained on the train split (saved there, so that generation can reload it).
+
+    Training is deterministic, so on several hosts each trains the same model (and writes the
+    same file, atomically, when the workdir is shared). A model already in the workdir is used
+    as is, even if ``vocab_size`` changed since (a larger one is an error).
+    """
     if cfg.tokenizer == "byte":
         return ByteTokenizer(cfg.vocab_size)
     if cfg.tokenizer_path:
@@ -297,7 +302,7 @@ def make_lm_data(cfg: TextDataConfig, *, split: Literal["train", "validation"], 
     # rows of a batch one after another from a single lane (no half-empty batches).
     lanes = rows if split == "train" else 1
     it = LMBatchIterator(iter(stream), ds, rows=rows, lanes=lanes, seq_len=cfg.seq_len,
-                         pack=cfg.pack, pad_id=tok.pad_id)
+                         pack=cfg.pack, pad_id=tok.pad_id, epoch_size=len(docs) if repeat else 0)
     _LIVE.add(it)
     return it
 
@@ -326,12 +331,14 @@ class LMBatchIterator(grain.DatasetIterator):
     Row ``r`` of every batch continues lane ``r % lanes``; each lane is a stream of documents.
 
     ``docs[p]`` must be the p-th element the ``parent`` iterator yields (random access, to
-    rebuild the lanes on ``set_state``).
+    rebuild the lanes on ``set_state``). ``epoch_size`` (0 for a finite stream) bounds how
+    many too-short documents may be skipped in a row before it is an error rather than a hang.
     """
 
     def __init__(self, parent: grain.DatasetIterator, docs: grain.MapDataset, *, rows: int,
-                 lanes: int, seq_len: int, pack: bool, pad_id: int):
+                 lanes: int, seq_len: int, pack: bool, pad_id: int, epoch_size: int):
         super().__init__(parent)
+        self._epoch_size = epoch_size
         self._docs = docs
         self._rows, self._seq_len, self._pack, self._pad_id = rows, seq_len, pack, pad_id
         self._next_p = 0          # documents taken from the parent so far
@@ -345,6 +352,7 @@ class LMBatchIterator(grain.DatasetIterator):
     def _take(self, lane: int) -> bool:
         """Gives ``lane`` the next usable document; False when the stream has ended."""
         min_len = 1 if self._pack else 2
+        skipped = 0
         while not self._exhausted:
             try:
                 # A plain copy: worker outputs live in shared memory, freed once dropped.
@@ -357,6 +365,9 @@ class LMBatchIterator(grain.DatasetIterator):
             if len(toks) >= min_len:
                 self._lanes[lane], self._tokens[lane] = [p, 0], toks
                 return True
+            skipped += 1
+            if self._epoch_size and skipped >= self._epoch_size:  # repeating only empty documents
+                raise ValueError(f"no document has {min_len} or more tokens")
         return False
 
     def _drop(self, lane: int) -> None:

@@ -270,6 +270,16 @@ def test_config_errors_name_the_field(overrides, field):
         TextDataConfig(**overrides).validate()
 
 
+def test_only_empty_documents_is_an_error_not_a_hang(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text("")
+    cfg = TextDataConfig(source="files", paths=(str(tmp_path / "*.txt"),), add_bos=False, add_eos=False,
+                         val_fraction=0.3)
+    with pytest.raises(ValueError, match="no document"):
+        next(make_lm_data(cfg, split="train", seed=0))
+    assert list(make_lm_data(cfg, split="validation", seed=0)) == []
+
+
 def test_no_matching_files_is_a_config_error(tmp_path):
     cfg = TextDataConfig(source="files", paths=(str(tmp_path / "*.none"),))
     with pytest.raises(ConfigError, match="^paths: no files match"):

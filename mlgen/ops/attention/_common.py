@@ -151,14 +151,23 @@ def platform() -> str:
     return jax.default_backend()
 
 
+def _precision(a, b):
+    # Explicit, so a global jax_default_matmul_precision cannot ask Mosaic for an fp32
+    # contraction of bf16 tiles (which it rejects); float32 tiles get full float32.
+    both_f32 = a.dtype == jnp.float32 and b.dtype == jnp.float32
+    return lax.Precision.HIGHEST if both_f32 else lax.Precision.DEFAULT
+
+
 def dot_nn(a, b):
     """``a @ b`` for 2-D tiles with float32 accumulation (lowers in Triton and Mosaic)."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_precision(a, b),
+                           preferred_element_type=jnp.float32)
 
 
 def dot_nt(a, b):
     """``a @ b.T`` for 2-D tiles with float32 accumulation, without materialising ``b.T``."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(a, b),
+                           preferred_element_type=jnp.float32)
 
 
 def next_pow2(x: int) -> int:

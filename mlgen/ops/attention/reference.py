@@ -38,7 +38,13 @@ def make_mask(T: int, S: int, *, causal: bool, segment_ids, sliding_window: int 
 
 def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], *,
               causal: bool = False, segment_ids=None, sliding_window: int | None = None,
-              scale: float | None = None) -> Float[Array, "B T N H"]:
+              scale: float | None = None, interpret: bool = False) -> Float[Array, "B T N H"]:
+    """Softmax attention materialising the ``[T, S]`` logits; the spec for every backend.
+
+    Shapes and mask rules as in ``mlgen.ops.attention``; ``interpret`` is accepted (and ignored)
+    so that every backend has the same signature. Differentiated by autodiff.
+    """
+    del interpret
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     scale = H ** -0.5 if scale is None else scale

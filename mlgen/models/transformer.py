@@ -51,7 +51,8 @@ class TransformerConfig:
     tie_embeddings: bool | None = None  # None = flavour default (gpt2 tied, llama untied)
     norm_eps: float = 1e-5
     dropout: float = 0.0
-    attention_backend: str = "auto"
+    attention_backend: str = "auto"  # a backend name, or several tried in order: "pallas_tpu,xla"
+    attention_interpret: bool = False  # run Pallas kernels in interpret mode (CPU tests)
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -123,6 +124,7 @@ class Block(nnx.Module):
         self.attn_norm = Norm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdtype, rngs=rngs)
         self.attn = SelfAttention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size, use_bias=gpt2,
                                   rope_theta=None if gpt2 else cfg.rope_theta, backend=cfg.backend,
+                                  interpret=cfg.attention_interpret,
                                   dtype=dtype, param_dtype=pdtype, rngs=rngs)
         self.mlp_norm = Norm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdtype, rngs=rngs)
         self.mlp = MLP(cfg.d_model, cfg.hidden, kind="gelu" if gpt2 else "swiglu", use_bias=gpt2,

@@ -35,7 +35,7 @@ class KVCache(NamedTuple):
 
 class SelfAttention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 use_bias: bool = False, rope_theta: float | None = 10000.0, backend="auto",
+                 use_bias: bool = False, rope_theta: float | None = 10000.0, backend="auto", interpret: bool = False,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if num_heads % num_kv_heads:
             raise ValueError(f"SelfAttention: num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
@@ -46,6 +46,7 @@ class SelfAttention(nnx.Module):
         self.o = Linear((num_heads, head_dim), d_model, in_names=("heads", "head_dim"), out_names=("embed",), **kw)
         self.rope_theta = rope_theta
         self.backend = backend
+        self.interpret = interpret
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
                  causal: bool = True, cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
@@ -59,7 +60,8 @@ class SelfAttention(nnx.Module):
             q = apply_rope(q, positions, theta=self.rope_theta)
             k = apply_rope(k, positions, theta=self.rope_theta)
         if cache is None:
-            out = ops.attention(q, k, v, causal=causal, segment_ids=segment_ids, backend=self.backend)
+            out = ops.attention(q, k, v, causal=causal, segment_ids=segment_ids, backend=self.backend,
+                                interpret=self.interpret)
         else:
             cache = _write(cache, k, v, segment_ids)
             out = _cached_attention(q, cache)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from mlgen.ops.attention import _common, blockwise, pallas_gpu, pallas_tpu, reference, xla
+from mlgen.ops.attention import _common, blockwise, pallas_gpu, pallas_tpu, reference, ring, xla
 from mlgen.typing import Array, Float
 
 
@@ -57,6 +57,7 @@ BACKENDS: dict[str, Backend] = {
     "blockwise": Backend("blockwise", blockwise.attention, _always),
     "pallas_gpu": Backend("pallas_gpu", pallas_gpu.attention, pallas_gpu.unsupported),
     "pallas_tpu": Backend("pallas_tpu", pallas_tpu.attention, pallas_tpu.unsupported),
+    "ring": Backend("ring", ring.attention, ring.unsupported),  # explicit only: needs a mesh 'seq' axis
 }
 
 # On CPU (2 cores, measured with `mlgen bench attention`, causal fwd+bwd, N=8, H=64) XLA's

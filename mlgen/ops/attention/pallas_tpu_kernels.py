@@ -22,6 +22,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from mlgen.ops.attention._common import MaskSpec, block_mask, dot_nn, dot_nt, kv_block_range, q_block_range
 
+_P, _A = pltpu.PARALLEL, pltpu.ARBITRARY
+
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
@@ -135,7 +137,7 @@ def forward(q, k, v, q_ids_col, kv_ids_row, cfg: KernelConfig):
         scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                         pltpu.VMEM((bq, H), jnp.float32)],
         name="mlgen_tpu_flash_fwd",
-        **_call_kwargs(cfg, ("parallel", "parallel", "parallel", "arbitrary")),
+        **_call_kwargs(cfg, (_P, _P, _P, _A)),
     )(*args)
 
 
@@ -239,7 +241,7 @@ def backward(q, k, v, do, lse, delta, ids, cfg: KernelConfig):
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, H), jnp.float32)],
         name="mlgen_tpu_flash_dkdv",
-        **_call_kwargs(cfg, ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
+        **_call_kwargs(cfg, (_P, _P, _P, _A, _A)),
     )(*args)
 
     # dQ: grid (B, N, query block, key block).
@@ -265,6 +267,6 @@ def backward(q, k, v, do, lse, delta, ids, cfg: KernelConfig):
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((bq, H), jnp.float32)],
         name="mlgen_tpu_flash_dq",
-        **_call_kwargs(cfg, ("parallel", "parallel", "parallel", "arbitrary")),
+        **_call_kwargs(cfg, (_P, _P, _P, _A)),
     )(*args)
     return dq, dk, dv

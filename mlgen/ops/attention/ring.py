@@ -61,6 +61,16 @@ class _Ring:
         """Global chunk indices held by device ``d`` (a traced scalar)."""
         return (d,) if self.chunks == 1 else (d, 2 * self.n - 1 - d)
 
+    def pairs(self):
+        """(query chunk, key chunk) slots that can see each other at some step.
+
+        With zigzag, a device's first chunk (index d < n) never sees another device's second
+        chunk (index 2n-1-src >= n), so that pair is left out of the program.
+        """
+        if self.chunks == 1:
+            return ((0, 0),)
+        return ((0, 0), (1, 0), (1, 1))
+
 
 def ring_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], *,
                    mesh=None, axis: str = "seq", causal: bool = False, segment_ids=None,
@@ -215,15 +225,11 @@ def _ring_fwd(q, k, v, q_ids, kv_ids, cfg: _Ring):
         k, v, kv_ids = kv
         src = (d - s) % n
         ks, vs, kids = _split(k, c), _split(v, c), _split(kv_ids, c)
-        new = []
-        for a in range(c):
-            o, lse = acc[a]
-            for b in range(c):
-                fn, xs = _block_call(cfg, d, src, a, b, qs[a], ks[b], vs[b], qids[a], kids[b])
-                ob, lb = fn(*xs)
-                o, lse = _merge(o, lse, ob, lb)
-            new.append((o, lse))
-        return tuple(new)
+        acc = list(acc)
+        for a, b in cfg.pairs():
+            fn, xs = _block_call(cfg, d, src, a, b, qs[a], ks[b], vs[b], qids[a], kids[b])
+            acc[a] = _merge(*acc[a], *fn(*xs))
+        return tuple(acc)
 
     def step(s, carry):
         kv, acc = carry
@@ -251,17 +257,16 @@ def _ring_bwd(cfg: _Ring, res, do):
         src = (d - s) % n
         ks, vs, kids = _split(k, c), _split(v, c), _split(kv_ids, c)
         dks, dvs, dq = list(_split(dk, c)), list(_split(dv, c)), list(dq)
-        for a in range(c):
-            for b in range(c):
-                fn, xs = _block_call(cfg, d, src, a, b, qs[a], ks[b], vs[b], qids[a], kids[b])
-                (ob, lb), vjp = jax.vjp(fn, *xs)
-                w = jnp.exp(lb - lses[a])   # this block's share of each row's softmax mass
-                do_b = (w[..., None] * dos_f[a]).astype(ob.dtype)
-                dl_b = w * jnp.sum(dos_f[a] * (ob.astype(_F32) - outs[a].astype(_F32)), axis=-1)
-                dqa, dkb, dvb = vjp((do_b, dl_b))
-                dq[a] = dq[a] + dqa.astype(_F32)
-                dks[b] = dks[b] + dkb.astype(_F32)
-                dvs[b] = dvs[b] + dvb.astype(_F32)
+        for a, b in cfg.pairs():
+            fn, xs = _block_call(cfg, d, src, a, b, qs[a], ks[b], vs[b], qids[a], kids[b])
+            (ob, lb), vjp = jax.vjp(fn, *xs)
+            w = jnp.exp(lb - lses[a])   # this block's share of each row's softmax mass
+            do_b = (w[..., None] * dos_f[a]).astype(ob.dtype)
+            dl_b = w * jnp.sum(dos_f[a] * (ob.astype(_F32) - outs[a].astype(_F32)), axis=-1)
+            dqa, dkb, dvb = vjp((do_b, dl_b))
+            dq[a] = dq[a] + dqa.astype(_F32)
+            dks[b] = dks[b] + dkb.astype(_F32)
+            dvs[b] = dvs[b] + dvb.astype(_F32)
         return (jnp.concatenate(dks, axis=1), jnp.concatenate(dvs, axis=1)), tuple(dq)
 
     def step(s, carry):

@@ -1,0 +1,62 @@
+"""``mlgen bench generate``: KV-cache sampling through ``mlgen.samplers.lm.generate``.
+
+Defaults match ``shared/peers/lm_generate.py`` (transformers' ``generate``): GPT-2 flavour,
+6 layers, width 384, 6 heads, vocabulary 512, batch 8, prompt 32, 224 new tokens, sampling
+with temperature 1 and top-k 50, no early stop. Timed end to end (host prompts in, host
+tokens out), median of ``--repeats`` after one warm-up call that compiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import numpy as np
+
+from mlgen.bench import median_time
+
+
+def run(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="mlgen bench generate")
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--width", type=int, default=384)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=224)
+    ap.add_argument("--top-k", type=int, default=50)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--flavour", default="gpt2", choices=["gpt2", "llama"])
+    ap.add_argument("--attention-backend", default="xla")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    a = ap.parse_args(argv)
+
+    from flax import nnx
+
+    from mlgen import sharding
+    from mlgen.config import MeshConfig
+    from mlgen.models.transformer import Transformer, TransformerConfig
+    from mlgen.samplers.lm import Sampling, generate
+
+    cfg = TransformerConfig(flavour=a.flavour, vocab_size=a.vocab, num_layers=a.layers, d_model=a.width,
+                            num_heads=a.heads, max_len=a.prompt + a.new, attention_backend=a.attention_backend,
+                            dtype=a.dtype)
+    mesh = sharding.make_mesh(MeshConfig(data=-1))
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, a.vocab, (a.batch, a.prompt)).tolist()
+    sampling = Sampling(temperature=a.temperature, top_k=a.top_k)
+    with sharding.use(mesh, "dp"):
+        graphdef, params, _ = sharding.sharded_init(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)), mesh)
+        calls = iter(range(1 << 30))
+
+        def one():
+            g = generate((graphdef, params), prompts, max_new_tokens=a.new, sampling=sampling, seed=next(calls),
+                         prompt_bucket=None)
+            assert g.tokens.shape == (a.batch, a.new) and int(g.lengths.min()) == a.new
+
+        med = median_time(one, steps=a.repeats, warmup=1)
+    print(json.dumps({"bench": "mlgen-generate", "new_tokens_per_s": a.batch * a.new / med, "s": med,
+                      "flavour": a.flavour, "devices": len(jax.devices())}))

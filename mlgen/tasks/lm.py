@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from flax import nnx
 
@@ -43,9 +45,12 @@ def build(cfg: Config, mesh) -> Task:
 
     d = cfg.data
     pi, pc = jax.process_index(), jax.process_count()
+    model_cfg = cfg.model
+    if mesh.shape["seq"] > 1 and model_cfg.attention_backend == "auto":  # sequence parallel: ring attention
+        model_cfg = dataclasses.replace(model_cfg, attention_backend="ring")
 
     def make_model():
-        return Transformer(cfg.model, rngs=nnx.Rngs(params=cfg.seed))
+        return Transformer(model_cfg, rngs=nnx.Rngs(params=cfg.seed))
 
     return Task(
         make_model=make_model,

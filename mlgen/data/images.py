@@ -1,0 +1,230 @@
+"""Image data (grain): scikit-learn's bundled digits by default, or a folder of PNGs.
+
+Batches are dicts of numpy arrays: ``images`` float32 ``[b, H, W, C]`` in [-1, 1] and
+``labels`` int32 ``[b]``, where ``b = batch_size // process_count`` (each host reads its own
+slice of the data). Train iterators are infinite, shuffled per epoch from the run's seed,
+and resumable (``get_state`` / ``set_state``).
+
+Sources:
+- ``digits``: ``sklearn.datasets.load_digits`` (1,797 8x8 images, 10 classes, no download),
+  resized bilinearly to ``image_size`` and scaled from [0, 16] to [-1, 1];
+- ``folder``: every ``*.png`` under ``path`` (recursively); images in sub-folders get the
+  label of their sub-folder (sorted names -> 0, 1, ...), images directly in ``path`` label 0.
+  Files are read and resized in the pipeline (in worker processes when ``num_workers > 0``).
+
+The split into train / validation is a fixed permutation (seed 0) of the whole source, so
+the held-out images do not depend on the run's seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Literal
+
+import grain
+import numpy as np
+from PIL import Image
+
+from mlgen.config import ConfigError, check
+
+__all__ = ["ImageDataConfig", "class_names", "load_arrays", "make_image_data", "save_grid"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ImageDataConfig:
+    """Image data.
+
+    Attributes:
+      source: ``digits`` | ``folder``.
+      path: the folder of PNGs (``folder`` source).
+      image_size: side of the square images fed to the model.
+      channels: 1 (grayscale) or 3 (RGB); digits are 1.
+      batch_size: GLOBAL batch size (split over hosts and the mesh's data axes).
+      num_workers: grain worker processes (0 = in the main process).
+      val_fraction: share of the source held out for validation / evaluation.
+      hflip: random horizontal flips (not for digits).
+    """
+
+    source: Literal["digits", "folder"] = "digits"
+    path: str = ""
+    image_size: int = 16
+    channels: int = 1
+    batch_size: int = 64
+    num_workers: int = 0
+    val_fraction: float = 0.1
+    hflip: bool = False
+
+    def validate(self) -> None:
+        check(self.source in ("digits", "folder"), "source", f"must be 'digits' or 'folder', got {self.source!r}")
+        if self.source == "folder":
+            check(self.path != "", "path", "the folder source needs path=<folder of PNGs>")
+            check(Path(self.path).is_dir(), "path", f"no such folder {self.path!r}")
+        else:
+            check(self.channels == 1, "channels", f"digits are grayscale (channels=1), got {self.channels}")
+        check(self.image_size >= 4, "image_size", f"must be >= 4, got {self.image_size}")
+        check(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
+        check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+        check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        check(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+
+
+# ----------------------------------------------------------------------------- sources
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    """float32 [h, w, c] -> [size, size, c], bilinear."""
+    if img.shape[0] == size and img.shape[1] == size:
+        return img
+    chans = [np.asarray(Image.fromarray(img[..., c], mode="F").resize((size, size), Image.BILINEAR))
+             for c in range(img.shape[-1])]
+    return np.stack(chans, axis=-1)
+
+
+def _digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    imgs = d.images.astype(np.float32)[..., None] / 16.0 * 2.0 - 1.0
+    imgs = np.stack([_resize(im, image_size) for im in imgs]).clip(-1.0, 1.0)
+    return imgs.astype(np.float32), d.target.astype(np.int32)
+
+
+def class_names(path: str) -> list[str]:
+    """Sorted sub-folder names of a PNG folder (the class names; [] if unlabelled)."""
+    return sorted(p.name for p in Path(path).iterdir() if p.is_dir() and any(p.rglob("*.png")))
+
+
+def _folder_items(path: str) -> list[tuple[str, int]]:
+    root = Path(path)
+    names = class_names(path)
+    items = [(str(p), 0) for p in sorted(root.glob("*.png"))]
+    for label, name in enumerate(names):
+        items += [(str(p), label) for p in sorted((root / name).rglob("*.png"))]
+    if not items:
+        raise ConfigError(f"path: no *.png files under {path!r}")
+    return items
+
+
+def _split(n: int, val_fraction: float, split: str) -> np.ndarray:
+    perm = np.random.default_rng(0).permutation(n)
+    n_val = max(1, int(round(n * val_fraction)))
+    return np.sort(perm[:n_val] if split == "validation" else perm[n_val:])
+
+
+class _ArraySource:
+    """Random access to in-memory images and labels (picklable, for grain workers)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"images": self.images[i], "labels": self.labels[i]}
+
+
+class _LoadPNG:
+    def __init__(self, image_size: int, channels: int):
+        self.image_size, self.channels = image_size, channels
+
+    def __call__(self, item):
+        path, label = item
+        with Image.open(path) as im:
+            im = im.convert("L" if self.channels == 1 else "RGB")
+            im = im.resize((self.image_size, self.image_size), Image.BICUBIC)
+            x = np.asarray(im, np.float32).reshape(self.image_size, self.image_size, self.channels)
+        return {"images": x / 127.5 - 1.0, "labels": np.int32(label)}
+
+
+class _RandomFlip(grain.transforms.RandomMap):
+    def random_map(self, element, rng: np.random.Generator):
+        if rng.random() < 0.5:
+            element = dict(element, images=element["images"][:, ::-1].copy())
+        return element
+
+
+def load_arrays(cfg: ImageDataConfig, split: Literal["train", "validation", "all"] = "all"):
+    """The whole split as arrays ``(images [n, H, W, C], labels [n])`` (evaluation, small sets)."""
+    if cfg.source == "digits":
+        images, labels = _digits(cfg.image_size)
+    else:
+        load = _LoadPNG(cfg.image_size, cfg.channels)
+        rows = [load(it) for it in _folder_items(cfg.path)]
+        images = np.stack([r["images"] for r in rows])
+        labels = np.array([r["labels"] for r in rows], np.int32)
+    if split == "all":
+        return images, labels
+    idx = _split(len(labels), cfg.val_fraction, split)
+    return images[idx], labels[idx]
+
+
+def num_classes(cfg: ImageDataConfig) -> int:
+    """10 for digits; the number of sub-folders (or 1) for a folder."""
+    return 10 if cfg.source == "digits" else max(1, len(class_names(cfg.path)))
+
+
+def make_image_data(cfg: ImageDataConfig, *, split: Literal["train", "validation"], seed: int,
+                    process_index: int = 0, process_count: int = 1, repeat: bool | None = None):
+    """This host's batches of one split.
+
+    Returns:
+      A grain ``DatasetIterator`` (``get_state`` / ``set_state``) of ``{"images", "labels"}``
+      batches of ``cfg.batch_size // process_count`` rows. Train: shuffled, infinite.
+      Validation: one pass in a fixed order (repeated to fill at least one batch).
+    """
+    cfg.validate()
+    check(cfg.batch_size % process_count == 0, "batch_size",
+          f"global batch {cfg.batch_size} is not divisible by the {process_count} hosts")
+    rows = cfg.batch_size // process_count
+    repeat = (split == "train") if repeat is None else repeat
+    if cfg.source == "digits":
+        images, labels = _digits(cfg.image_size)
+        idx = _split(len(labels), cfg.val_fraction, split)[process_index::process_count]
+        ds = grain.MapDataset.source(_ArraySource(images[idx], labels[idx]))
+    else:
+        items = _folder_items(cfg.path)
+        idx = _split(len(items), cfg.val_fraction, split)[process_index::process_count]
+        ds = grain.MapDataset.source([items[i] for i in idx])
+    if len(ds) == 0:
+        raise ConfigError(f"data.val_fraction: the {split} split is empty on host {process_index}")
+    if split == "train":
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat(None)
+    elif len(ds) < rows:
+        ds = ds.repeat(math.ceil(rows / len(ds)))
+    if cfg.source == "folder":
+        ds = ds.map(_LoadPNG(cfg.image_size, cfg.channels))
+    if cfg.hflip and split == "train":
+        ds = ds.random_map(_RandomFlip(), seed=seed)
+    ds = ds.batch(rows, drop_remainder=True)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if cfg.num_workers else 1, prefetch_buffer_size=2))
+    if cfg.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    return iter(it_ds)
+
+
+# ----------------------------------------------------------------------------- grids
+def save_grid(images: np.ndarray, path: str | Path, *, ncol: int | None = None, scale: int = 2,
+              pad: int = 1) -> Path:
+    """Writes ``images`` ``[N, H, W, C]`` in [-1, 1] as a PNG grid (``ncol`` per row)."""
+    images = np.asarray(images, np.float32)
+    n, h, w, c = images.shape
+    ncol = ncol or int(math.ceil(math.sqrt(n)))
+    nrow = int(math.ceil(n / ncol))
+    grid = np.ones((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), np.float32)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
+    pixels = np.round((grid.clip(-1, 1) + 1.0) * 127.5).astype(np.uint8)
+    pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
+    img = Image.fromarray(pixels[..., 0] if c == 1 else pixels, mode="L" if c == 1 else "RGB")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

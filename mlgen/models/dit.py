@@ -1,0 +1,167 @@
+"""Diffusion Transformer (Peebles & Xie 2023) in Flax NNX, NHWC in and out.
+
+Supports:
+- patchify (a ``p x p`` stride-``p`` projection) and unpatchify, fixed 2-D sin-cos positions;
+- adaLN-Zero blocks built from the LM's own layers: ``mlgen.nn.attention.SelfAttention``
+  (bidirectional, no RoPE, any ``mlgen.ops.attention`` backend) and ``mlgen.nn.mlp.MLP``
+  (GELU), with shift / scale / gate from the conditioning vector, zero-initialised;
+- stacked layers (one ``nnx.scan``, a leading ``layers`` axis on every block parameter);
+- time and class conditioning (label ``num_classes`` = the null class for CFG);
+- ``learn_sigma``: twice the output channels (prediction, then the iDDPM variance
+  interpolation), for importing / serving such models; the objectives here train none;
+- logical-axis sharding: ``embed`` / ``heads`` / ``mlp`` like the LM.
+
+Called as ``model(x [B, H, W, C], time [B], labels [B] | None, rng=None) -> [B, H, W, C_out]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mlgen.config import check
+from mlgen.nn.attention import SelfAttention
+from mlgen.nn.conv import TimeEmbedding, dropout
+from mlgen.nn.core import LayerNorm, Linear, zeros_init
+from mlgen.nn.mlp import MLP
+from mlgen.sharding import constrain
+from mlgen.typing import Array, Float, Int
+
+__all__ = ["DiT", "DiTConfig", "PRESETS"]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_ACT = ("batch", "length", "act_embed")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DiTConfig:
+    image_size: int = 16
+    in_channels: int = 1
+    patch_size: int = 2
+    d_model: int = 256
+    num_layers: int = 6
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    num_classes: int = 0
+    learn_sigma: bool = False
+    attention_backend: str = "auto"
+    dtype: str = "float32"
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+    def validate(self) -> None:
+        check(self.patch_size >= 1, "patch_size", f"must be >= 1, got {self.patch_size}")
+        check(self.image_size % self.patch_size == 0, "image_size",
+              f"{self.image_size} is not divisible by patch_size={self.patch_size}")
+        check(self.in_channels > 0, "in_channels", f"must be > 0, got {self.in_channels}")
+        check(self.num_layers >= 1, "num_layers", f"must be >= 1, got {self.num_layers}")
+        check(self.num_heads >= 1 and self.d_model % self.num_heads == 0, "num_heads",
+              f"{self.num_heads} does not divide d_model={self.d_model}")
+        check((self.d_model // max(self.num_heads, 1)) % 2 == 0 and self.d_model % 4 == 0, "d_model",
+              f"{self.d_model} must be a multiple of 4 with an even head size")
+        check(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+        check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        check(self.num_classes >= 0, "num_classes", f"must be >= 0, got {self.num_classes}")
+        check(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+
+PRESETS: dict[str, DiTConfig] = {
+    "dit-digits": DiTConfig(patch_size=2, d_model=192, num_layers=6, num_heads=6, num_classes=10),
+    "dit-S/2": DiTConfig(image_size=32, in_channels=4, patch_size=2, d_model=384, num_layers=12, num_heads=6),
+    "dit-B/2": DiTConfig(image_size=32, in_channels=4, patch_size=2, d_model=768, num_layers=12, num_heads=12),
+    "dit-tiny": DiTConfig(image_size=8, patch_size=2, d_model=32, num_layers=2, num_heads=2),
+}
+
+
+def sincos_2d(grid: int, dim: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position table ``[grid * grid, dim]`` (MAE / DiT)."""
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    gh, gw = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    return np.concatenate([one_d(dim // 2, gh), one_d(dim // 2, gw)], axis=1).astype(np.float32)
+
+
+def _modulate(x, shift, scale):
+    return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+
+
+class DiTBlock(nnx.Module):
+    """adaLN-Zero: ``x += gate * f(LN(x) * (1 + scale) + shift)`` for attention, then the MLP."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        dt = _DTYPES[cfg.dtype]
+        d = cfg.d_model
+        self.norm1 = LayerNorm(d, eps=1e-6, use_bias=False, use_scale=False)
+        self.attn = SelfAttention(d, cfg.num_heads, cfg.num_heads, d // cfg.num_heads, use_bias=True, rope_theta=None,
+                                  backend=cfg.attention_backend, dtype=dt, rngs=rngs)
+        self.norm2 = LayerNorm(d, eps=1e-6, use_bias=False, use_scale=False)
+        self.mlp = MLP(d, int(d * cfg.mlp_ratio), kind="gelu", use_bias=True, dtype=dt, rngs=rngs)
+        self.ada = Linear(d, (6, d), in_names=("embed",), out_names=(None, "embed"), use_bias=True, init=zeros_init,
+                          dtype=dt, rngs=rngs)
+        self.dropout = cfg.dropout
+
+    def __call__(self, x, c, rng=None):
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.moveaxis(self.ada(jax.nn.silu(c)), 1, 0)
+        r1, r2 = jax.random.split(rng) if rng is not None else (None, None)
+        h, _ = self.attn(_modulate(self.norm1(x), shift1, scale1), positions=None, causal=False)
+        x = x + gate1[:, None, :] * dropout(h, self.dropout, r1)
+        h = self.mlp(_modulate(self.norm2(x), shift2, scale2))
+        x = x + gate2[:, None, :] * dropout(h, self.dropout, r2)
+        return constrain(x, _ACT)
+
+
+class DiT(nnx.Module):
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        dt = _DTYPES[cfg.dtype]
+        p, d = cfg.patch_size, cfg.d_model
+        self.patch = Linear((p, p, cfg.in_channels), d, in_names=("kernel", "kernel", "channels_in"),
+                            out_names=("embed",), use_bias=True, dtype=dt, rngs=rngs)
+        self.time = TimeEmbedding(256, d, num_classes=cfg.num_classes, rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(r):
+            return DiTBlock(cfg, rngs=r)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = LayerNorm(d, eps=1e-6, use_bias=False, use_scale=False)
+        self.final_ada = Linear(d, (2, d), in_names=("embed",), out_names=(None, "embed"), use_bias=True,
+                                init=zeros_init, dtype=dt, rngs=rngs)
+        self.out = Linear(d, (p, p, cfg.out_channels), in_names=("embed",), out_names=(None, None, "channels"),
+                          use_bias=True, init=zeros_init, dtype=dt, rngs=rngs)
+
+    def __call__(self, x: Float[Array, "B H W C"], time: Float[Array, "B"], labels: Int[Array, "B"] | None = None,
+                 *, rng: jax.Array | None = None) -> Float[Array, "B H W C"]:
+        cfg = self.cfg
+        dt = _DTYPES[cfg.dtype]
+        B, H, W, C = x.shape
+        p = cfg.patch_size
+        g = H // p
+        tokens = x.astype(dt).reshape(B, g, p, g, p, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, g * g, p, p, C)
+        h = self.patch(tokens) + jnp.asarray(sincos_2d(g, cfg.d_model), dt)[None]
+        h = constrain(h, _ACT)
+        c = self.time(time, labels).astype(dt)
+        layer_rngs = jax.random.split(rng, cfg.num_layers) if rng is not None and cfg.dropout > 0 else None
+
+        @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def run(block, h, r):
+            return block(h, c, r)
+
+        h = run(self.blocks, h, layer_rngs)
+        shift, scale = jnp.moveaxis(self.final_ada(jax.nn.silu(c)), 1, 0)
+        out = self.out(_modulate(self.final_norm(h), shift, scale))  # [B, P, p, p, C_out]
+        co = cfg.out_channels
+        out = out.reshape(B, g, g, p, p, co).transpose(0, 1, 3, 2, 4, 5).reshape(B, H, W, co)
+        return out.astype(jnp.float32)

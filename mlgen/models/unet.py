@@ -1,0 +1,167 @@
+"""ADM-style diffusion UNet (Dhariwal & Nichol 2021) in Flax NNX, NHWC.
+
+Supports:
+- any number of resolution levels (``channels`` per level), ``blocks_per_level`` residual
+  blocks per level on the way down and one more on the way up (skip connections from every
+  block, as ADM and diffusers' ``UNet2DModel``);
+- residual blocks with GroupNorm and scale-shift conditioning on the time embedding;
+- self-attention at chosen levels (and in the middle) through ``mlgen.ops.attention``;
+- strided-conv downsampling, nearest + conv upsampling, dropout (explicit keys);
+- class conditioning (``num_classes``; label ``num_classes`` is the null class used by
+  classifier-free guidance);
+- zero-initialised output convolutions (every residual branch starts as the identity);
+- logical-axis sharding of every parameter (``channels`` / ``heads`` / ``norm`` / ``kernel``).
+
+Called as ``model(x [B, H, W, C], time [B], labels [B] | None, rng=None) -> [B, H, W, C_out]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mlgen.config import check
+from mlgen.nn.conv import AttentionBlock, Conv2d, Downsample, GroupNorm, ResBlock, TimeEmbedding, Upsample
+from mlgen.sharding import constrain
+from mlgen.typing import Array, Float, Int
+
+__all__ = ["PRESETS", "UNet", "UNetConfig"]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UNetConfig:
+    """Shape of a UNet. ``attention_levels`` index ``channels`` (0 = full resolution)."""
+
+    image_size: int = 16
+    in_channels: int = 1
+    out_channels: int = 0  # 0 = in_channels
+    channels: tuple[int, ...] = (64, 128)
+    blocks_per_level: int = 2
+    attention_levels: tuple[int, ...] = (1,)
+    mid_attention: bool = True
+    head_dim: int = 32
+    num_groups: int = 32
+    time_embed_dim: int = 0  # 0 = 4 * channels[0]
+    dropout: float = 0.0
+    num_classes: int = 0  # 0 = unconditional
+    conv_impl: str = "auto"  # auto | xla | im2col
+    attention_backend: str = "auto"
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+
+    def validate(self) -> None:
+        check(len(self.channels) >= 1, "channels", "needs at least one level")
+        for c in self.channels:
+            check(c > 0 and c % self.num_groups == 0, "channels",
+                  f"every level's width must be a positive multiple of num_groups={self.num_groups}, got {self.channels}")
+            check(c % self.head_dim == 0 or not self.attention_levels, "head_dim",
+                  f"{self.head_dim} does not divide level width {c}")
+        check(self.image_size % (2 ** (len(self.channels) - 1)) == 0, "image_size",
+              f"{self.image_size} is not divisible by 2**{len(self.channels) - 1} (one halving per extra level)")
+        check(self.in_channels > 0, "in_channels", f"must be > 0, got {self.in_channels}")
+        check(self.out_channels >= 0, "out_channels", f"must be >= 0, got {self.out_channels}")
+        check(self.blocks_per_level >= 1, "blocks_per_level", f"must be >= 1, got {self.blocks_per_level}")
+        for lv in self.attention_levels:
+            check(0 <= lv < len(self.channels), "attention_levels",
+                  f"level {lv} out of range for {len(self.channels)} levels")
+        check(self.head_dim > 0, "head_dim", f"must be > 0, got {self.head_dim}")
+        check(self.time_embed_dim >= 0, "time_embed_dim", f"must be >= 0, got {self.time_embed_dim}")
+        check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        check(self.num_classes >= 0, "num_classes", f"must be >= 0, got {self.num_classes}")
+        check(self.conv_impl in ("auto", "xla", "im2col"), "conv_impl",
+              f"must be auto, xla or im2col, got {self.conv_impl!r}")
+        check(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+
+PRESETS: dict[str, UNetConfig] = {
+    # The digits config: 16x16x1, 10 classes, about 1.7 M parameters.
+    "unet-digits": UNetConfig(channels=(32, 64), blocks_per_level=1, attention_levels=(1,), head_dim=32,
+                              num_groups=8, num_classes=10),
+    # The peers' benchmark shape (diffusers UNet2DModel defaults at 16x16x1, channels (64, 128)).
+    "unet-bench": UNetConfig(channels=(64, 128), blocks_per_level=2, attention_levels=(1,), head_dim=8),
+    # Tests.
+    "unet-tiny": UNetConfig(channels=(8, 16), blocks_per_level=1, attention_levels=(1,), head_dim=8, num_groups=4,
+                            image_size=8),
+}
+
+
+class UNet(nnx.Module):
+    def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        dt = _DTYPES[cfg.dtype]
+        c0 = cfg.channels[0]
+        emb = cfg.time_embed_dim or 4 * c0
+        conv = dict(conv_impl=cfg.conv_impl, dtype=dt, rngs=rngs)
+        res = dict(num_groups=cfg.num_groups, dropout=cfg.dropout, **conv)
+        attn = dict(head_dim=cfg.head_dim, num_groups=cfg.num_groups, backend=cfg.attention_backend, dtype=dt,
+                    rngs=rngs)
+        self.time = TimeEmbedding(c0, emb, num_classes=cfg.num_classes, rngs=rngs)
+        self.conv_in = Conv2d(cfg.in_channels, c0, 3, impl=cfg.conv_impl, dtype=dt, rngs=rngs)
+
+        down, skip_ch, ch = [], [c0], c0
+        last = len(cfg.channels) - 1
+        for lv, width in enumerate(cfg.channels):
+            for _ in range(cfg.blocks_per_level):
+                down.append(ResBlock(ch, width, emb, **res))
+                ch = width
+                if lv in cfg.attention_levels:
+                    down.append(AttentionBlock(ch, **attn))
+                skip_ch.append(ch)
+            if lv != last:
+                down.append(Downsample(ch, **conv))
+                skip_ch.append(ch)
+        self.down = nnx.List(down)
+        self.mid = nnx.List([ResBlock(ch, ch, emb, **res)]
+                            + ([AttentionBlock(ch, **attn)] if cfg.mid_attention else [])
+                            + [ResBlock(ch, ch, emb, **res)])
+        up = []
+        for lv in reversed(range(len(cfg.channels))):
+            width = cfg.channels[lv]
+            for _ in range(cfg.blocks_per_level + 1):
+                up.append(ResBlock(ch + skip_ch.pop(), width, emb, **res))
+                ch = width
+                if lv in cfg.attention_levels:
+                    up.append(AttentionBlock(ch, **attn))
+            if lv != 0:
+                up.append(Upsample(ch, **conv))
+        self.up = nnx.List(up)
+        self.norm_out = GroupNorm(ch, cfg.num_groups, rngs=rngs)
+        self.conv_out = Conv2d(ch, cfg.out_channels or cfg.in_channels, 3, zero_init=True, impl=cfg.conv_impl,
+                               dtype=dt, rngs=rngs)
+
+    def __call__(self, x: Float[Array, "B H W C"], time: Float[Array, "B"], labels: Int[Array, "B"] | None = None,
+                 *, rng: jax.Array | None = None) -> Float[Array, "B H W C"]:
+        """Denoiser output for noisy images ``x`` at ``time`` (``[B]``, any scale; 0..1000 typical)."""
+        dt = _DTYPES[self.cfg.dtype]
+        emb = self.time(time, labels).astype(dt)
+        h = constrain(self.conv_in(x.astype(dt)), ("batch", "height", "width", None))
+        skips = [h]
+        n_res = 0
+
+        def block_rng():
+            nonlocal n_res
+            n_res += 1
+            return None if rng is None else jax.random.fold_in(rng, n_res)
+
+        for m in self.down:
+            if isinstance(m, ResBlock):
+                h = m(h, emb, rng=block_rng())
+            else:
+                h = m(h)
+            if not isinstance(m, AttentionBlock):
+                skips.append(h)
+            else:
+                skips[-1] = h
+        for m in self.mid:
+            h = m(h, emb, rng=block_rng()) if isinstance(m, ResBlock) else m(h)
+        for m in self.up:
+            if isinstance(m, ResBlock):
+                h = m(jnp.concatenate([h, skips.pop()], axis=-1), emb, rng=block_rng())
+            else:
+                h = m(h)
+        return self.conv_out(jax.nn.silu(self.norm_out(h))).astype(jnp.float32)

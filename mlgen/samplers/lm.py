@@ -199,14 +199,16 @@ def _split_model(model) -> tuple[nnx.GraphDef, Any]:
     return graphdef, params
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_new_tokens", "stop_ids", "pad_id"))
-def _generate(state, tokens, seg, key, *, graphdef, sampling: SamplingMethod, max_new_tokens: int,
-              stop_ids: tuple[int, ...], pad_id: int):
-    """tokens/seg ``[B, P]`` left-padded -> (tokens, logprobs ``[B, max_new_tokens]``, lengths ``[B]``)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_new_tokens"))
+def _generate(state, tokens, seg, key, stops, pad_id, *, graphdef, sampling: SamplingMethod, max_new_tokens: int):
+    """tokens/seg ``[B, P]`` left-padded -> (tokens, logprobs ``[B, max_new_tokens]``, lengths ``[B]``).
+
+    ``stops`` ``[S]`` holds the stop ids padded with -1 and ``pad_id`` is a scalar: both are
+    traced, so changing them does not recompile.
+    """
     model: Transformer = nnx.merge(graphdef, state)
     B = tokens.shape[0]
     logits, pos, caches = _prefill(model, tokens, seg, tokens.shape[1] + max_new_tokens)
-    stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     out_tok = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
     out_lp = jnp.zeros((B, max_new_tokens), jnp.float32)
 
@@ -326,9 +328,11 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     for r, p in enumerate(rows):
         tokens[r, P - len(p):] = p
         seg[r, P - len(p):] = 1
-    stops = tuple(sorted({int(s) for s in stop_ids} | ({int(eos_id)} if eos_id is not None else set())))
-    out = _generate(state, tokens, seg, jax.random.key(seed), graphdef=graphdef, sampling=sampling,
-                    max_new_tokens=int(max_new_tokens), stop_ids=stops, pad_id=int(pad_id))
+    stop_set = sorted({int(s) for s in stop_ids} | ({int(eos_id)} if eos_id is not None else set()))
+    stops = np.full(max(4, 1 << max(len(stop_set) - 1, 0).bit_length()), -1, np.int32)
+    stops[:len(stop_set)] = stop_set
+    out = _generate(state, tokens, seg, jax.random.key(seed), stops, np.int32(pad_id), graphdef=graphdef,
+                    sampling=sampling, max_new_tokens=int(max_new_tokens))
     tok, lp, lengths = (np.asarray(x) for x in jax.device_get(out))
     return Generation(tok, lp, lengths, num_samples)
 

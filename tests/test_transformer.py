@@ -17,11 +17,16 @@ def _model(**kw):
         return Transformer(cfg, rngs=nnx.Rngs(params=0))
 
 
+@nnx.jit
+def _fwd(m, tok, positions=None, segment_ids=None):
+    return m(tok, positions=positions, segment_ids=segment_ids)
+
+
 @pytest.mark.parametrize("flavour", ["llama", "gpt2"])
 def test_forward_shapes_and_params(flavour):
     m = _model(flavour=flavour, max_len=16)
     tok = jnp.arange(24).reshape(2, 12) % 64
-    assert m(tok).shape == (2, 12, 64)
+    assert _fwd(m, tok).shape == (2, 12, 64)
     params = nnx.to_pure_dict(nnx.split(m, nnx.Param)[1])
     if flavour == "gpt2":
         assert "pos_embed" in params and "head" not in params  # tied
@@ -40,11 +45,11 @@ def test_packed_row_equals_documents_run_separately():
     targets = np.concatenate([d[1:] for d in docs])[None]
     seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lens)])[None].astype(np.int32)
     pos = np.concatenate([np.arange(n) for n in lens])[None].astype(np.int32)
-    packed = m(jnp.asarray(inputs), positions=jnp.asarray(pos), segment_ids=jnp.asarray(seg))
+    packed = _fwd(m, jnp.asarray(inputs), jnp.asarray(pos), jnp.asarray(seg))
     packed_nll = jax.nn.logsumexp(packed, -1) - jnp.take_along_axis(packed, targets[..., None], -1)[..., 0]
     start = 0
     for d, n in zip(docs, lens):
-        alone = m(jnp.asarray(d[None, :-1]))
+        alone = _fwd(m, jnp.asarray(d[None, :-1]))
         nll = jax.nn.logsumexp(alone, -1) - jnp.take_along_axis(alone, d[None, 1:, None], -1)[..., 0]
         np.testing.assert_allclose(packed_nll[0, start:start + n], nll[0], atol=1e-5)
         start += n
@@ -56,8 +61,9 @@ def test_remat_changes_nothing_numerically(remat):
     def loss(m):
         return cross_entropy(m(tok[:, :-1]), tok[:, 1:])[0]
     base, ckpt = _model(), _model(remat=remat)
-    gb = nnx.grad(loss)(base)
-    gc = nnx.grad(loss)(ckpt)
+    grad = nnx.jit(nnx.grad(loss))
+    gb = grad(base)
+    gc = grad(ckpt)
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(gb)), jax.tree.leaves(nnx.to_pure_dict(gc))):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
@@ -66,12 +72,12 @@ def test_remat_changes_nothing_numerically(remat):
 def test_kv_cache_decoding_matches_full_forward(flavour):
     m = _model(flavour=flavour, max_len=32)
     tok = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 14)))
-    full = m(tok)
-    cache = m.init_cache(2, 16)
-    out, cache = m(tok[:, :6], cache=cache)
+    full = nnx.jit(lambda m, t: m(t))(m, tok)
+    run = nnx.jit(lambda m, t, c: m(t, cache=c))
+    out, cache = run(m, tok[:, :6], m.init_cache(2, 16))
     steps = [out]
     for t in range(6, 14):
-        o, cache = m(tok[:, t:t + 1], cache=cache)
+        o, cache = run(m, tok[:, t:t + 1], cache)
         steps.append(o)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5)
 

@@ -10,7 +10,7 @@ head) because causal attention over 64k tokens is ~2*T^2*D FLOPs per layer.
     mlgen --cpu-devices 8 train configs/lm/long_context.py workdir=/tmp/long
 
 Expected on a 2-core CPU (8 simulated devices), measured with the cores shared (load ~12):
-~8 minutes in all (step 1 with compile 142 s, later steps ~115 s each, plus one evaluation);
+~7 minutes in all (step 1 with compile 142 s, later steps ~115-130 s each, plus one evaluation);
 training loss 5.47 -> 5.01 nats/byte over the 3 steps (uniform over 256 bytes is 5.55), eval
 loss 4.97. On an idle machine expect roughly half. On real accelerators, raise the width,
 depth and step count.

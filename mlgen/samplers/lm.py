@@ -380,16 +380,26 @@ def best_of_n(model, prompts: Sequence[Sequence[int]], n: int, *, max_new_tokens
         sampling = Temperature(1.0)
     gen = generate(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, num_samples=n, **kw)
     out = []
-    for i in range(len(prompts)):
+    for cands in _candidates(gen, decode):
+        for c in cands:
+            c.score = float(score(c.text if decode is not None else c.tokens)) if score is not None else c.mean_logprob
+        out.append(sorted(cands, key=lambda c: -c.score))
+    return out
+
+
+def _candidates(gen: Generation, decode: Callable[[list[int]], str] | None) -> list[list[Candidate]]:
+    """The rows of ``gen`` grouped by prompt, in sample order, scored by mean log-prob."""
+    n = gen.num_samples
+    out = []
+    for i in range(gen.tokens.shape[0] // n):
         cands = []
         for r in range(i * n, (i + 1) * n):
             toks = gen.tokens[r, :gen.lengths[r]].tolist()
             lps = gen.logprobs[r, :gen.lengths[r]].tolist()
-            text = decode(toks) if decode is not None else None
-            c = Candidate(toks, lps, 0.0, text)
-            c.score = float(score(text if decode is not None else toks)) if score is not None else c.mean_logprob
+            c = Candidate(toks, lps, 0.0, decode(toks) if decode is not None else None)
+            c.score = c.mean_logprob
             cands.append(c)
-        out.append(sorted(cands, key=lambda c: -c.score))
+        out.append(cands)
     return out
 
 
@@ -405,7 +415,7 @@ def generate_main(argv: list[str]) -> int:
     ap.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     ap.add_argument("--num-samples", type=int, default=1, help="completions printed per prompt")
     ap.add_argument("--best-of", type=int, default=0,
-                    help="draw this many samples per prompt, print the --num-samples best by mean log-prob")
+                    help="draw this many samples per prompt and print the --num-samples best by mean log-prob")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ap.add_argument("--no-ema", action="store_true", help="use the raw parameters, not their EMA")
@@ -431,13 +441,16 @@ def generate_main(argv: list[str]) -> int:
             print(f"mlgen generate: the prompt fills the model's max_len={max_len}", file=sys.stderr)
             return 2
     kw = dict(max_new_tokens=new, sampling=sampling, eos_id=tok.eos_id, pad_id=tok.pad_id, seed=a.seed)
+    model = (result.graphdef, params)
     with sharding.use(result.mesh, cfg.mesh.rules):
-        n = max(a.best_of, a.num_samples)
-        ranked = best_of_n((result.graphdef, params), prompts, n, decode=tok.decode, **kw)
-    for text, cands in zip(a.prompt, ranked):
-        shown = cands[:a.num_samples] if a.best_of else sorted(cands, key=lambda c: 0)  # keep sample order
-        for j, c in enumerate(shown):
-            head = f"--- sample {j + 1}/{len(shown)}" + (f" (best of {n})" if a.best_of else "")
-            print(f"{head}  mean log-prob {c.mean_logprob:.3f}")
+        if a.best_of:
+            n = max(a.best_of, a.num_samples)
+            groups = [c[:a.num_samples] for c in best_of_n(model, prompts, n, decode=tok.decode, **kw)]
+        else:
+            groups = _candidates(generate(model, prompts, num_samples=a.num_samples, **kw), tok.decode)
+    for text, cands in zip(a.prompt, groups):
+        for j, c in enumerate(cands):
+            rank = f" (best of {a.best_of} by mean log-prob)" if a.best_of else ""
+            print(f"--- {text!r} sample {j + 1}/{len(cands)}{rank}  mean log-prob {c.mean_logprob:.3f}")
             print(text + c.text)
     return 0

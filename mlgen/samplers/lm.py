@@ -23,7 +23,6 @@ import abc
 import argparse
 import dataclasses
 import functools
-import math
 import sys
 from typing import Any, Callable, Sequence
 
@@ -420,7 +419,7 @@ def generate_main(argv: list[str]) -> int:
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ap.add_argument("--no-ema", action="store_true", help="use the raw parameters, not their EMA")
     ap.add_argument("overrides", nargs="*", help="config overrides for restoring, e.g. mesh.data=1")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)  # overrides may follow the flags
 
     from mlgen import sharding
     from mlgen.data.text import get_tokenizer

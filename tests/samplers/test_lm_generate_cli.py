@@ -1,18 +1,24 @@
 """``mlgen generate WORKDIR``: restore a run (config, checkpoint, tokenizer) and print completions."""
 
-import dataclasses
-
-from mlgen.config import TrainConfig
 from mlgen.samplers.lm import generate_main
-from mlgen.train.trainer import train
-from tests.helpers import replace, tiny_lm_config
+from mlgen.train.checkpoint import Checkpointer
+from mlgen.train.trainer import setup
+from tests.helpers import tiny_lm_config
 
 
-def test_generate_cli_prints_completions_of_a_trained_run(tmp_path, capsys):
-    cfg = tiny_lm_config(str(tmp_path), num_layers=1, d_model=32)
-    cfg = replace(cfg, train=dataclasses.replace(cfg.train, num_steps=1, eval_every=0, checkpoint_every=1))
-    train(cfg)
-    capsys.readouterr()
+def _saved_run(workdir: str) -> None:
+    """A run's workdir as the trainer leaves it (config + checkpoint), without compiling a train step."""
+    import jax
+
+    cfg = tiny_lm_config(workdir, num_layers=1, d_model=32)
+    s = setup(cfg.validate(1), devices=jax.devices()[:1])  # mesh data=-1: restored onto all 8 devices
+    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt.save(1, s.state, config=cfg, force=True)
+    ckpt.close()
+
+
+def test_generate_cli_prints_completions_of_a_saved_run(tmp_path, capsys):
+    _saved_run(str(tmp_path))
     argv = [str(tmp_path), "--prompt", "def ", "--prompt", "import", "--max-new-tokens", "12", "--top-k", "20",
             "--temperature", "0.8", "--num-samples", "2", "--seed", "3"]
     assert generate_main(argv) == 0

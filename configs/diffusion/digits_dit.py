@@ -29,6 +29,6 @@ def get_config() -> Config:
         mesh=MeshConfig(data=-1, rules="dp"),
         optim=OptimConfig(lr=1e-3, warmup_steps=200, schedule="cosine", min_lr_ratio=0.05, b2=0.99,
                           weight_decay=0.0, clip_norm=1.0),
-        train=TrainConfig(num_steps=3000, log_every=50, eval_every=500, eval_steps=3, checkpoint_every=1000,
+        train=TrainConfig(num_steps=2000, log_every=50, eval_every=500, eval_steps=3, checkpoint_every=500,
                           ema_decay=0.999, ema_warmup=1000),
     )

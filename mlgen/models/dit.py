@@ -106,7 +106,8 @@ class DiTBlock(nnx.Module):
                                   backend=cfg.attention_backend, dtype=dt, rngs=rngs)
         self.norm2 = LayerNorm(d, eps=1e-6, use_bias=False, use_scale=False)
         self.mlp = MLP(d, int(d * cfg.mlp_ratio), kind="gelu", use_bias=True, dtype=dt, rngs=rngs)
-        self.ada = Linear(d, (6, d), in_names=("embed",), out_names=(None, "embed"), use_bias=True, init=zeros_init,
+        # The modulation outputs stay replicated: "embed" is already the input's (fsdp) axis.
+        self.ada = Linear(d, (6, d), in_names=("embed",), out_names=(None, None), use_bias=True, init=zeros_init,
                           dtype=dt, rngs=rngs)
         self.dropout = cfg.dropout
 
@@ -137,9 +138,9 @@ class DiT(nnx.Module):
 
         self.blocks = make_blocks(rngs)
         self.final_norm = LayerNorm(d, eps=1e-6, use_bias=False, use_scale=False)
-        self.final_ada = Linear(d, (2, d), in_names=("embed",), out_names=(None, "embed"), use_bias=True,
+        self.final_ada = Linear(d, (2, d), in_names=("embed",), out_names=(None, None), use_bias=True,
                                 init=zeros_init, dtype=dt, rngs=rngs)
-        self.out = Linear(d, (p, p, cfg.out_channels), in_names=("embed",), out_names=(None, None, "channels"),
+        self.out = Linear(d, (p, p, cfg.out_channels), in_names=("embed",), out_names=(None, None, None),
                           use_bias=True, init=zeros_init, dtype=dt, rngs=rngs)
 
     def __call__(self, x: Float[Array, "B H W C"], time: Float[Array, "B"], labels: Int[Array, "B"] | None = None,

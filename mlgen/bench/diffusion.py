@@ -1,0 +1,79 @@
+"""``mlgen bench diffusion``: the diffusion train step through mlgen's own path, on the peer's shapes.
+
+Defaults match ``shared/peers/unet_train.py`` (diffusers ``UNet2DModel`` + DDPM): 16x16x1
+images, channels (64, 128), 2 residual blocks per level, self-attention at 8x8 (head size
+8), batch 64, eps prediction on the cosine schedule, AdamW, float32. The step is the real
+one: config -> diffusion task -> sharded init -> ``make_train_step`` -> jit with donation.
+Prints one JSON line with ``images_per_s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import jax
+import numpy as np
+
+from mlgen.bench import median_time
+
+
+def run(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="mlgen bench diffusion")
+    ap.add_argument("--size", type=int, default=16)
+    ap.add_argument("--channels", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--layers-per-block", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--model", choices=["unet", "dit"], default="unet")
+    ap.add_argument("--conv-impl", default="auto", choices=["auto", "xla", "im2col"])
+    ap.add_argument("--attention-backend", default="auto")
+    a = ap.parse_args(argv)
+
+    from mlgen import sharding
+    from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig
+    from mlgen.data.images import ImageDataConfig
+    from mlgen.models.dit import PRESETS as DIT
+    from mlgen.models.unet import UNetConfig
+    from mlgen.objectives.diffusion import DiffusionObjectiveConfig
+    from mlgen.train.step import make_train_step
+    from mlgen.train.trainer import setup
+
+    if a.model == "unet":
+        model = UNetConfig(image_size=a.size, in_channels=1, channels=tuple(a.channels),
+                           blocks_per_level=a.layers_per_block, attention_levels=(len(a.channels) - 1,),
+                           head_dim=8, num_groups=32, conv_impl=a.conv_impl, attention_backend=a.attention_backend)
+    else:
+        model = dataclasses.replace(DIT["dit-digits"], image_size=a.size, num_classes=0,
+                                    attention_backend=a.attention_backend)
+    cfg = Config(
+        task="diffusion", workdir="/tmp/mlgen-bench-diffusion",
+        model=model,
+        data=ImageDataConfig(source="digits", image_size=a.size, batch_size=a.batch),
+        objective=DiffusionObjectiveConfig(schedule="cosine", prediction="eps", label_dropout=0.0),
+        mesh=MeshConfig(data=-1, rules="dp"),
+        optim=OptimConfig(lr=1e-4, b2=0.999, weight_decay=0.01, clip_norm=0.0, warmup_steps=0, schedule="constant"),
+        train=TrainConfig(num_steps=a.steps + a.warmup),
+    )
+    s = setup(cfg.validate())
+    step = make_train_step(s.task.make_loss(s.graphdef), s.optimizer)
+    rng = np.random.default_rng(0)
+    host = {"images": rng.standard_normal((a.batch, a.size, a.size, 1)).astype(np.float32),
+            "labels": np.zeros((a.batch,), np.int32)}
+    holder = {"state": s.state}
+    with sharding.use(s.mesh, cfg.mesh.rules):
+        batch = sharding.put_batch(host, s.mesh, s.task.batch_axes, cfg.mesh.rules)
+        jstep = jax.jit(step, out_shardings=(s.state_shardings, None), donate_argnums=(0,))
+        key = jax.random.key(0)
+
+        def one():
+            holder["state"], m = jstep(holder["state"], batch, key)
+            m["loss"].block_until_ready()
+
+        med = median_time(one, steps=a.steps, warmup=a.warmup)
+    n_params = sum(x.size for x in jax.tree.leaves(holder["state"]["params"]))
+    print(json.dumps({"bench": "mlgen-diffusion", "model": a.model, "conv_impl": a.conv_impl,
+                      "images_per_s": a.batch / med, "step_s": med, "params": int(n_params),
+                      "devices": len(jax.devices())}))

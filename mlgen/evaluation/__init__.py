@@ -1,0 +1,1 @@
+"""Evaluation of generative models: ``mlgen.evaluation.digits`` scores digit samples."""

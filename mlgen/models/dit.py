@@ -73,7 +73,7 @@ class DiTConfig:
 
 
 PRESETS: dict[str, DiTConfig] = {
-    "dit-digits": DiTConfig(patch_size=2, d_model=192, num_layers=6, num_heads=6, num_classes=10),
+    "dit-digits": DiTConfig(patch_size=2, d_model=128, num_layers=4, num_heads=4, num_classes=10),
     "dit-S/2": DiTConfig(image_size=32, in_channels=4, patch_size=2, d_model=384, num_layers=12, num_heads=6),
     "dit-B/2": DiTConfig(image_size=32, in_channels=4, patch_size=2, d_model=768, num_layers=12, num_heads=12),
     "dit-tiny": DiTConfig(image_size=8, patch_size=2, d_model=32, num_layers=2, num_heads=2),

@@ -13,7 +13,7 @@ import json
 import jax
 import numpy as np
 
-from mlgen.bench import median_time
+from mlgen.bench import time_train_step
 
 
 def run(argv: list[str]) -> None:
@@ -35,9 +35,6 @@ def run(argv: list[str]) -> None:
     from mlgen.data.text import TextDataConfig
     from mlgen.models.transformer import TransformerConfig
     from mlgen.objectives.lm import LMObjectiveConfig
-    from mlgen import sharding
-    from mlgen.train.step import make_train_step
-    from mlgen.train.trainer import setup
 
     cfg = Config(
         task="lm", workdir="/tmp/mlgen-bench-train",
@@ -50,22 +47,9 @@ def run(argv: list[str]) -> None:
         optim=OptimConfig(lr=3e-4, b2=0.999, weight_decay=0.1, clip_norm=0.0, warmup_steps=0, schedule="constant"),
         train=TrainConfig(num_steps=a.steps + a.warmup),
     )
-    s = setup(cfg.validate())
-    step = make_train_step(s.task.make_loss(s.graphdef), s.optimizer)
     rng = np.random.default_rng(1)
     tok = rng.integers(0, a.vocab, (a.batch, a.seq + 1)).astype(np.int32)
-    host = {"inputs": tok[:, :-1], "targets": tok[:, 1:]}
-    holder = {"state": s.state}
-    with sharding.use(s.mesh, cfg.mesh.rules):
-        batch = sharding.put_batch(host, s.mesh, s.task.batch_axes, cfg.mesh.rules)
-        jstep = jax.jit(step, out_shardings=(s.state_shardings, None), donate_argnums=(0,))
-        key = jax.random.key(0)
-
-        def one():
-            holder["state"], m = jstep(holder["state"], batch, key)
-            m["loss"].block_until_ready()
-
-        med = median_time(one, steps=a.steps, warmup=a.warmup)
-    n_params = sum(x.size for x in jax.tree.leaves(holder["state"]["params"]))
+    med, n_params = time_train_step(cfg, {"inputs": tok[:, :-1], "targets": tok[:, 1:]}, steps=a.steps,
+                                    warmup=a.warmup)
     print(json.dumps({"bench": "mlgen-train", "flavour": a.flavour, "tokens_per_s": a.batch * a.seq / med,
-                      "step_s": med, "params": int(n_params), "devices": len(jax.devices())}))
+                      "step_s": med, "params": n_params, "devices": len(jax.devices())}))

@@ -149,10 +149,13 @@ def _sample_jit(params, key, labels, steps, guidance, eta, *, graphdef, schedule
                 sampler, shape, clip, max_steps, null_label):
     TRACE_COUNT["sample"] += 1
     schedule = _schedule(schedule_name, num_train_steps)
-    model = nnx.merge(graphdef, params)
     k_noise, k_sample = jax.random.split(key)
     x_T = jax.random.normal(k_noise, shape, jnp.float32)
-    return sample_fn(lambda x, t, y: model(x, t, y), schedule, prediction=prediction, sampler=sampler, x_T=x_T,
+
+    def denoise(x, t, y):  # merged inside the scan / cond trace: NNX transforms (DiT's scan) need that
+        return nnx.merge(graphdef, params)(x, t, y)
+
+    return sample_fn(denoise, schedule, prediction=prediction, sampler=sampler, x_T=x_T,
                      key=k_sample, steps=steps, labels=labels, guidance=guidance, eta=eta, null_label=null_label,
                      clip=clip, max_steps=max_steps)
 

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mlgen.models.dit import PRESETS as DIT
+from mlgen.models.dit import DiT
 from mlgen.models.unet import PRESETS, UNet
 from mlgen.objectives import schedules
 from mlgen.objectives.diffusion import from_x0_eps
@@ -82,12 +84,12 @@ def test_guidance_zero_and_one(sampler):
     assert not np.allclose(g3, g1, atol=1e-3)
 
 
-def test_steps_and_guidance_do_not_recompile():
-    cfg = PRESETS["unet-tiny"]
+@pytest.mark.parametrize("model_cls,cfg", [(UNet, PRESETS["unet-tiny"]), (DiT, DIT["dit-tiny"])], ids=["unet", "dit"])
+def test_steps_and_guidance_do_not_recompile(model_cls, cfg):
     import dataclasses
     cfg = dataclasses.replace(cfg, num_classes=3)
     with nnx.use_eager_sharding(False):
-        model = UNet(cfg, rngs=nnx.Rngs(0))
+        model = model_cls(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
     kw = dict(schedule="cosine", prediction="eps", shape=(3, 8, 8, 1), labels=[0, 1, 2], num_classes=3,

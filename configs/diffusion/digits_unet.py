@@ -8,8 +8,11 @@ guidance; EMA of the parameters; DDIM sample grids (guidance 2) every 500 steps.
     mlgen sample /tmp/digits-unet --out /tmp/digits-unet/grid.png
     mlgen eval /tmp/digits-unet
 
-Expected on a 2-core CPU: see the run time and eval numbers in tests/diffusion/README or the
-issue note (recorded when this config was last tuned).
+Measured (2-core CPU shared with other jobs, load 5-12): 0.6-1.6 s/step, so 2000 steps took
+~35 min wall here (it needs ~0.3 s/step on an idle machine for 10 min). At step 2000, `mlgen
+eval` (1000 DDIM-50 samples, guidance 2): confidence 0.985 (real held-out 0.951), class
+accuracy 1.000, Fréchet 2.71 against a real-vs-real floor of 1.46. Digits are legible from
+step ~500 (WORKDIR/samples/step_000500.png).
 """
 
 from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig

@@ -16,7 +16,7 @@ import json
 import jax
 import numpy as np
 
-from mlgen.bench import median_time
+from mlgen.bench import time_train_step
 
 
 def run(argv: list[str]) -> None:
@@ -32,14 +32,11 @@ def run(argv: list[str]) -> None:
     ap.add_argument("--attention-backend", default="auto")
     a = ap.parse_args(argv)
 
-    from mlgen import sharding
     from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig
     from mlgen.data.images import ImageDataConfig
     from mlgen.models.dit import PRESETS as DIT
     from mlgen.models.unet import UNetConfig
     from mlgen.objectives.diffusion import DiffusionObjectiveConfig
-    from mlgen.train.step import make_train_step
-    from mlgen.train.trainer import setup
 
     if a.model == "unet":
         model = UNetConfig(image_size=a.size, in_channels=1, channels=tuple(a.channels),
@@ -57,23 +54,10 @@ def run(argv: list[str]) -> None:
         optim=OptimConfig(lr=1e-4, b2=0.999, weight_decay=0.01, clip_norm=0.0, warmup_steps=0, schedule="constant"),
         train=TrainConfig(num_steps=a.steps + a.warmup),
     )
-    s = setup(cfg.validate())
-    step = make_train_step(s.task.make_loss(s.graphdef), s.optimizer)
     rng = np.random.default_rng(0)
     host = {"images": rng.standard_normal((a.batch, a.size, a.size, 1)).astype(np.float32),
             "labels": np.zeros((a.batch,), np.int32)}
-    holder = {"state": s.state}
-    with sharding.use(s.mesh, cfg.mesh.rules):
-        batch = sharding.put_batch(host, s.mesh, s.task.batch_axes, cfg.mesh.rules)
-        jstep = jax.jit(step, out_shardings=(s.state_shardings, None), donate_argnums=(0,))
-        key = jax.random.key(0)
-
-        def one():
-            holder["state"], m = jstep(holder["state"], batch, key)
-            m["loss"].block_until_ready()
-
-        med = median_time(one, steps=a.steps, warmup=a.warmup)
-    n_params = sum(x.size for x in jax.tree.leaves(holder["state"]["params"]))
+    med, n_params = time_train_step(cfg, host, steps=a.steps, warmup=a.warmup)
     print(json.dumps({"bench": "mlgen-diffusion", "model": a.model, "conv_impl": a.conv_impl,
-                      "images_per_s": a.batch / med, "step_s": med, "params": int(n_params),
+                      "images_per_s": a.batch / med, "step_s": med, "params": n_params,
                       "devices": len(jax.devices())}))

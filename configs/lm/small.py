@@ -7,8 +7,9 @@ rows with segment ids and per-document RoPE positions. 6 layers, width 384, 6 he
     mlgen train configs/lm/small.py workdir=/tmp/mlgen-small
     mlgen generate /tmp/mlgen-small --prompt "def " --max-new-tokens 200 --temperature 0.8 --top-k 40
 
-Expected on a 2-core CPU: ~30 minutes for 400 steps (16 x 256 tokens each); validation loss
-falls from ln(4096) = 8.3 to ~3.3 nats/token.
+Measured on a 2-core CPU shared with other jobs (load 5-13): 400 steps in 76 min wall (43 min of CPU;
+expect ~30-40 min on an idle machine); validation loss 3.26 (step 100) -> 2.26 -> 2.01 -> 1.84 nats/token
+(ln 4096 = 8.3); `mlgen generate` then writes Python-like code.
 """
 
 from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig

@@ -5,8 +5,8 @@ Trains a ~3M-parameter model (4 layers, width 256, GQA 4/2 heads, RoPE, SwiGLU) 
 
     mlgen train configs/lm/tiny.py workdir=/tmp/tiny
 
-Expected on a 2-core CPU: ~3-4 minutes for 300 steps; validation loss falls from 5.5 (uniform
-over 256 bytes) to ~2.0 nats/byte. Re-running the command resumes from the last checkpoint.
+Measured on a 2-core CPU shared with other jobs: 300 steps in 11 min wall (4 min of CPU; ~4-5 min on an
+idle machine); validation loss 5.5 (uniform over 256 bytes) -> 2.18 (step 100) -> 1.96 -> 1.80 nats/byte. Re-running the command resumes from the last checkpoint.
 """
 
 from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig

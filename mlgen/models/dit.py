@@ -25,8 +25,8 @@ from flax import nnx
 
 from mlgen.config import check
 from mlgen.nn.attention import SelfAttention
-from mlgen.nn.conv import TimeEmbedding, dropout
-from mlgen.nn.core import LayerNorm, Linear, zeros_init
+from mlgen.nn.conv import TimeEmbedding
+from mlgen.nn.core import LayerNorm, Linear, dropout, zeros_init
 from mlgen.nn.mlp import MLP
 from mlgen.sharding import constrain
 from mlgen.typing import Array, Float, Int

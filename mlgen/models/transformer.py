@@ -22,7 +22,7 @@ from flax import nnx
 
 from mlgen.config import check
 from mlgen.nn.attention import KVCache, SelfAttention
-from mlgen.nn.core import Embed, LayerNorm, Linear, RMSNorm, normal_init, param
+from mlgen.nn.core import Embed, LayerNorm, Linear, RMSNorm, dropout, normal_init, param
 from mlgen.nn.mlp import MLP
 from mlgen.sharding import constrain
 from mlgen.typing import Array, Float, Int
@@ -107,13 +107,6 @@ def _dtype(name: str):
     return jnp.bfloat16 if name == "bfloat16" else jnp.float32
 
 
-def _dropout(x, rate: float, rng):
-    if rate == 0.0 or rng is None:
-        return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
-
-
 class Block(nnx.Module):
     """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
@@ -134,8 +127,8 @@ class Block(nnx.Module):
     def __call__(self, x, *, positions, segment_ids, cache=None, rng=None):
         r1, r2 = jax.random.split(rng) if rng is not None else (None, None)
         h, cache = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids, cache=cache)
-        x = x + _dropout(h, self.dropout, r1)
-        x = x + _dropout(self.mlp(self.mlp_norm(x)), self.dropout, r2)
+        x = x + dropout(h, self.dropout, r1)
+        x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout, r2)
         return constrain(x, ("batch", "length", "act_embed")), cache
 
 

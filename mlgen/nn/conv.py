@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mlgen import ops
-from mlgen.nn.core import Linear, fan_in_init, ones_init, param, zeros_init
+from mlgen.nn.core import Linear, dropout, fan_in_init, ones_init, param, zeros_init
 from mlgen.sharding import constrain
 from mlgen.typing import Array, Float
 
@@ -124,14 +124,6 @@ class TimeEmbedding(nnx.Module):
                 raise ValueError("TimeEmbedding: this model is class-conditional; pass labels (num_classes = null)")
             e = e + jnp.take(self.class_embed[...], labels, axis=0)
         return e
-
-
-def dropout(x, rate: float, rng):
-    """Inverted dropout; identity when ``rate == 0`` or ``rng is None`` (evaluation)."""
-    if rate == 0.0 or rng is None:
-        return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
 class ResBlock(nnx.Module):

@@ -45,6 +45,14 @@ def fan_in_init(fan_in: int, scale: float = 1.0) -> Initializer:
     return normal_init((scale / max(fan_in, 1)) ** 0.5)
 
 
+def dropout(x, rate: float, rng):
+    """Inverted dropout; identity when ``rate == 0`` or ``rng is None`` (evaluation)."""
+    if rate == 0.0 or rng is None:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
 class Linear(nnx.Module):
     """``y = einsum(x, w) (+ b)`` with multi-dimensional in/out features.
 

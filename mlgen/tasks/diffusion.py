@@ -16,7 +16,7 @@ from flax import nnx
 
 from mlgen.config import Config, check
 from mlgen.objectives.diffusion import DiffusionObjectiveConfig, make_loss
-from mlgen.train.task import Task
+from mlgen.train.task import Task, check_batch
 
 
 def _model_classes():
@@ -47,13 +47,7 @@ def validate(cfg: Config, mesh: dict[str, int]) -> None:
         check(m.num_classes == n, "model.num_classes", f"{m.num_classes} but the data has {n} classes (or set 0)")
     if getattr(m, "learn_sigma", False):
         check(False, "model.learn_sigma", "the diffusion objective trains no variance; set learn_sigma=false")
-    shards = mesh["data"] * mesh["fsdp"]
-    check(d.batch_size % shards == 0, "data.batch_size",
-          f"{d.batch_size} is not divisible by the data axes (data*fsdp = {shards})")
-    check(d.batch_size % cfg.optim.grad_accum_steps == 0, "optim.grad_accum_steps",
-          f"{cfg.optim.grad_accum_steps} does not divide data.batch_size={d.batch_size}")
-    check(d.batch_size % jax.process_count() == 0, "data.batch_size",
-          f"{d.batch_size} is not divisible by the process count {jax.process_count()}")
+    check_batch(d.batch_size, cfg.optim.grad_accum_steps, mesh)
     check(mesh["seq"] == 1, "mesh.seq", "image denoisers do not use sequence parallelism; set mesh.seq=1")
 
 

@@ -10,7 +10,7 @@ from flax import nnx
 from mlgen.config import Config, check
 from mlgen.models.transformer import Transformer, TransformerConfig
 from mlgen.objectives.lm import LMObjectiveConfig, make_loss
-from mlgen.train.task import Task
+from mlgen.train.task import Task, check_batch
 
 _AXES = ("batch", "length")
 
@@ -26,14 +26,7 @@ def validate(cfg: Config, mesh: dict[str, int]) -> None:
           f"{m.vocab_size} is smaller than the tokenizer's data.vocab_size={d.vocab_size}")
     if m.flavour == "gpt2":
         check(d.seq_len <= m.max_len, "data.seq_len", f"{d.seq_len} exceeds model.max_len={m.max_len}")
-    shards = mesh["data"] * mesh["fsdp"]
-    check(d.batch_size % shards == 0, "data.batch_size",
-          f"{d.batch_size} is not divisible by the data axes (data*fsdp = {shards})")
-    per_shard = d.batch_size // shards
-    check(per_shard % cfg.optim.grad_accum_steps == 0 or d.batch_size % cfg.optim.grad_accum_steps == 0,
-          "optim.grad_accum_steps", f"{cfg.optim.grad_accum_steps} does not divide data.batch_size={d.batch_size}")
-    check(d.batch_size % jax.process_count() == 0, "data.batch_size",
-          f"{d.batch_size} is not divisible by the process count {jax.process_count()}")
+    check_batch(d.batch_size, cfg.optim.grad_accum_steps, mesh)
     check(d.seq_len % mesh["seq"] == 0, "data.seq_len", f"{d.seq_len} is not divisible by mesh.seq={mesh['seq']}")
     if mesh["tensor"] > 1:
         check(m.num_heads % mesh["tensor"] == 0, "model.num_heads",

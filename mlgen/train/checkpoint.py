@@ -17,10 +17,6 @@ import orbax.checkpoint as ocp
 from mlgen.config import Config, from_dict, to_dict
 
 
-def _item_names(process_count: int) -> list[str]:
-    return ["state", "config"] + [f"data_{i}" for i in range(process_count)]
-
-
 class Checkpointer:
     """A thin wrapper over ``ocp.CheckpointManager`` for train states."""
 

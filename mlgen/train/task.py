@@ -51,3 +51,20 @@ class Task:
     batch_axes: dict[str, tuple] = dataclasses.field(default_factory=dict)
     hooks: tuple[Callable[..., None], ...] = ()
     tokens_per_example: int = 0
+
+
+def check_batch(batch_size: int, grad_accum_steps: int, mesh: dict[str, int]) -> None:
+    """Config checks every task shares: the global batch splits over the data axes, the
+    gradient-accumulation micro-batches, and the processes (each host loads its share)."""
+    import jax
+
+    from mlgen.config import check
+
+    shards = mesh["data"] * mesh["fsdp"]
+    check(batch_size % shards == 0, "data.batch_size",
+          f"{batch_size} is not divisible by the data axes (data*fsdp = {shards})")
+    check(batch_size % (grad_accum_steps * shards) == 0, "optim.grad_accum_steps",
+          f"{grad_accum_steps} micro-batches of data.batch_size={batch_size} do not split evenly over the data axes "
+          f"({shards})")
+    check(batch_size % jax.process_count() == 0, "data.batch_size",
+          f"{batch_size} is not divisible by the process count {jax.process_count()}")

@@ -222,12 +222,14 @@ def train(config: config_lib.Config | str | Path, overrides: Iterable[str] = (),
                 record["examples_per_s"] = examples_per_step * steps_since / elapsed
                 if s.task.tokens_per_example:
                     record["tokens_per_s"] = record["examples_per_s"] * s.task.tokens_per_example
-                if (tc.eval_every and done % tc.eval_every == 0) or is_last:
+                is_eval = (tc.eval_every and done % tc.eval_every == 0) or is_last
+                if is_eval:
                     record.update(evaluate(s, state["params"], jeval, tc.eval_steps))
-                    _run_hooks(s, state, done, workdir)
                 history.append({"step": done, **record})
                 log.log(done, record)
                 log.advance(steps_since)
+                if is_eval:  # after logging, so hooks (the loss plot) see this step's metrics
+                    _run_hooks(s, state, done, workdir)
                 pending, steps_since, t_last = [], 0, time.perf_counter()
             if done % tc.checkpoint_every == 0 or is_last:
                 ckpt.save(done, state, config=cfg, data_state=data.get_state(), force=is_last)

@@ -3,6 +3,7 @@
 import dataclasses
 import inspect
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import mlgen
 import importlib
 
 trainer_lib = importlib.import_module("mlgen.train.trainer")
+diffusion_task = importlib.import_module("mlgen.tasks.diffusion")
 from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig
 from mlgen.data.images import ImageDataConfig
 from mlgen.models.unet import PRESETS
@@ -18,6 +20,7 @@ from mlgen.objectives.diffusion import DiffusionObjectiveConfig, SamplerConfig
 from tests.helpers import replace, tiny_lm_config
 
 STEP_CALLS = []
+PLOTTED_STEPS = []  # the last step in metrics.jsonl each time the loss plot was drawn
 
 
 def _recording(make):
@@ -48,6 +51,13 @@ def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("digits")
     mp = pytest.MonkeyPatch()
     mp.setattr(trainer_lib, "make_train_step", _recording(trainer_lib.make_train_step))
+    plot = diffusion_task.plot_losses
+
+    def recording_plot(wd):
+        PLOTTED_STEPS.append(json.loads((Path(wd) / "metrics.jsonl").read_text().splitlines()[-1])["step"])
+        return plot(wd)
+
+    mp.setattr(diffusion_task, "plot_losses", recording_plot)
     try:
         result = mlgen.train(tiny_digits_config(str(workdir)))
     finally:
@@ -63,6 +73,7 @@ def test_loss_falls_and_artifacts_are_written(run):
     assert "eval_loss" in lines[-1] and "x0_mse" in lines[-1]
     assert (workdir / "samples" / "step_000030.png").is_file()
     assert (workdir / "loss.png").is_file()
+    assert PLOTTED_STEPS == [30]  # the plot is drawn after the step's metrics are logged, so it shows them
     from PIL import Image
 
     grid = Image.open(workdir / "samples" / "step_000030.png")
@@ -103,3 +114,22 @@ def test_sample_cli_writes_npz_and_grid(run, tmp_path):
     assert (tmp_path / "g.png").is_file()
     scores = DigitScorer(8).score(data["images"], data["labels"])
     assert 0.0 <= scores["confidence"] <= 1.0 and scores["frechet"] > scores["frechet_floor"]
+
+
+SHRINK = {"digits_unet": ["model.channels=(8,16)", "model.num_groups=4", "model.head_dim=8"],
+          "digits_dit": ["model.d_model=32", "model.num_layers=2", "model.num_heads=2"]}
+
+
+@pytest.mark.parametrize("name", sorted(SHRINK))
+def test_digits_configs_smoke(name, tmp_path):
+    """The shipped configs, shrunk to CI size (2 steps, a narrow model), run end to end: data,
+    model, objective, sampler hooks. Their full-size runs are measured by hand (see their docstrings)."""
+    overrides = [f"workdir={tmp_path}", "train.num_steps=2", "train.log_every=1", "train.eval_every=2",
+                 "train.eval_steps=1", "train.checkpoint_every=2", "train.progress_bar=false",
+                 "train.async_checkpoints=false", "data.batch_size=16", "objective.sampling.steps=2",
+                 "objective.sampling.max_steps=4", "objective.sampling.per_class=1", *SHRINK[name]]
+    result = mlgen.train(f"configs/diffusion/{name}.py", overrides)
+    assert [h["step"] for h in result.history] == [1, 2]
+    assert all(np.isfinite(h["loss"]) for h in result.history)
+    assert (tmp_path / "samples" / "step_000002.png").is_file()
+    assert "ema" in result.state

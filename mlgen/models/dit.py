@@ -51,6 +51,10 @@ class DiTConfig:
     learn_sigma: bool = False
     attention_backend: str = "auto"
     dtype: str = "float32"
+    # Run the stacked blocks with a lax.scan (compile time independent of depth) or unrolled
+    # (MaxText's ``scan_layers``). Unrolled is faster for small models on CPU: no per-layer
+    # dynamic slices of the stacked weights and residuals (digits DiT: 293 vs 395 ms/step).
+    scan_layers: bool = True
 
     @property
     def out_channels(self) -> int:
@@ -156,7 +160,8 @@ class DiT(nnx.Module):
         c = self.time(time, labels).astype(dt)
         layer_rngs = jax.random.split(rng, cfg.num_layers) if rng is not None and cfg.dropout > 0 else None
 
-        @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, unroll=True if not cfg.scan_layers else 1,
+                  transform_metadata={nnx.PARTITION_NAME: "layers"})
         def run(block, h, r):
             return block(h, c, r)
 

@@ -127,6 +127,14 @@ def test_models_shard_and_run(cls, cfg):
     a, b = run(noisy, jax.random.key(1)), run(noisy, jax.random.key(2))
     assert np.max(np.abs(a - b)) > 1e-2 * np.max(np.abs(a))
     np.testing.assert_allclose(a, run(noisy, jax.random.key(1)))
+    if cls is DiT:  # unrolled layers: the same parameters (still stacked) give the same output
+        with nnx.use_eager_sharding(False):
+            unrolled_def = nnx.split(nnx.eval_shape(lambda: cls(dataclasses.replace(cfg, scan_layers=False),
+                                                                rngs=nnx.Rngs(0))), nnx.Param)[0]
+        run_unrolled = jax.jit(lambda p, key: nnx.merge(unrolled_def, p)(x, t, y, rng=key))
+        np.testing.assert_allclose(run_unrolled(noisy, jax.random.key(1)), a, rtol=1e-5, atol=1e-5)
+        loops = lambda f: f.lower(noisy, jax.random.key(1)).as_text().count("stablehlo.while")
+        assert loops(run_unrolled) == loops(run) - 1  # the layer loop is gone
 
 
 def test_frechet_distance():

@@ -45,6 +45,7 @@ class DigitScorer:
     """A digits classifier fitted on the training split at ``image_size``."""
 
     def __init__(self, image_size: int = 16, *, val_fraction: float = 0.1, seed: int = 0):
+        from sklearn.calibration import CalibratedClassifierCV
         from sklearn.decomposition import PCA
         from sklearn.pipeline import make_pipeline
         from sklearn.svm import SVC
@@ -54,7 +55,10 @@ class DigitScorer:
         cfg = ImageDataConfig(source="digits", image_size=image_size, val_fraction=val_fraction)
         self.train_x, self.train_y = load_arrays(cfg, "train")
         self.val_x, self.val_y = load_arrays(cfg, "validation")
-        self.clf = make_pipeline(PCA(32, random_state=seed), SVC(C=10.0, probability=True, random_state=seed))
+        # Probabilities from an SVM calibrated by cross-validation (what SVC(probability=True) did,
+        # which scikit-learn 1.9 deprecates).
+        svm = CalibratedClassifierCV(SVC(C=10.0, random_state=seed), ensemble=False)
+        self.clf = make_pipeline(PCA(32, random_state=seed), svm)
         self.clf.fit(self._flat(self.train_x), self.train_y)
         self.classifier_accuracy = float(self.clf.score(self._flat(self.val_x), self.val_y))
         self.seed = seed

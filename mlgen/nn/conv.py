@@ -87,13 +87,24 @@ class GroupNorm(nnx.Module):
         self.bias = param(rngs, zeros_init, (channels,), ("norm",), param_dtype)
 
     def __call__(self, x: Float[Array, "B H W C"]) -> Float[Array, "B H W C"]:
+        # Statistics as per-channel sums over H*W (contiguous rows in NHWC), then per group; the
+        # output is one fused x * a + c with per-(B, C) coefficients. Same two-pass numerics as
+        # reducing [B, HW, G, C/G] over axes (1, 3), but 3-4x faster forward+backward alone on
+        # XLA CPU (64x16x16x128: 3.1 vs 13.1 ms); inside the bench UNet's step, where XLA fuses
+        # the old form with its neighbours, the gain is only ~2% (1949 vs 1988 ms).
         B, H, W, C = x.shape
-        g = self.num_groups
-        xf = x.astype(jnp.float32).reshape(B, H * W, g, C // g)
-        mean = jnp.mean(xf, axis=(1, 3), keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=(1, 3), keepdims=True)
-        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(B, H, W, C)
-        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+        g, cg = self.num_groups, C // self.num_groups
+        xf = x.astype(jnp.float32).reshape(B, H * W, C)
+        n = H * W * cg
+
+        def per_group(per_channel):  # [B, C] -> [B, 1, C], the group's mean repeated per channel
+            return jnp.repeat(jnp.sum(per_channel.reshape(B, g, cg), axis=-1) / n, cg, axis=1)[:, None, :]
+
+        mean = per_group(jnp.sum(xf, axis=1))
+        var = per_group(jnp.sum(jnp.square(xf - mean), axis=1))
+        a = jax.lax.rsqrt(var + self.eps) * self.scale[...]
+        y = xf * a + (self.bias[...] - mean * a)
+        return y.reshape(B, H, W, C).astype(x.dtype)
 
 
 def timestep_embedding(t: Float[Array, "B"], dim: int, *, max_period: float = 10000.0) -> Float[Array, "B D"]:

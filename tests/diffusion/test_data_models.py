@@ -92,6 +92,15 @@ def test_group_norm():
     g = np.asarray(y).reshape(2, 16, 4, 2)
     np.testing.assert_allclose(g.mean(axis=(1, 3)), 0, atol=1e-5)
     np.testing.assert_allclose(g.var(axis=(1, 3)), 1, atol=1e-3)
+    # with a scale and bias, against NumPy's two-axis reduction of [B, HW, G, C/G]
+    with nnx.use_eager_sharding(False):
+        gn = GroupNorm(8, 4)
+    gn.scale[...] = jnp.linspace(0.5, 2.0, 8)
+    gn.bias[...] = jnp.linspace(-1.0, 1.0, 8)
+    xr = np.asarray(x).reshape(2, 16, 4, 2)
+    ref = (xr - xr.mean(axis=(1, 3), keepdims=True)) / np.sqrt(xr.var(axis=(1, 3), keepdims=True) + 1e-5)
+    ref = ref.reshape(2, 4, 4, 8) * np.linspace(0.5, 2.0, 8) + np.linspace(-1.0, 1.0, 8)
+    np.testing.assert_allclose(gn(x), ref, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- models

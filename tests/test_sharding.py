@@ -1,6 +1,7 @@
 """Mesh construction, sharded init and mesh-independence of the loss (8 simulated devices)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -62,3 +63,20 @@ def _loss(cfg, devices=None):
         b = sharding.put_batch(batch, s.mesh, s.task.batch_axes, cfg.mesh.rules)
         loss, _ = jax.jit(s.task.make_loss(s.graphdef))(s.state["params"], b, jax.random.key(0))
     return float(loss)
+
+
+def test_models_build_eagerly_without_a_mesh():
+    """A notebook builds a model with no mesh and no Flax settings; the logical names are kept."""
+    from flax import nnx
+
+    from mlgen.models.dit import PRESETS as DIT, DiT
+    from mlgen.models.transformer import Transformer, TransformerConfig
+    from mlgen.models.unet import PRESETS as UNETS, UNet
+
+    assert jax.sharding.get_abstract_mesh().empty
+    lm = Transformer(TransformerConfig(vocab_size=32, num_layers=1, d_model=16, num_heads=2), rngs=nnx.Rngs(0))
+    assert lm(jnp.zeros((1, 4), jnp.int32)).shape == (1, 4, 32)
+    for model in (UNet(UNETS["unet-tiny"], rngs=nnx.Rngs(0)), DiT(DIT["dit-tiny"], rngs=nnx.Rngs(0))):
+        assert model(jnp.zeros((2, 8, 8, 1)), jnp.ones((2,))).shape == (2, 8, 8, 1)
+    names = [v.get_metadata().get("out_sharding") for _, v in nnx.to_flat_state(nnx.state(lm, nnx.Param))]
+    assert names and all(n is not None for n in names)

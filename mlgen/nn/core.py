@@ -21,7 +21,11 @@ def param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int], names:
     if len(names) != len(shape):
         raise ValueError(f"param: {len(names)} logical names {names} for shape {shape}")
     key = rngs.params() if rngs is not None else jax.random.key(0)
-    return nnx.Param(init(key, shape, dtype), out_sharding=names)
+    # With no mesh active (a notebook building a model eagerly) Flax's eager sharding would fail
+    # ("An auto mesh context or metadata is required"): keep the names as metadata only then.
+    # Under a mesh (sharded_init, mlgen.train) nothing changes.
+    no_mesh = {"eager_sharding": False} if jax.sharding.get_abstract_mesh().empty else {}
+    return nnx.Param(init(key, shape, dtype), out_sharding=names, **no_mesh)
 
 
 def zeros_init(key, shape, dtype=jnp.float32):

@@ -13,8 +13,7 @@ from mlgen.ops.losses import cross_entropy
 def _model(**kw):
     cfg = TransformerConfig(**{**dict(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
                                       attention_backend="reference"), **kw})
-    with nnx.use_eager_sharding(False):
-        return Transformer(cfg, rngs=nnx.Rngs(params=0))
+    return Transformer(cfg, rngs=nnx.Rngs(params=0))
 
 
 @nnx.jit

@@ -14,9 +14,9 @@ per-op threading leaves a core idle during the many small ops of a small UNet.
 
 Measured on an idle 2-core CPU: 1500 steps in 8m34s wall (0.29 s/step); eval loss 0.0184.
 `mlgen eval` (1000 DDIM-50 samples, guidance 2, 2 min): classifier confidence 0.940 (real
-held-out digits 0.936), class accuracy 0.998, Fréchet 2.76 against a real-vs-real floor of 1.46. Digits are
-legible from step ~500 (WORKDIR/samples/step_000500.png). With train.num_steps=2000 on one
-device (15m24s): Fréchet 2.71.
+held-out digits 0.936), class accuracy 0.998, Fréchet 2.76 against a real-vs-real floor of
+1.46. Digits are legible from step ~500 (WORKDIR/samples/step_000500.png). With
+train.num_steps=2000 on one device (15m24s): Fréchet 2.71.
 """
 
 from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig

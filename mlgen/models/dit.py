@@ -160,7 +160,7 @@ class DiT(nnx.Module):
         c = self.time(time, labels).astype(dt)
         layer_rngs = jax.random.split(rng, cfg.num_layers) if rng is not None and cfg.dropout > 0 else None
 
-        @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, unroll=True if not cfg.scan_layers else 1,
+        @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, unroll=1 if cfg.scan_layers else True,
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
         def run(block, h, r):
             return block(h, c, r)

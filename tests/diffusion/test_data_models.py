@@ -87,14 +87,12 @@ def test_im2col_conv_matches_xla(stride):
 
 def test_group_norm():
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8)) * 3 + 1
-    with nnx.use_eager_sharding(False):
-        y = GroupNorm(8, 4)(x)
+    y = GroupNorm(8, 4)(x)
     g = np.asarray(y).reshape(2, 16, 4, 2)
     np.testing.assert_allclose(g.mean(axis=(1, 3)), 0, atol=1e-5)
     np.testing.assert_allclose(g.var(axis=(1, 3)), 1, atol=1e-3)
     # with a scale and bias, against NumPy's two-axis reduction of [B, HW, G, C/G]
-    with nnx.use_eager_sharding(False):
-        gn = GroupNorm(8, 4)
+    gn = GroupNorm(8, 4)
     gn.scale[...] = jnp.linspace(0.5, 2.0, 8)
     gn.bias[...] = jnp.linspace(-1.0, 1.0, 8)
     xr = np.asarray(x).reshape(2, 16, 4, 2)
@@ -119,9 +117,9 @@ def test_models_shard_and_run(cls, cfg):
             assert names is not None and len(names) == len(v.shape), (path, names)
         shardings = nnx.get_named_sharding(abs_state, mesh)  # raises on a name used twice in one param
         assert any("fsdp" in jax.tree.leaves(tuple(s.spec)) for s in jax.tree.leaves(shardings))
-    with nnx.use_eager_sharding(False):  # one compiled init (eager init runs op by op: slow)
-        graphdef = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
-        params = jax.jit(lambda: nnx.to_pure_dict(nnx.split(cls(cfg, rngs=nnx.Rngs(0)), nnx.Param)[1]))()
+    # one compiled init (eager init runs op by op: slow)
+    graphdef = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
+    params = jax.jit(lambda: nnx.to_pure_dict(nnx.split(cls(cfg, rngs=nnx.Rngs(0)), nnx.Param)[1]))()
     x = jax.random.normal(jax.random.key(1), (4, cfg.image_size, cfg.image_size, 1))
     t = jnp.linspace(1.0, 999.0, 4)
     y = jnp.arange(4)  # 3 = the null class
@@ -137,9 +135,8 @@ def test_models_shard_and_run(cls, cfg):
     assert np.max(np.abs(a - b)) > 1e-2 * np.max(np.abs(a))
     np.testing.assert_allclose(a, run(noisy, jax.random.key(1)))
     if cls is DiT:  # unrolled layers: the same parameters (still stacked) give the same output
-        with nnx.use_eager_sharding(False):
-            unrolled_def = nnx.split(nnx.eval_shape(lambda: cls(dataclasses.replace(cfg, scan_layers=False),
-                                                                rngs=nnx.Rngs(0))), nnx.Param)[0]
+        unrolled_cfg = dataclasses.replace(cfg, scan_layers=False)
+        unrolled_def = nnx.split(nnx.eval_shape(lambda: cls(unrolled_cfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
         run_unrolled = jax.jit(lambda p, key: nnx.merge(unrolled_def, p)(x, t, y, rng=key))
         np.testing.assert_allclose(run_unrolled(noisy, jax.random.key(1)), a, rtol=1e-5, atol=1e-5)
         loops = lambda f: f.lower(noisy, jax.random.key(1)).as_text().count("stablehlo.while")

@@ -88,8 +88,7 @@ def test_guidance_zero_and_one(sampler):
 def test_steps_and_guidance_do_not_recompile(model_cls, cfg):
     import dataclasses
     cfg = dataclasses.replace(cfg, num_classes=3)
-    with nnx.use_eager_sharding(False):
-        model = model_cls(cfg, rngs=nnx.Rngs(0))
+    model = model_cls(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
     kw = dict(schedule="cosine", prediction="eps", shape=(3, 8, 8, 1), labels=[0, 1, 2], num_classes=3,

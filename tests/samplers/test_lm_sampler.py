@@ -24,8 +24,7 @@ def _cfg(flavour="llama", **kw):
 
 
 def _model(flavour="llama", **kw):
-    with nnx.use_eager_sharding(False):
-        return Transformer(_cfg(flavour, **kw), rngs=nnx.Rngs(params=0))
+    return Transformer(_cfg(flavour, **kw), rngs=nnx.Rngs(params=0))
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,8 @@ def run(argv: list[str]) -> None:
     ap.add_argument("--model", choices=["unet", "dit"], default="unet")
     ap.add_argument("--conv-impl", default="auto", choices=["auto", "xla", "im2col"])
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="compute dtype; parameters and optimizer state stay float32")
     a = ap.parse_args(argv)
 
     from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig
@@ -50,10 +52,11 @@ def run(argv: list[str]) -> None:
     if a.model == "unet":
         model = UNetConfig(image_size=a.size, in_channels=1, channels=tuple(a.channels),
                            blocks_per_level=a.layers_per_block, attention_levels=(len(a.channels) - 1,),
-                           head_dim=8, num_groups=32, conv_impl=a.conv_impl, attention_backend=a.attention_backend)
+                           head_dim=8, num_groups=32, conv_impl=a.conv_impl, attention_backend=a.attention_backend,
+                           dtype=a.dtype)
     else:
         model = dataclasses.replace(DIT["dit-digits"], image_size=a.size, num_classes=0,
-                                    attention_backend=a.attention_backend)
+                                    attention_backend=a.attention_backend, dtype=a.dtype)
     cfg = Config(
         task="diffusion", workdir="/tmp/mlgen-bench-diffusion",
         model=model,
@@ -67,6 +70,6 @@ def run(argv: list[str]) -> None:
     host = {"images": rng.standard_normal((a.batch, a.size, a.size, 1)).astype(np.float32),
             "labels": np.zeros((a.batch,), np.int32)}
     med, n_params = time_train_step(cfg, host, steps=a.steps, warmup=a.warmup)
-    print(json.dumps({"bench": "mlgen-diffusion", "model": a.model, "conv_impl": a.conv_impl,
+    print(json.dumps({"bench": "mlgen-diffusion", "model": a.model, "conv_impl": a.conv_impl, "dtype": a.dtype,
                       "images_per_s": a.batch / med, "step_s": med, "params": n_params,
                       "devices": len(jax.devices())}))

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mlgen.sharding.partition import constrain
 from mlgen.sharding.rules import check_names
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
@@ -100,10 +101,16 @@ class Embed(nnx.Module):
                  init: Initializer | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         self.embedding = param(rngs, init or normal_init(0.02), (num_embeddings, features), names, param_dtype)
+        self.vocab_name = names[0]
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # Gather rows from a table that is whole along D. Gathering from the D-sharded (fsdp)
+        # table gives D-sharded rows, which the partitioner can only turn into batch-sharded
+        # activations by replicating them ("Involuntary full rematerialization", forward and
+        # backward). Gathering the table over fsdp first is what FSDP does for every weight.
+        table = constrain(self.embedding[...], (self.vocab_name, None))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))

@@ -31,9 +31,10 @@ def test_diffusion(capsys, extra):
 
 
 def test_train(capsys):
-    run("train", ["--layers", "1", "--width", "32", "--heads", "2", "--seq", "16", "--batch", "8", "--steps", "1", "--warmup", "1"])
+    run("train", ["--layers", "1", "--width", "32", "--heads", "2", "--seq", "16", "--batch", "8", "--steps", "1",
+                  "--warmup", "1", "--loss-chunk", "8"])
     (r,) = _json_lines(capsys.readouterr().out)
-    assert r["bench"] == "mlgen-train" and r["tokens_per_s"] > 0
+    assert r["bench"] == "mlgen-train" and r["tokens_per_s"] > 0 and r["loss_chunk"] == 8
     assert abs(r["tokens_per_s"] * r["step_s"] - 8 * 16) < 1e-6
 
 

@@ -28,6 +28,11 @@ def validate(cfg: Config, mesh: dict[str, int]) -> None:
         check(d.seq_len <= m.max_len, "data.seq_len", f"{d.seq_len} exceeds model.max_len={m.max_len}")
     check_batch(d.batch_size, cfg.optim.grad_accum_steps, mesh)
     check(d.seq_len % mesh["seq"] == 0, "data.seq_len", f"{d.seq_len} is not divisible by mesh.seq={mesh['seq']}")
+    chunk = cfg.objective.loss_chunk
+    if chunk:
+        check(d.seq_len % chunk == 0, "objective.loss_chunk", f"{chunk} does not divide data.seq_len={d.seq_len}")
+        check(mesh["seq"] == 1, "objective.loss_chunk",
+              f"chunks the length axis, which mesh.seq={mesh['seq']} already shards; use 0 with sequence parallelism")
     if mesh["tensor"] > 1:
         check(m.num_heads % mesh["tensor"] == 0, "model.num_heads",
               f"{m.num_heads} is not divisible by mesh.tensor={mesh['tensor']}")
@@ -47,8 +52,10 @@ def build(cfg: Config, mesh) -> Task:
 
     return Task(
         make_model=make_model,
-        make_loss=lambda gd: make_loss(gd, z_loss=cfg.objective.z_loss, train=True),
-        make_eval_loss=lambda gd: make_loss(gd, z_loss=cfg.objective.z_loss, train=False),
+        make_loss=lambda gd: make_loss(gd, z_loss=cfg.objective.z_loss, train=True,
+                                       loss_chunk=cfg.objective.loss_chunk),
+        make_eval_loss=lambda gd: make_loss(gd, z_loss=cfg.objective.z_loss, train=False,
+                                            loss_chunk=cfg.objective.loss_chunk),
         train_data=lambda: make_lm_data(d, split="train", seed=cfg.seed, workdir=cfg.workdir,
                                         process_index=pi, process_count=pc),
         eval_data=lambda: make_lm_data(d, split="validation", seed=cfg.seed, workdir=cfg.workdir,

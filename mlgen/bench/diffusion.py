@@ -8,12 +8,25 @@ Prints one JSON line with ``images_per_s``.
 
 Measured side by side on an idle 2-core CPU (2026-11-23, two alternations): diffusers 66-67
 images/s; mlgen 37-38 (0.56x), 46 with ``mlgen --cpu-devices 2`` (0.69x); the target is
-1.3x. The step does 129 GFLOP (XLA cost analysis), so mlgen runs at ~70 GFLOP/s against
-diffusers' ~135. A lone 3x3 convolution's forward+backward runs at 140-240 GFLOP/s in XLA
-here, so the loss is elsewhere. Ablations (ms/step, one device, ±100): the full step 1824,
-without the six attention blocks 1431, without GroupNorm 1604; head size 32 instead of 8
-1698; ``--conv-impl im2col`` is slower (2.08 s). XLA CPU flags tried without effect:
-ynn/onednn fusion types, the concurrency-optimized scheduler.
+1.3x. Why 1.3x is out of reach in float32 on this CPU (2026-11-24):
+
+- the step is 129 GFLOP by XLA's cost analysis and 139 GFLOP by torch's FlopCounterMode,
+  so diffusers runs the whole step at ~140 GFLOP/s; 1.3x would need ~185 GFLOP/s sustained,
+  GroupNorm, softmax and elementwise work included;
+- the best any XLA op reaches here is a large float32 matmul at 170-188 GFLOP/s, while
+  torch's oneDNN convolutions run forward+backward at 150-230 GFLOP/s (64x16x16x64 3x3:
+  24 ms; XLA 30-33 ms with its default YNNPACK convolutions, 16-25 ms with Eigen's);
+- per block, forward+backward: ResBlock 16x16 64->64 torch 45 ms, mlgen 94-120 ms (70 ms
+  with ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot``); ResBlock 8x8 128->128
+  41 vs 50 ms; attention block (16 heads of 8, T=64) 42 vs 60 ms, its attention op 21 vs
+  38 ms (1024 batched 64x8x64 matmuls).
+
+Tried without a worthwhile gain: im2col convolutions (slower: 2.08 s/step; in bfloat16 also
+slower), Winograd F(2x2, 3x3) convolutions (2x slower: XLA:CPU's tile transforms cost more
+than the saved multiplies), a hand-written attention backward (-12% on the op, ~2% on the
+step), ``--dtype bfloat16`` (XLA's bf16 matmuls run at ~350 GFLOP/s, but the step is slower:
+31 images/s), XLA CPU flags (ynn fusion types: +5-11% for ``dot``; onednn fusion; the
+concurrency-optimized scheduler; ``--xla_cpu_multi_thread_eigen=false`` with 2 devices).
 """
 
 from __future__ import annotations

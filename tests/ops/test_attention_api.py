@@ -103,6 +103,39 @@ def test_lse_merge_of_key_halves_matches_full_attention():
         np.testing.assert_allclose(g, w, atol=2e-5)
 
 
+def test_vjp_from_global_lse_of_key_halves_matches_full_attention_grads():
+    """What ring attention's backward does: each key chunk's flash backward from the global out / lse."""
+    B, T, N, K = 2, 32, 4, 2
+    q, k, v, do, seg = make_inputs(B=B, T=T, S=T, N=N, K=K, segments="docs", seed=4)
+    half = T // 2
+    want = fwd_and_grads(lambda q, k, v: reference.attention(q, k, v, causal=True, segment_ids=seg), q, k, v, do)
+    out, lse = blockwise.attention_with_lse(q, k, v, causal=True, segment_ids=seg)
+    dq, dks, dvs = 0.0, [], []
+    for i in (0, half):
+        ids = (seg, seg[:, i:i + half])
+        dq_i, dk_i, dv_i = blockwise.attention_vjp_with_lse(q, k[:, i:i + half], v[:, i:i + half], out, lse, do,
+                                                           causal=True, segment_ids=ids, q_offset=jnp.int32(-i))
+        dq, dks, dvs = dq + dq_i, dks + [dk_i], dvs + [dv_i]
+    np.testing.assert_allclose(out, want[0], atol=2e-5)
+    for g, w in zip((dq, jnp.concatenate(dks, 1), jnp.concatenate(dvs, 1)), want[1:]):
+        np.testing.assert_allclose(g, w, atol=2e-5)
+    # One chunk alone is not the whole gradient: the test would notice a dropped chunk.
+    assert not np.allclose(dq_i, want[1], atol=2e-5)
+
+
+def test_vjp_from_global_lse_gives_zero_grads_to_rows_that_see_nothing():
+    q, k, v, do, (qid, kid) = make_inputs(B=1, T=24, S=33, N=2, K=1, segments="pair", seed=5)
+    want = fwd_and_grads(lambda q, k, v: reference.attention(q, k, v, segment_ids=(qid, kid)), q, k, v, do)
+    out, lse = blockwise.attention_with_lse(q, k, v, segment_ids=(qid, kid))
+    assert bool(jnp.any(jnp.isinf(lse)))  # queries with id 3 see no key
+    cut = 17
+    parts = [blockwise.attention_vjp_with_lse(q, k[:, a:b], v[:, a:b], out, lse, do, segment_ids=(qid, kid[:, a:b]))
+             for a, b in ((0, cut), (cut, 33))]
+    np.testing.assert_allclose(parts[0][0] + parts[1][0], want[1], atol=2e-5)
+    np.testing.assert_allclose(jnp.concatenate([parts[0][1], parts[1][1]], 1), want[2], atol=2e-5)
+    np.testing.assert_allclose(jnp.concatenate([parts[0][2], parts[1][2]], 1), want[3], atol=2e-5)
+
+
 def test_lse_matches_reference_logsumexp():
     q, k, v, _, _ = make_inputs(B=1, T=20, S=20, N=2, K=1)
     _, lse = blockwise.attention_with_lse(q, k, v, causal=True)

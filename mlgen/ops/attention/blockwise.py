@@ -58,10 +58,44 @@ def attention_with_lse(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v
       ``lse = logaddexp(lse_a, lse_b)``, ``out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b``
       (guarding rows where both are ``-inf``). Both outputs are differentiable.
     """
+    q_ids, kv_ids, q_offset, spec, scale, bs = _prepare(q, k, causal, segment_ids, sliding_window, scale,
+                                                        q_offset, block_sizes)
+    return _attention(q, k, v, q_ids, kv_ids, q_offset, spec, scale, bs)
+
+
+def attention_vjp_with_lse(q, k, v, out, lse, dout, *, causal: bool = False, segment_ids=None,
+                           sliding_window: int | None = None, scale: float | None = None, q_offset=None,
+                           block_sizes: BlockSizes | None = None):
+    """``(dq, dk, dv)`` of these keys' share of an attention whose output and log-sum-exp are known.
+
+    ``out [B, T, N, H]`` and ``lse [B, T, N]`` may come from attention of the same queries over
+    a *larger* key set that contains ``k, v`` (ring attention: all blocks of the ring). The
+    flash backward then needs only the global ``out`` and ``lse``: ``p = exp(s - lse)`` is
+    this block's share of each row's softmax and ``rowsum(dout * out)`` the global row term,
+    so ``dq`` is this block's contribution and ``dk, dv`` are exact for these keys. No
+    forward is recomputed. Arguments as in ``attention_with_lse``; ``lse = -inf`` rows (no key
+    anywhere) get zero gradients.
+    """
+    q_ids, kv_ids, q_offset, spec, scale, bs = _prepare(q, k, causal, segment_ids, sliding_window, scale,
+                                                        q_offset, block_sizes)
+    T, S, K = q.shape[1], k.shape[1], k.shape[2]
+    Tp = round_up(T, math.lcm(bs.block_q, bs.block_q_bwd))
+    Sp = round_up(S, math.lcm(bs.block_k, bs.block_k_bwd))
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0).astype(_F32)  # such rows are masked everywhere
+    residuals = (pad_axis(_to_groups(q, K), 3, Tp),
+                 pad_axis(k.transpose(0, 2, 1, 3), 2, Sp), pad_axis(v.transpose(0, 2, 1, 3), 2, Sp),
+                 pad_axis(_to_groups(out.astype(q.dtype), K), 3, Tp),
+                 pad_axis(_to_groups(lse[..., None], K)[..., 0], 3, Tp),
+                 _ids(q_ids, Tp, -1), _ids(kv_ids, Sp, -2))
+    dq, dk, dv, *_ = _bwd(spec, scale, bs, (residuals, q_offset), (dout, jnp.zeros(lse.shape, _F32)))
+    return dq, dk, dv
+
+
+def _prepare(q, k, causal, segment_ids, sliding_window, scale, q_offset, block_sizes):
     B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
+    S = k.shape[1]
     scale = H ** -0.5 if scale is None else float(scale)
-    q_offset = S - T if q_offset is None else q_offset
+    q_offset = jnp.asarray(S - T if q_offset is None else q_offset, jnp.int32)
     bs = (block_sizes or blockwise_default(T, S, H)).clamp(T, S)
     q_ids = kv_ids = None
     if segment_ids is not None:
@@ -70,7 +104,7 @@ def attention_with_lse(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v
     Sp = round_up(S, math.lcm(bs.block_k, bs.block_k_bwd))
     spec = MaskSpec(causal=causal, sliding_window=sliding_window, kv_len=S,
                     has_segments=segment_ids is not None, kv_padded=Sp != S)
-    return _attention(q, k, v, q_ids, kv_ids, jnp.asarray(q_offset, jnp.int32), spec, scale, bs)
+    return q_ids, kv_ids, q_offset, spec, scale, bs
 
 
 # --- layout helpers: BTNH <-> [B, K, G, T, H] so GQA never repeats K/V --------------------------

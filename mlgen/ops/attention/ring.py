@@ -7,10 +7,10 @@ partial result by online softmax (``logaddexp`` of the log-sum-exps).
 
 The backward pass is a ring too (``custom_vjp``): dQ accumulates at home, while dK/dV
 accumulators travel with their K/V blocks and arrive home after the last step. Per-device
-memory is O(T / n) in both passes. Each block's backward is the local backend's VJP fed
-the cotangents that the merge implies (``do_b = w_b do``, ``dlse_b = w_b <do, o_b - o>`` with
-``w_b = exp(lse_b - lse)``), which equals the flash backward with the global log-sum-exp; the
-local forward is recomputed once per block for it.
+memory is O(T / n) in both passes. Each block's backward is the flash backward with the
+*global* output and log-sum-exp saved by the forward (``blockwise.attention_vjp_with_lse``):
+``p = exp(s - lse)`` is already the block's share of each row's softmax, so no block forward
+is recomputed.
 
 Causal load balancing (zigzag): the sequence is cut into ``2n`` chunks and device ``i`` holds
 chunks ``i`` and ``2n-1-i``, so every device has the same number of unmasked blocks at each
@@ -40,7 +40,8 @@ from mlgen.typing import Array, Float
 _F32 = jnp.float32
 
 # Local backends must accept ``q_offset`` (causal / window masks of non-aligned blocks).
-_LOCAL = {"blockwise": blockwise.attention_with_lse}
+# name -> (forward with lse, backward from the global out / lse: ``attention_vjp_with_lse``)
+_LOCAL = {"blockwise": (blockwise.attention_with_lse, blockwise.attention_vjp_with_lse)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +120,7 @@ def ring_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Fl
     if segment_ids is not None:
         q_ids, kv_ids = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
         q_ids, kv_ids = q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
-    local = functools.partial(_LOCAL[local_backend], causal=causal, sliding_window=sliding_window, scale=scale,
+    local = functools.partial(_LOCAL[local_backend][0], causal=causal, sliding_window=sliding_window, scale=scale,
                               block_sizes=block_sizes)
     if n == 1:
         ids = None if q_ids is None else (q_ids, kv_ids)
@@ -194,13 +195,11 @@ def _rotate(xs, axis: str, n: int):
     return jax.tree.map(lambda x: lax.ppermute(x, axis, perm), xs)
 
 
-def _block_call(cfg: _Ring, d, src, a: int, b: int, qa, kb, vb, qid, kid):
-    """The local backend on query chunk ``a`` of device ``d`` against key chunk ``b`` of ``src``."""
+def _block_kwargs(cfg: _Ring, d, src, a: int, b: int, qid, kid) -> dict:
+    """The local backend's keywords for query chunk ``a`` of device ``d`` against key chunk ``b`` of ``src``."""
     off = (cfg.chunk_ids(d)[a] - cfg.chunk_ids(src)[b]) * cfg.chunk
-    ids = None if qid is None else (qid, kid)
-    fn = functools.partial(_LOCAL[cfg.local], causal=cfg.causal, sliding_window=cfg.window, scale=cfg.scale,
-                           block_sizes=cfg.block_sizes, segment_ids=ids, q_offset=off.astype(jnp.int32))
-    return fn, (qa, kb, vb)
+    return dict(causal=cfg.causal, sliding_window=cfg.window, scale=cfg.scale, block_sizes=cfg.block_sizes,
+                segment_ids=None if qid is None else (qid, kid), q_offset=off.astype(jnp.int32))
 
 
 def _merge(o1, l1, o2, l2):
@@ -227,8 +226,8 @@ def _ring_fwd(q, k, v, q_ids, kv_ids, cfg: _Ring):
         ks, vs, kids = _split(k, c), _split(v, c), _split(kv_ids, c)
         acc = list(acc)
         for a, b in cfg.pairs():
-            fn, xs = _block_call(cfg, d, src, a, b, qs[a], ks[b], vs[b], qids[a], kids[b])
-            acc[a] = _merge(*acc[a], *fn(*xs))
+            kw = _block_kwargs(cfg, d, src, a, b, qids[a], kids[b])
+            acc[a] = _merge(*acc[a], *_LOCAL[cfg.local][0](qs[a], ks[b], vs[b], **kw))
         return tuple(acc)
 
     def step(s, carry):
@@ -247,9 +246,7 @@ def _ring_bwd(cfg: _Ring, res, do):
     q, k, v, q_ids, kv_ids, out, lse = res
     c, n = cfg.chunks, cfg.n
     d = lax.axis_index(cfg.axis)
-    qs, qids, dos, outs = _split(q, c), _split(q_ids, c), _split(do, c), _split(out, c)
-    lses = tuple(jnp.where(jnp.isfinite(x), x, 0.0) for x in _split(lse, c))
-    dos_f = tuple(x.astype(_F32) for x in dos)
+    qs, qids, dos, outs, lses = _split(q, c), _split(q_ids, c), _split(do, c), _split(out, c), _split(lse, c)
 
     def compute(s, kv, dkv, dq):
         k, v, kv_ids = kv
@@ -258,12 +255,8 @@ def _ring_bwd(cfg: _Ring, res, do):
         ks, vs, kids = _split(k, c), _split(v, c), _split(kv_ids, c)
         dks, dvs, dq = list(_split(dk, c)), list(_split(dv, c)), list(dq)
         for a, b in cfg.pairs():
-            fn, xs = _block_call(cfg, d, src, a, b, qs[a], ks[b], vs[b], qids[a], kids[b])
-            (ob, lb), vjp = jax.vjp(fn, *xs)
-            w = jnp.exp(lb - lses[a])   # this block's share of each row's softmax mass
-            do_b = (w[..., None] * dos_f[a]).astype(ob.dtype)
-            dl_b = w * jnp.sum(dos_f[a] * (ob.astype(_F32) - outs[a].astype(_F32)), axis=-1)
-            dqa, dkb, dvb = vjp((do_b, dl_b))
+            kw = _block_kwargs(cfg, d, src, a, b, qids[a], kids[b])
+            dqa, dkb, dvb = _LOCAL[cfg.local][1](qs[a], ks[b], vs[b], outs[a], lses[a], dos[a], **kw)
             dq[a] = dq[a] + dqa.astype(_F32)
             dks[b] = dks[b] + dkb.astype(_F32)
             dvs[b] = dvs[b] + dvb.astype(_F32)

@@ -4,6 +4,12 @@ Defaults match ``shared/peers/lm_generate.py`` (transformers' ``generate``): GPT
 6 layers, width 384, 6 heads, vocabulary 512, batch 8, prompt 32, 224 new tokens, sampling
 with temperature 1 and top-k 50, no early stop. Timed end to end (host prompts in, host
 tokens out), median of ``--repeats`` after one warm-up call that compiles.
+
+Side by side on the 2-core CPU (2026-11-24, two alternations): transformers 552 and 618 new
+tokens/s, mlgen 1081 and 1146 (1.85-1.96x). The KV cache's ``[B, K, S, H]`` layout took
+mlgen from 738-827 to 1230-1279 tokens/s (A/B in the same minutes; llama flavour 805 ->
+1250): the ``[B, S, K, H]`` cache was transposed whole for every head's attention, per
+layer per token.
 """
 
 from __future__ import annotations

@@ -17,9 +17,11 @@ from mlgen.sharding import constrain
 class KVCache(NamedTuple):
     """One layer's cache (stacked over layers by the model).
 
-    k, v: ``[B, S_max, K, H]``; ``kv_ids``: ``[B, S_max]`` (1 = a real token was written there,
-    0 = padding or not yet written); ``index``: the next slot to write (a scalar, shared by the
-    batch: prompts are left-padded to a common length).
+    k, v: ``[B, K, S_max, H]`` (heads before slots, so each decode step reads every head's
+    keys as one contiguous ``[S_max, H]`` matrix with no transpose of the cache); ``kv_ids``:
+    ``[B, S_max]`` (1 = a real token was written there, 0 = padding or not yet written);
+    ``index``: the next slot to write (a scalar, shared by the batch: prompts are left-padded
+    to a common length).
     """
 
     k: jax.Array
@@ -29,7 +31,7 @@ class KVCache(NamedTuple):
 
     @staticmethod
     def zeros(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
-        z = jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)
+        z = jnp.zeros((batch, num_kv_heads, max_len, head_dim), dtype)
         return KVCache(z, z, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
@@ -72,10 +74,10 @@ class SelfAttention(nnx.Module):
 def _write(cache: KVCache, k, v, segment_ids) -> KVCache:
     B, T = k.shape[:2]
     ids = jnp.ones((B, T), jnp.int32) if segment_ids is None else (segment_ids != 0).astype(jnp.int32)
-    at = (0, cache.index, 0, 0)
+    at = (0, 0, cache.index, 0)
     return KVCache(
-        jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
-        jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at),
+        jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype).transpose(0, 2, 1, 3), at),
+        jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype).transpose(0, 2, 1, 3), at),
         jax.lax.dynamic_update_slice(cache.kv_ids, ids, (0, cache.index)),
         cache.index + T,
     )
@@ -83,8 +85,17 @@ def _write(cache: KVCache, k, v, segment_ids) -> KVCache:
 
 def _cached_attention(q, cache: KVCache):
     """New queries at slots ``index - T .. index - 1`` attend to real cache slots up to their own."""
-    T, S = q.shape[1], cache.k.shape[1]
+    B, T, N, H = q.shape
+    K, S = cache.k.shape[1], cache.k.shape[2]
     q_slot = cache.index - T + jnp.arange(T)
-    visible = (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & (cache.kv_ids[:, None, :] != 0)
-    return jax.nn.dot_product_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype),
-                                        mask=visible[:, None])
+    visible = (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & (cache.kv_ids[:, None, :] != 0)  # [B, T, S]
+    qg = q.reshape(B, T, K, N // K, H)
+    logits = jnp.einsum("btkgh,bksh->bkgts", qg, cache.k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * H ** -0.5
+    # A finite mask value, as jax.nn.dot_product_attention: a left-padding query sees no key and
+    # must get a finite (unused) row, or its NaN K/V would poison real rows through 0 * NaN.
+    logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bkgts,bksh->btkgh", p.astype(q.dtype), cache.v.astype(q.dtype),
+                     preferred_element_type=jnp.float32)
+    return out.reshape(B, T, N, H).astype(q.dtype)

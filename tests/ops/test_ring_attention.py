@@ -109,3 +109,39 @@ def test_attention_backend_ring_and_errors():
         ops.attention(q, k, v, backend="ring")
     with pytest.raises(ValueError, match="local_backend"):
         ring_attention(q, k, v, mesh=_mesh(2), local_backend="xla")
+
+
+@pytest.mark.parametrize("causal,zigzag", [(True, True), (True, False), (False, False)],
+                         ids=["causal-zigzag", "causal-contiguous", "bidir"])
+def test_pallas_tpu_kernels_as_the_local_backend(causal, zigzag):
+    """The ring around our Mosaic kernels, run in the Mosaic interpreter on CPU.
+
+    Causal blocks go through ``lax.switch`` over three static kernel calls (full, diagonal,
+    skipped); the backward is the kernel's own from the global lse. Covers values and grads
+    with segments and GQA on 2 devices; not covered here: more devices (the interpreted kernels
+    of 4 devices on 2 cores outrun XLA's 40 s collective rendezvous timeout), Mosaic's real TPU
+    compile of the ring (the AOT test in test_attention_compile does that) and TPU timings.
+    """
+    n = 2
+    T = 32
+    q, k, v, do, seg = make_inputs(B=1, T=T, S=T, N=4, K=2, H=8, segments="docs", seed=n)
+    want = fwd_and_grads(lambda q, k, v: reference.attention(q, k, v, causal=causal, segment_ids=seg), q, k, v, do)
+    # The interpreter runs host callbacks, which need every mesh axis manual: a 'seq'-only mesh.
+    mesh = Mesh(np.asarray(jax.devices()[:n]), ("seq",), axis_types=(AxisType.Auto,))
+    sh = NamedSharding(mesh, P(None, "seq"))
+    q, k, v, do = (jax.device_put(x, sh) for x in (q, k, v, do))
+    with jax.set_mesh(mesh):
+        # zigzag: chunks of 8 (two per device); contiguous: one block of 16 per device.
+        got = fwd_and_grads(lambda q, k, v: ring_attention(q, k, v, causal=causal, segment_ids=seg, block_sizes=BS,
+                                                           local_backend="pallas_tpu", interpret=True,
+                                                           load_balance=zigzag), q, k, v, do)
+    _check(want, got)
+
+
+def test_pallas_tpu_local_backend_refuses_what_it_cannot_run():
+    q, k, v, *_ = make_inputs(B=1, T=16, S=16, N=2, K=1, H=8)
+    with pytest.raises(ValueError, match="local_backend='pallas_tpu' takes no sliding_window"):
+        ring_attention(q, k, v, mesh=_mesh(2), causal=True, sliding_window=4, local_backend="pallas_tpu")
+    with pytest.raises(ValueError, match="takes no causal cross-attention"):
+        ring_attention(q, k[:, :8], v[:, :8], mesh=_mesh(2), causal=True, kv_sharded=False,
+                       local_backend="pallas_tpu")

@@ -10,7 +10,7 @@ TPU multiples of 128.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 
 import jax
@@ -53,6 +53,41 @@ def attention_with_lse(q, k, v, *, causal: bool = False, segment_ids=None, slidi
                        scale: float | None = None, interpret: bool = False,
                        block_sizes: BlockSizes | None = None):
     """``(out [B, T, N, H], lse [B, T, N] float32)``; see ``blockwise.attention_with_lse``."""
+    cfg, ids, prep, (T, H) = _setup(q, k, causal, segment_ids, sliding_window, scale, interpret, block_sizes)
+    o, lse = _flash(prep(q, cfg.tp), prep(k, cfg.sp), prep(v, cfg.sp), ids, cfg.kernel)
+    return o.transpose(0, 2, 1, 3)[:, :T, :, :H], jnp.swapaxes(lse, 1, 2)[:, :T]
+
+
+def attention_vjp_with_lse(q, k, v, out, lse, dout, *, causal: bool = False, segment_ids=None,
+                           sliding_window: int | None = None, scale: float | None = None, interpret: bool = False,
+                           block_sizes: BlockSizes | None = None):
+    """``(dq, dk, dv)`` of these keys' share of an attention with known (global) ``out`` and ``lse``.
+
+    The kernel backward driven by the given output and log-sum-exp, which may come from
+    attention over a larger key set (ring attention); see ``blockwise.attention_vjp_with_lse``.
+    """
+    cfg, ids, prep, (T, H) = _setup(q, k, causal, segment_ids, sliding_window, scale, interpret, block_sizes)
+    qp, kp, vp = prep(q, cfg.tp), prep(k, cfg.sp), prep(v, cfg.sp)
+    op, dop = prep(out.astype(q.dtype), cfg.tp), prep(dout.astype(q.dtype), cfg.tp)
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0).astype(jnp.float32)  # such rows are masked everywhere
+    lsep = pad_axis(jnp.swapaxes(lse, 1, 2), 2, cfg.tp)
+    delta = jnp.einsum("bnth,bnth->bnt", dop.astype(jnp.float32), op.astype(jnp.float32))
+    dq, dk, dv = kernels.backward(qp, kp, vp, dop, lsep, delta, ids, cfg.kernel)
+
+    def unprep(x, L):
+        return x.transpose(0, 2, 1, 3)[:, :L, :, :H]
+
+    return unprep(dq, T), unprep(dk, k.shape[1]), unprep(dv, k.shape[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    kernel: kernels.KernelConfig
+    tp: int
+    sp: int
+
+
+def _setup(q, k, causal, segment_ids, sliding_window, scale, interpret, block_sizes):
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     if H > MAX_HEAD_DIM:
@@ -82,8 +117,7 @@ def attention_with_lse(q, k, v, *, causal: bool = False, segment_ids=None, slidi
     def prep(x, L):  # [B, L, h, H] -> [B, h, Lp, Hp]
         return pad_axis(pad_axis(x, 3, Hp), 1, L).transpose(0, 2, 1, 3)
 
-    o, lse = _flash(prep(q, Tp), prep(k, Sp), prep(v, Sp), ids, cfg)
-    return o.transpose(0, 2, 1, 3)[:, :T, :, :H], jnp.swapaxes(lse, 1, 2)[:, :T]
+    return _Setup(cfg, Tp, Sp), ids, prep, (T, H)
 
 
 def _forward(q, k, v, ids, cfg):

@@ -19,6 +19,12 @@ already-rotated (RoPE'd) inputs, so positions and segment ids mean what the call
 the caller never sees the permutation. Fully masked chunk pairs cost nothing: the local
 backend skips every block its (traced) ``q_offset`` puts above the diagonal.
 
+Local backends: ``blockwise`` (plain JAX, takes a traced query offset, so any geometry) and
+``pallas_tpu`` (our Mosaic kernels, picked by ``local_backend="auto"`` on a TPU). Kernels
+take static offsets only, so a causal block is dispatched by ``lax.switch`` to one of three
+static calls: fully visible (non-causal kernel), the diagonal (causal kernel) or fully
+masked (skipped); sliding windows stay on ``blockwise``.
+
 Cross-attention with only the queries sharded (``kv_sharded=False``, the default when
 ``S != T``): K/V stay replicated and each device attends its queries to all keys; no ring.
 """
@@ -27,21 +33,37 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from mlgen.ops.attention import blockwise
+from mlgen.ops.attention import _common, blockwise, pallas_tpu
 from mlgen.ops.attention.block_sizes import BlockSizes
 from mlgen.typing import Array, Float
 
 _F32 = jnp.float32
 
-# Local backends must accept ``q_offset`` (causal / window masks of non-aligned blocks).
-# name -> (forward with lse, backward from the global out / lse: ``attention_vjp_with_lse``)
-_LOCAL = {"blockwise": (blockwise.attention_with_lse, blockwise.attention_vjp_with_lse)}
+@dataclasses.dataclass(frozen=True)
+class _Local:
+    """A per-block backend: forward with lse, and the backward from the global out / lse."""
+
+    fwd: Callable
+    vjp: Callable
+    # Takes a traced ``q_offset`` (any causal / window geometry). Without it, causal blocks are
+    # dispatched by ``lax.switch`` to three static calls: fully visible (non-causal), the
+    # diagonal (causal, offset 0) and fully masked (skipped); no sliding window.
+    traced_offset: bool
+    kernel: bool = False   # a Pallas kernel: takes ``interpret``
+
+
+_LOCAL = {
+    "blockwise": _Local(blockwise.attention_with_lse, blockwise.attention_vjp_with_lse, traced_offset=True),
+    "pallas_tpu": _Local(pallas_tpu.attention_with_lse, pallas_tpu.attention_vjp_with_lse, traced_offset=False,
+                         kernel=True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +79,7 @@ class _Ring:
     scale: float
     local: str
     block_sizes: BlockSizes | None
+    interpret: bool = False
 
     def chunk_ids(self, d):
         """Global chunk indices held by device ``d`` (a traced scalar)."""
@@ -77,7 +100,7 @@ def ring_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Fl
                    mesh=None, axis: str = "seq", causal: bool = False, segment_ids=None,
                    sliding_window: int | None = None, scale: float | None = None,
                    load_balance: bool = True, kv_sharded: bool | None = None,
-                   local_backend: str = "blockwise",
+                   local_backend: str = "auto", interpret: bool = False,
                    block_sizes: BlockSizes | None = None) -> Float[Array, "B T N H"]:
     """Attention with the length dimension sharded over mesh ``axis``.
 
@@ -94,15 +117,18 @@ def ring_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Fl
       load_balance: causal only: zigzag chunks so every device does equal work (needs
         ``T % (2 n) == 0``; otherwise contiguous blocks are used).
       kv_sharded: whether K/V are split over ``axis``; default ``S == T``.
-      local_backend: the per-block backend ("blockwise").
+      local_backend: the per-block backend: "blockwise", "pallas_tpu" (our Mosaic kernels;
+        no sliding window, and causal only with K/V sharded), or "auto" (default):
+        "pallas_tpu" on a TPU when it can run the call, else "blockwise".
+      interpret: run a Pallas local backend in its interpreter (CPU tests).
       block_sizes: the local backend's tunables.
 
     Returns:
       ``[B, T, N, H]`` in q's dtype, sharded like q.
     """
-    if local_backend not in _LOCAL:
-        raise ValueError(f"ring_attention: local_backend={local_backend!r} unsupported; choose from {list(_LOCAL)} "
-                         "(a local backend must take q_offset)")
+    if local_backend != "auto" and local_backend not in _LOCAL:
+        raise ValueError(f"ring_attention: local_backend={local_backend!r} unsupported; choose from "
+                         f"{['auto', *_LOCAL]}")
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     if mesh is None or mesh.empty or axis not in mesh.axis_names:
         raise ValueError(f"ring_attention needs a mesh with axis {axis!r} (pass mesh= or use jax.set_mesh); "
@@ -120,8 +146,16 @@ def ring_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Fl
     if segment_ids is not None:
         q_ids, kv_ids = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
         q_ids, kv_ids = q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
-    local = functools.partial(_LOCAL[local_backend][0], causal=causal, sliding_window=sliding_window, scale=scale,
-                              block_sizes=block_sizes)
+    why_not_kernel = _why_not_static_offsets(causal, sliding_window, kv_sharded)
+    if local_backend == "auto":
+        kernel_ok = H <= pallas_tpu.MAX_HEAD_DIM and q.dtype in (jnp.float32, jnp.bfloat16)
+        local_backend = ("pallas_tpu" if _common.platform() == "tpu" and why_not_kernel is None and kernel_ok
+                         else "blockwise")
+    elif not _LOCAL[local_backend].traced_offset and why_not_kernel:
+        raise ValueError(f"ring_attention: local_backend={local_backend!r} {why_not_kernel}; use 'blockwise'")
+    extra = dict(interpret=interpret) if _LOCAL[local_backend].kernel else {}
+    local = functools.partial(_LOCAL[local_backend].fwd, causal=causal, sliding_window=sliding_window, scale=scale,
+                              block_sizes=block_sizes, **extra)
     if n == 1:
         ids = None if q_ids is None else (q_ids, kv_ids)
         return local(q, k, v, segment_ids=ids)[0]
@@ -129,7 +163,8 @@ def ring_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Fl
     Tl = T // n
     zigzag = kv_sharded and causal and load_balance and Tl % 2 == 0
     cfg = _Ring(axis=axis, n=n, chunks=2 if zigzag else 1, chunk=Tl // 2 if zigzag else Tl, causal=causal,
-                window=sliding_window, scale=scale, local=local_backend, block_sizes=block_sizes)
+                window=sliding_window, scale=scale, local=local_backend, block_sizes=block_sizes,
+                interpret=bool(interpret))
     seq, rep = P(None, axis), P()
     has_ids = q_ids is not None
     args = (q, k, v) + ((q_ids, kv_ids) if has_ids else ())
@@ -141,6 +176,8 @@ def ring_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Fl
         if not kv_sharded:
             d = lax.axis_index(axis)
             pair = None if q_ids is None else (q_ids, kv_ids)
+            if not _LOCAL[local_backend].traced_offset:  # non-causal (checked above): no offset needed
+                return local(q, k, v, segment_ids=pair)[0]
             return local(q, k, v, segment_ids=pair, q_offset=S - T + d * Tl)[0]
         if zigzag:
             q, k, v, q_ids, kv_ids = (None if x is None else _to_zigzag(x, axis, n) for x in (q, k, v, q_ids, kv_ids))
@@ -151,6 +188,15 @@ def ring_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Fl
     # every collective here is explicit and the ring's gradient is our own custom_vjp.
     return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=seq, axis_names={axis},
                          check_vma=False)(*args)
+
+
+def _why_not_static_offsets(causal: bool, sliding_window, kv_sharded: bool) -> str | None:
+    """Why a local backend without a traced ``q_offset`` cannot run this ring (or None)."""
+    if sliding_window is not None:
+        return "takes no sliding_window inside a ring (block offsets are traced)"
+    if causal and not kv_sharded:
+        return "takes no causal cross-attention with replicated K/V inside a ring (the offset is traced)"
+    return None
 
 
 # --- zigzag layout: device i holds chunks (i, 2n-1-i) of the 2n equal chunks ---------------------
@@ -195,11 +241,33 @@ def _rotate(xs, axis: str, n: int):
     return jax.tree.map(lambda x: lax.ppermute(x, axis, perm), xs)
 
 
-def _block_kwargs(cfg: _Ring, d, src, a: int, b: int, qid, kid) -> dict:
-    """The local backend's keywords for query chunk ``a`` of device ``d`` against key chunk ``b`` of ``src``."""
-    off = (cfg.chunk_ids(d)[a] - cfg.chunk_ids(src)[b]) * cfg.chunk
-    return dict(causal=cfg.causal, sliding_window=cfg.window, scale=cfg.scale, block_sizes=cfg.block_sizes,
-                segment_ids=None if qid is None else (qid, kid), q_offset=off.astype(jnp.int32))
+def _on_block(cfg: _Ring, d, src, a: int, b: int, qid, kid, call, skipped):
+    """``call(fn, **kw)`` for query chunk ``a`` of device ``d`` against key chunk ``b`` of ``src``.
+
+    ``fn`` is the local backend's forward or backward (the caller picks); ``skipped()`` is the
+    result for a fully masked block when the backend takes no traced offset.
+    """
+    local = _LOCAL[cfg.local]
+    off = ((cfg.chunk_ids(d)[a] - cfg.chunk_ids(src)[b]) * cfg.chunk).astype(jnp.int32)
+    kw = dict(sliding_window=cfg.window, scale=cfg.scale, block_sizes=cfg.block_sizes,
+              segment_ids=None if qid is None else (qid, kid))
+    if local.kernel:
+        kw["interpret"] = cfg.interpret
+    if local.traced_offset:
+        return call(causal=cfg.causal, q_offset=off, **kw)
+    if not cfg.causal:
+        return call(causal=False, **kw)
+    # Equal chunks: off > 0 sees the whole block, off == 0 is the causal diagonal, off < 0 nothing.
+    case = jnp.where(off > 0, 0, jnp.where(off == 0, 1, 2))
+    if cfg.interpret:
+        # The Mosaic interpreter steps the devices' kernel calls in lockstep: a device that skips
+        # a call while another makes one deadlocks the ring's next ppermute. Interpreted, a
+        # skipped block still runs the full-block kernel and discards it (never on a TPU).
+        def skip_in_step():
+            jax.tree.map(lambda x: x, call(causal=False, **kw))
+            return skipped()
+        return lax.switch(case, [lambda: call(causal=False, **kw), lambda: call(causal=True, **kw), skip_in_step])
+    return lax.switch(case, [lambda: call(causal=False, **kw), lambda: call(causal=True, **kw), skipped])
 
 
 def _merge(o1, l1, o2, l2):
@@ -226,8 +294,11 @@ def _ring_fwd(q, k, v, q_ids, kv_ids, cfg: _Ring):
         ks, vs, kids = _split(k, c), _split(v, c), _split(kv_ids, c)
         acc = list(acc)
         for a, b in cfg.pairs():
-            kw = _block_kwargs(cfg, d, src, a, b, qids[a], kids[b])
-            acc[a] = _merge(*acc[a], *_LOCAL[cfg.local][0](qs[a], ks[b], vs[b], **kw))
+            qa, kb, vb = qs[a], ks[b], vs[b]
+            part = _on_block(cfg, d, src, a, b, qids[a], kids[b],
+                             lambda **kw: _LOCAL[cfg.local].fwd(qa, kb, vb, **kw),
+                             lambda: (jnp.zeros_like(qa), jnp.full(qa.shape[:3], -jnp.inf, _F32)))
+            acc[a] = _merge(*acc[a], *part)
         return tuple(acc)
 
     def step(s, carry):
@@ -255,8 +326,10 @@ def _ring_bwd(cfg: _Ring, res, do):
         ks, vs, kids = _split(k, c), _split(v, c), _split(kv_ids, c)
         dks, dvs, dq = list(_split(dk, c)), list(_split(dv, c)), list(dq)
         for a, b in cfg.pairs():
-            kw = _block_kwargs(cfg, d, src, a, b, qids[a], kids[b])
-            dqa, dkb, dvb = _LOCAL[cfg.local][1](qs[a], ks[b], vs[b], outs[a], lses[a], dos[a], **kw)
+            qa, kb, vb, oa, la, doa = qs[a], ks[b], vs[b], outs[a], lses[a], dos[a]
+            dqa, dkb, dvb = _on_block(cfg, d, src, a, b, qids[a], kids[b],
+                                      lambda **kw: _LOCAL[cfg.local].vjp(qa, kb, vb, oa, la, doa, **kw),
+                                      lambda: (jnp.zeros_like(qa), jnp.zeros_like(kb), jnp.zeros_like(vb)))
             dq[a] = dq[a] + dqa.astype(_F32)
             dks[b] = dks[b] + dkb.astype(_F32)
             dvs[b] = dvs[b] + dvb.astype(_F32)
@@ -296,6 +369,5 @@ def attention(q, k, v, *, causal: bool = False, segment_ids=None, sliding_window
               scale: float | None = None, interpret: bool = False,
               block_sizes: BlockSizes | None = None) -> Float[Array, "B T N H"]:
     """``ring_attention`` over the active mesh's ``seq`` axis; same contract as ``reference.attention``."""
-    del interpret  # the local backend is plain JAX
     return ring_attention(q, k, v, causal=causal, segment_ids=segment_ids, sliding_window=sliding_window,
-                          scale=scale, block_sizes=block_sizes)
+                          scale=scale, block_sizes=block_sizes, interpret=interpret)

@@ -50,12 +50,12 @@ def build(cfg: Config, mesh) -> Task:
     def make_model():
         return Transformer(model_cfg, rngs=nnx.Rngs(params=cfg.seed))
 
+    objective = dict(z_loss=cfg.objective.z_loss, loss_chunk=cfg.objective.loss_chunk)
+
     return Task(
         make_model=make_model,
-        make_loss=lambda gd: make_loss(gd, z_loss=cfg.objective.z_loss, train=True,
-                                       loss_chunk=cfg.objective.loss_chunk),
-        make_eval_loss=lambda gd: make_loss(gd, z_loss=cfg.objective.z_loss, train=False,
-                                            loss_chunk=cfg.objective.loss_chunk),
+        make_loss=lambda gd: make_loss(gd, train=True, **objective),
+        make_eval_loss=lambda gd: make_loss(gd, train=False, **objective),
         train_data=lambda: make_lm_data(d, split="train", seed=cfg.seed, workdir=cfg.workdir,
                                         process_index=pi, process_count=pc),
         eval_data=lambda: make_lm_data(d, split="validation", seed=cfg.seed, workdir=cfg.workdir,

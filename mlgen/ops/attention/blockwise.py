@@ -78,15 +78,12 @@ def attention_vjp_with_lse(q, k, v, out, lse, dout, *, causal: bool = False, seg
     """
     q_ids, kv_ids, q_offset, spec, scale, bs = _prepare(q, k, causal, segment_ids, sliding_window, scale,
                                                         q_offset, block_sizes)
-    T, S, K = q.shape[1], k.shape[1], k.shape[2]
-    Tp = round_up(T, math.lcm(bs.block_q, bs.block_q_bwd))
-    Sp = round_up(S, math.lcm(bs.block_k, bs.block_k_bwd))
+    K = k.shape[2]
+    q5, k4, v4, qi_all, ki_all = _padded(q, k, v, q_ids, kv_ids, bs)
+    Tp = q5.shape[3]
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0).astype(_F32)  # such rows are masked everywhere
-    residuals = (pad_axis(_to_groups(q, K), 3, Tp),
-                 pad_axis(k.transpose(0, 2, 1, 3), 2, Sp), pad_axis(v.transpose(0, 2, 1, 3), 2, Sp),
-                 pad_axis(_to_groups(out.astype(q.dtype), K), 3, Tp),
-                 pad_axis(_to_groups(lse[..., None], K)[..., 0], 3, Tp),
-                 _ids(q_ids, Tp, -1), _ids(kv_ids, Sp, -2))
+    residuals = (q5, k4, v4, pad_axis(_to_groups(out.astype(q.dtype), K), 3, Tp),
+                 pad_axis(_to_groups(lse[..., None], K)[..., 0], 3, Tp), qi_all, ki_all)
     dq, dk, dv, *_ = _bwd(spec, scale, bs, (residuals, q_offset), (dout, jnp.zeros(lse.shape, _F32)))
     return dq, dk, dv
 
@@ -119,6 +116,15 @@ def _from_groups(x):
     return x.transpose(0, 3, 1, 2, *range(4, x.ndim)).reshape(B, T, K * G, *x.shape[4:])
 
 
+def _padded(q, k, v, q_ids, kv_ids, bs: BlockSizes):
+    """q ``[B, K, G, Tp, H]``, k / v ``[B, K, Sp, H]`` and the ids, padded to both passes' blocks."""
+    T, S, K = q.shape[1], k.shape[1], k.shape[2]
+    Tp = round_up(T, math.lcm(bs.block_q, bs.block_q_bwd))
+    Sp = round_up(S, math.lcm(bs.block_k, bs.block_k_bwd))
+    return (pad_axis(_to_groups(q, K), 3, Tp), pad_axis(k.transpose(0, 2, 1, 3), 2, Sp),
+            pad_axis(v.transpose(0, 2, 1, 3), 2, Sp), _ids(q_ids, Tp, -1), _ids(kv_ids, Sp, -2))
+
+
 def _ids(ids, length, fill):
     if ids is None:
         return None
@@ -133,14 +139,11 @@ def _attention(q, k, v, q_ids, kv_ids, q_offset, spec, scale, bs):
 
 def _forward(q, k, v, q_ids, kv_ids, q_offset, spec: MaskSpec, scale: float, bs: BlockSizes):
     B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
+    K = k.shape[2]
     bq, bk = bs.block_q, bs.block_k
-    Tp, Sp = round_up(T, math.lcm(bq, bs.block_q_bwd)), round_up(S, math.lcm(bk, bs.block_k_bwd))
+    q5, k4, v4, qi_all, ki_all = _padded(q, k, v, q_ids, kv_ids, bs)
+    Tp, Sp = q5.shape[3], k4.shape[2]
     nq, nk = Tp // bq, Sp // bk
-    q5 = pad_axis(_to_groups(q, K), 3, Tp)              # [B, K, G, Tp, H]
-    k4 = pad_axis(k.transpose(0, 2, 1, 3), 2, Sp)       # [B, K, Sp, H]
-    v4 = pad_axis(v.transpose(0, 2, 1, 3), 2, Sp)
-    qi_all, ki_all = _ids(q_ids, Tp, -1), _ids(kv_ids, Sp, -2)
     G = N // K
 
     def q_block(i):

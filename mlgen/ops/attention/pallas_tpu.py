@@ -30,10 +30,15 @@ def unsupported(p) -> str | None:
     if p.platform != "tpu" and not p.interpret:
         return (f"pallas_tpu needs a TPU (platform is {p.platform}); pass interpret=True to run the "
                 "kernel in the Mosaic interpreter")
-    if p.H > MAX_HEAD_DIM:
-        return f"pallas_tpu supports head dim H <= {MAX_HEAD_DIM}, got H={p.H}"
-    if p.dtype not in [jnp.dtype(d) for d in _DTYPES]:
-        return f"pallas_tpu supports float32/bfloat16, got {p.dtype}"
+    return kernel_unsupported(p.H, p.dtype)
+
+
+def kernel_unsupported(H: int, dtype) -> str | None:
+    """Why the kernels cannot take head dim ``H`` and ``dtype`` (None if they can), on any platform."""
+    if H > MAX_HEAD_DIM:
+        return f"pallas_tpu supports head dim H <= {MAX_HEAD_DIM}, got H={H}"
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _DTYPES]:
+        return f"pallas_tpu supports float32/bfloat16, got {dtype}"
     return None
 
 

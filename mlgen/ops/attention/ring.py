@@ -148,9 +148,8 @@ def ring_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Fl
         q_ids, kv_ids = q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
     why_not_kernel = _why_not_static_offsets(causal, sliding_window, kv_sharded)
     if local_backend == "auto":
-        kernel_ok = H <= pallas_tpu.MAX_HEAD_DIM and q.dtype in (jnp.float32, jnp.bfloat16)
-        local_backend = ("pallas_tpu" if _common.platform() == "tpu" and why_not_kernel is None and kernel_ok
-                         else "blockwise")
+        kernel_ok = why_not_kernel is None and pallas_tpu.kernel_unsupported(H, q.dtype) is None
+        local_backend = "pallas_tpu" if _common.platform() == "tpu" and kernel_ok else "blockwise"
     elif not _LOCAL[local_backend].traced_offset and why_not_kernel:
         raise ValueError(f"ring_attention: local_backend={local_backend!r} {why_not_kernel}; use 'blockwise'")
     extra = dict(interpret=interpret) if _LOCAL[local_backend].kernel else {}
@@ -242,10 +241,11 @@ def _rotate(xs, axis: str, n: int):
 
 
 def _on_block(cfg: _Ring, d, src, a: int, b: int, qid, kid, call, skipped):
-    """``call(fn, **kw)`` for query chunk ``a`` of device ``d`` against key chunk ``b`` of ``src``.
+    """``call(**kw)`` for query chunk ``a`` of device ``d`` against key chunk ``b`` of ``src``.
 
-    ``fn`` is the local backend's forward or backward (the caller picks); ``skipped()`` is the
-    result for a fully masked block when the backend takes no traced offset.
+    ``call`` runs the local backend's forward or backward (the caller picks) with the block's
+    mask keywords; ``skipped()`` is the result for a fully masked block when the backend takes
+    no traced offset.
     """
     local = _LOCAL[cfg.local]
     off = ((cfg.chunk_ids(d)[a] - cfg.chunk_ids(src)[b]) * cfg.chunk).astype(jnp.int32)
@@ -263,11 +263,12 @@ def _on_block(cfg: _Ring, d, src, a: int, b: int, qid, kid, call, skipped):
         # The Mosaic interpreter steps the devices' kernel calls in lockstep: a device that skips
         # a call while another makes one deadlocks the ring's next ppermute. Interpreted, a
         # skipped block still runs the full-block kernel and discards it (never on a TPU).
-        def skip_in_step():
-            jax.tree.map(lambda x: x, call(causal=False, **kw))
+        def skip():
+            call(causal=False, **kw)
             return skipped()
-        return lax.switch(case, [lambda: call(causal=False, **kw), lambda: call(causal=True, **kw), skip_in_step])
-    return lax.switch(case, [lambda: call(causal=False, **kw), lambda: call(causal=True, **kw), skipped])
+    else:
+        skip = skipped
+    return lax.switch(case, [lambda: call(causal=False, **kw), lambda: call(causal=True, **kw), skip])
 
 
 def _merge(o1, l1, o2, l2):

@@ -7,9 +7,13 @@ before JAX compiles anything. Any mistake is a :class:`ConfigError` whose messag
 line that starts with the dotted name of the field at fault.
 
 Sections whose content depends on what is trained (``model``, ``data``, ``objective``)
-hold any frozen dataclass with a ``validate()`` method; the model families define their own
-(``mlgen.models.transformer.TransformerConfig``, …). Overrides are typed by the class of
-the instance actually in the config, so ``model.num_heads=x`` is an error for any model.
+hold any frozen dataclass with a ``validate()`` method that is registered under a stable
+name (:func:`register`); the model families, data sources and objectives define their own.
+Overrides are typed by the class of the instance actually in the config, so
+``model.num_heads=x`` is an error for any model.
+
+This module is a leaf: it imports nothing of mlgen. Tasks register their cross-section
+checks here (:func:`register_task`), so ``Config.validate`` reaches them by name.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import sys
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
+
+from etils import epath
 
 
 class ConfigError(ValueError):
@@ -41,27 +48,109 @@ def _positive(obj: Any, *names: str) -> None:
         check(v > 0, n, f"must be > 0, got {v!r}")
 
 
+# ----------------------------------------------------------------------------- registry
+# Section classes (model, data, objective configs) under stable names: a saved config stores the
+# name, so moving a class to another module never breaks a run directory. Task specs under their
+# names: ``Config.validate`` runs the task's cross-section checks through this table, so this
+# module imports nothing of mlgen (the tasks register themselves when ``mlgen.tasks`` is imported).
+_SECTIONS: dict[str, type] = {}
+_ALIASES: dict[str, str] = {}  # old "module:qualname" paths (saved before names existed) -> name
+_RENAMED: dict[type, dict[str, str]] = {}  # per class: old field name -> new dotted path
+_TASKS: dict[str, "TaskChecks"] = {}
+
+
+class TaskChecks(typing.Protocol):
+    """What ``Config.validate`` needs from a registered task (``mlgen.tasks.TaskSpec``)."""
+
+    name: str
+
+    def check(self, cfg: "Config", mesh: dict[str, int] | None) -> None:
+        """Cross-section checks; ``mesh`` (axis sizes) is None when no devices are known yet."""
+
+
+def register(name: str, *, aliases: typing.Iterable[str] = (), renamed: dict[str, str] | None = None):
+    """Class decorator: registers a config section class under the stable ``name``.
+
+    Args:
+      name: what saved configs store under ``__class__`` (``"transformer"``, ``"text"``).
+      aliases: older ``module:qualname`` paths of the class, so runs saved before it had a
+        name (or before it moved) still load.
+      renamed: old field name -> new dotted path (``{"attention_backend": "attention.backend"}``),
+        applied to saved configs and to ``key=value`` overrides.
+    """
+
+    def deco(cls: type) -> type:
+        if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):
+            raise TypeError(f"register({name!r}): {cls.__qualname__} must be a frozen dataclass")
+        if _SECTIONS.get(name, cls) is not cls:
+            raise ValueError(f"register: the name {name!r} is taken by {_SECTIONS[name].__qualname__}")
+        _SECTIONS[name] = cls
+        for path in (f"{cls.__module__}:{cls.__qualname__}", *aliases):
+            _ALIASES[path] = name
+        if renamed:
+            _RENAMED[cls] = dict(renamed)
+        return cls
+
+    return deco
+
+
+def register_task(spec: TaskChecks) -> TaskChecks:
+    """Registers a task spec under ``spec.name`` (``Config.task`` picks it)."""
+    if _TASKS.get(spec.name, spec) is not spec:
+        raise ValueError(f"register_task: the task name {spec.name!r} is taken")
+    _TASKS[spec.name] = spec
+    return spec
+
+
+def task_spec(name: str) -> TaskChecks:
+    """The registered task ``name`` (a ConfigError naming ``task`` if there is none)."""
+    check(name in _TASKS, "task", f"unknown task {name!r}; registered: {sorted(_TASKS)}")
+    return _TASKS[name]
+
+
+def section_name(cls: type) -> str | None:
+    """The registered name of a section class (None if it has none)."""
+    return next((n for n, c in _SECTIONS.items() if c is cls), None)
+
+
+def section_class(name: str) -> type:
+    """The section class registered as ``name`` (or under an old ``module:qualname`` alias)."""
+    name = _ALIASES.get(name, name)
+    if name not in _SECTIONS:
+        raise ConfigError(f"__class__: no config class is registered as {name!r}; known: {sorted(_SECTIONS)}")
+    return _SECTIONS[name]
+
+
 # ----------------------------------------------------------------------------- sections
+def _mesh_axis(default: int, shards: tuple[str, ...]):
+    # A mesh axis is one field: its default size and the logical axes it shards when
+    # ``rules="auto"`` (mlgen.sharding.rules derives the rules from these; every other
+    # piece of code reads the axes from ``MeshConfig.AXES``). Adding a mesh axis is one
+    # such line.
+    return dataclasses.field(default=default, metadata={"shards": shards})
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig:
     """Device mesh. Sizes multiply to the device count; one size may be -1 (fill the rest).
 
-    ``rules`` names a logical-axis preset from ``mlgen.sharding.rules.PRESETS``
-    (``dp``, ``fsdp``, ``fsdp_tp``, ``fsdp_sp``).
+    ``rules`` maps logical axis names to mesh axes: ``"auto"`` (default) derives them from
+    which axes are larger than 1 (each axis shards the logical axes listed beside its field),
+    or a named preset of ``mlgen.sharding.rules.PRESETS`` (``dp``, ``fsdp``, ``fsdp_tp``,
+    ``fsdp_sp``). A mesh axis larger than 1 that the rules never use is an error.
     """
 
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    seq: int = 1
-    rules: str = "fsdp"
+    data: int = _mesh_axis(-1, ("batch",))
+    fsdp: int = _mesh_axis(1, ("batch", "embed", "channels"))
+    tensor: int = _mesh_axis(1, ("heads", "kv_heads", "mlp", "vocab", "act_heads", "act_kv_heads", "act_mlp",
+                                 "act_vocab"))
+    seq: int = _mesh_axis(1, ("length",))
+    rules: str = "auto"
 
-    AXES: typing.ClassVar[tuple[str, ...]] = ("data", "fsdp", "tensor", "seq")
+    AXES: typing.ClassVar[tuple[str, ...]]  # set below, from the fields
 
     def validate(self) -> None:
-        from mlgen.sharding.rules import PRESETS
-
-        check(self.rules in PRESETS, "rules", f"unknown preset {self.rules!r}; choose from {sorted(PRESETS)}")
+        check(isinstance(self.rules, str) and self.rules != "", "rules", "must be 'auto' or a preset name")
         fills = [a for a in self.AXES if getattr(self, a) == -1]
         check(len(fills) <= 1, fills[-1] if fills else "data", "only one mesh axis may be -1")
         for a in self.AXES:
@@ -81,6 +170,14 @@ class MeshConfig:
         check(prod == num_devices, "data",
               f"mesh {sizes} has {prod} devices but {num_devices} are available")
         return sizes
+
+    @classmethod
+    def axis_roles(cls) -> dict[str, tuple[str, ...]]:
+        """Mesh axis -> the logical axes it shards under ``rules="auto"``."""
+        return {f.name: f.metadata["shards"] for f in dataclasses.fields(cls) if "shards" in f.metadata}
+
+
+MeshConfig.AXES = tuple(MeshConfig.axis_roles())
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -137,7 +234,11 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
-    """A whole experiment. ``task`` picks the builder in ``mlgen.tasks`` ("lm", "diffusion")."""
+    """A whole experiment. ``task`` names a registered task (``"lm"``, ``"diffusion"``).
+
+    ``model``, ``data`` and ``objective`` hold registered section classes (``@register``);
+    ``workdir`` may be a local path or a remote one (``gs://bucket/run``).
+    """
 
     task: str = "lm"
     workdir: str = ""
@@ -150,18 +251,20 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def validate(self, num_devices: int | None = None) -> "Config":
-        """Checks every section (and the mesh against ``num_devices`` when given)."""
-        from mlgen import tasks
-
-        check(self.task in tasks.TASKS, "task", f"unknown task {self.task!r}; choose from {sorted(tasks.TASKS)}")
+        """Checks every section, then the task's cross-section checks (against the mesh's
+        axis sizes for ``num_devices`` devices, when given)."""
+        spec = task_spec(self.task)
         check(self.workdir != "", "workdir", "must be set (e.g. workdir=/tmp/run1)")
         for name in ("model", "data", "objective", "mesh", "optim", "train"):
             section = getattr(self, name)
             check(section is not None, name, "missing section")
+            if name in ("model", "data", "objective"):
+                check(section_name(type(section)) is not None, name,
+                      f"{type(section).__qualname__} is not a registered config class (decorate it with "
+                      "@mlgen.config.register(NAME))")
             _prefixed(name, section.validate)
-        if num_devices is not None:
-            sizes = _prefixed("mesh", self.mesh.resolve, num_devices)
-            tasks.get(self.task).validate(self, sizes)
+        sizes = None if num_devices is None else _prefixed("mesh", self.mesh.resolve, num_devices)
+        spec.check(self, sizes)
         return self
 
     def to_dict(self) -> dict:
@@ -175,25 +278,45 @@ def _prefixed(prefix: str, fn, *args):
         raise ConfigError(f"{prefix}.{e}") from None
 
 
-# ----------------------------------------------------------------------------- overrides
+# ----------------------------------------------------------------------------- (de)serialising
 def to_dict(cfg: Any) -> dict:
-    """Nested plain dict, with each section's class recorded under ``__class__``."""
+    """Nested plain dict; registered section classes record their name under ``__class__``."""
     out: dict[str, Any] = {}
-    if dataclasses.is_dataclass(cfg) and type(cfg) is not Config:
-        out["__class__"] = f"{type(cfg).__module__}:{type(cfg).__qualname__}"
+    name = section_name(type(cfg))
+    if name is not None:
+        out["__class__"] = name
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
     return out
 
 
+def _renamed(cls: type, d: dict) -> dict:
+    """``d`` with the old field names of ``cls`` moved to their new dotted paths."""
+    for old, new in _RENAMED.get(cls, {}).items():
+        if old in d:
+            value = d.pop(old)
+            *parents, leaf = new.split(".")
+            node = d
+            for p in parents:
+                node = node.setdefault(p, {})
+            node.setdefault(leaf, value)
+    return d
+
+
 def from_dict(d: dict, cls: type | None = None) -> Any:
-    """Inverse of :func:`to_dict` (used to read a run's saved config)."""
+    """Inverse of :func:`to_dict` (reads a run's saved config, old formats included)."""
     d = dict(d)
-    if "__class__" in d:
-        mod, name = d.pop("__class__").split(":")
-        cls = getattr(importlib.import_module(mod), name)
+    name = d.pop("__class__", None)
+    if name is not None:
+        resolved = _ALIASES.get(name, name)
+        if resolved in _SECTIONS:
+            cls = _SECTIONS[resolved]
+        elif cls is None:  # an Any-typed section whose class is not registered (anymore)
+            section_class(name)  # raises, naming the unknown class
+        # else: an old "module:qualname" of a typed section (MeshConfig, ...): the annotation says
     cls = cls or Config
+    d = _renamed(cls, d)
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -209,12 +332,17 @@ def from_dict(d: dict, cls: type | None = None) -> Any:
     return cls(**kwargs)
 
 
-def save_json(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True))
+def save_json(cfg: Config, path: str | os.PathLike) -> None:
+    """Writes the config as JSON (any ``etils.epath`` path: local or ``gs://``), atomically where local."""
+    path = epath.Path(path)
+    text = json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
-def load_json(path: str | Path) -> Config:
-    return from_dict(json.loads(Path(path).read_text()))
+def load_json(path: str | os.PathLike) -> Config:
+    return from_dict(json.loads(epath.Path(path).read_text()))
 
 
 def _parse(text: str, tp: Any, field: str) -> Any:
@@ -271,6 +399,9 @@ def override(cfg: Any, key: str, text: str, _path: str = "") -> Any:
     if not dataclasses.is_dataclass(cfg):
         raise ConfigError(f"{_path.rstrip('.')}: is not a section, cannot set {head!r}")
     names = {f.name for f in dataclasses.fields(cfg)}
+    moved = _RENAMED.get(type(cfg), {}).get(head)
+    if head not in names and moved is not None:  # an old field name: set it at its new path
+        return override(cfg, moved + (f".{rest}" if rest else ""), text, _path)
     if head not in names:
         close = sorted(n for n in names if n[:3] == head[:3])
         hint = f"; did you mean {close[0]!r}?" if close else f"; fields: {sorted(names)}"

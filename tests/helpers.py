@@ -8,11 +8,12 @@ from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig
 from mlgen.data.text import TextDataConfig
 from mlgen.models.transformer import TransformerConfig
 from mlgen.objectives.lm import LMObjectiveConfig
+from mlgen.ops.attention import AttentionConfig
 
 
 def tiny_lm_config(workdir: str = "/tmp/mlgen-test", *, mesh: MeshConfig | None = None, **model) -> Config:
     m = dict(flavour="llama", vocab_size=256, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
-             attention_backend="reference")
+             attention=AttentionConfig(backend="reference"))
     m.update(model)
     return Config(
         task="lm", workdir=workdir, seed=0,

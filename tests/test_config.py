@@ -26,7 +26,12 @@ def _err(overrides, num_devices=8):
     (["model.num_heads=3"], "model.num_heads"),
     (["model.num_kv_heads=3"], "model.num_kv_heads"),
     (["model.flavour=gpt3"], "model.flavour"),
-    (["model.attention_backend=magic"], "model.attention_backend"),
+    (["model.attention.backend=magic"], "model.attention.backend"),
+    (["model.attention_backend=magic"], "model.attention.backend"),  # the old name, moved
+    (["model.attention.block_sizes=64,64"], "model.attention.block_sizes"),
+    (["model.attention.ring_local_backend=cuda"], "model.attention.ring_local_backend"),
+    (["mesh.tensor=2", "mesh.rules=fsdp"], "mesh.rules"),  # tensor > 1 that the rules never use
+    (["mesh.seq=2", "mesh.rules=fsdp_tp"], "mesh.rules"),
     (["model.remat=sometimes"], "model.remat"),
     (["mesh.data=3"], "mesh"),
     (["mesh.data=-1", "mesh.fsdp=-1"], "mesh.fsdp"),
@@ -70,7 +75,7 @@ def test_mesh_fill():
 def test_errors_are_raised_before_compiling(monkeypatch):
     calls = []
     monkeypatch.setattr(jax, "jit", lambda *a, **k: calls.append(1))
-    from mlgen.train.trainer import train
+    from mlgen.runs import train
 
     with pytest.raises(ConfigError):
         train(TINY, ["workdir=/tmp/x", "model.num_heads=3"])

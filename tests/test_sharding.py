@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from mlgen import sharding
 from mlgen.config import ConfigError, MeshConfig
-from mlgen.train.trainer import setup
+from mlgen.runs import setup
 from tests.helpers import random_lm_batch, tiny_lm_config
 
 
@@ -61,7 +61,8 @@ def _loss(cfg, devices=None):
     batch = random_lm_batch(docs=3)
     with sharding.use(s.mesh, cfg.mesh.rules):
         b = sharding.put_batch(batch, s.mesh, s.task.batch_axes, cfg.mesh.rules)
-        loss, _ = jax.jit(s.task.make_loss(s.graphdef))(s.state["params"], b, jax.random.key(0))
+        loss, _ = jax.jit(s.task.make_loss(s.graphdef))(s.state["params"], s.state["model_state"], b,
+                                                          jax.random.key(0))
     return float(loss)
 
 
@@ -100,7 +101,7 @@ def test_tensor_parallel_embedding_needs_no_full_rematerialization(capfd):
         with sharding.use(s.mesh, cfg.mesh.rules):
             b = sharding.put_batch(batch, s.mesh, s.task.batch_axes, cfg.mesh.rules)
             capfd.readouterr()
-            jax.jit(jax.grad(lambda p: loss(p, b, jax.random.key(0))[0])).lower(s.state["params"]).compile()
+            jax.jit(jax.grad(lambda p: loss(p, {}, b, jax.random.key(0))[0])).lower(s.state["params"]).compile()
     finally:
         jax.config.update("jax_enable_compilation_cache", before)
     err = capfd.readouterr().err

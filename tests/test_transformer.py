@@ -7,12 +7,13 @@ import pytest
 from flax import nnx
 
 from mlgen.models.transformer import Transformer, TransformerConfig
+from mlgen.ops.attention import AttentionConfig
 from mlgen.ops.losses import cross_entropy
 
 
 def _model(**kw):
     cfg = TransformerConfig(**{**dict(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
-                                      attention_backend="reference"), **kw})
+                                      attention=AttentionConfig(backend="reference")), **kw})
     return Transformer(cfg, rngs=nnx.Rngs(params=0))
 
 
@@ -69,16 +70,20 @@ def test_remat_changes_nothing_numerically(remat):
 
 @pytest.mark.parametrize("flavour", ["llama", "gpt2"])
 def test_kv_cache_decoding_matches_full_forward(flavour):
+    """The decoder protocol: a 6-token prefill, then one token at a time, gives the full forward's
+    next-token logits at every position."""
     m = _model(flavour=flavour, max_len=32)
     tok = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 14)))
     full = nnx.jit(lambda m, t: m(t))(m, tok)
-    run = nnx.jit(lambda m, t, c: m(t, cache=c))
-    out, cache = run(m, tok[:, :6], m.init_cache(2, 16))
+    run = nnx.jit(lambda m, t, p, c: m.decode(t, p, c))
+    pos = jnp.broadcast_to(jnp.arange(14, dtype=jnp.int32), (2, 14))
+    out, cache = run(m, tok[:, :6], pos[:, :6], m.init_cache(2, 16))
     steps = [out]
     for t in range(6, 14):
-        o, cache = run(m, tok[:, t:t + 1], cache)
+        o, cache = run(m, tok[:, t:t + 1], pos[:, t:t + 1], cache)
         steps.append(o)
-    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5)
+    np.testing.assert_allclose(jnp.stack(steps, 1), full[:, 5:], atol=1e-5)
+    assert len(cache) == m.cfg.num_layers and int(cache[0].index) == 14  # one cache per layer
 
 
 def test_dropout_only_with_rng():

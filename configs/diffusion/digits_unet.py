@@ -35,7 +35,7 @@ def get_config() -> Config:
         objective=DiffusionObjectiveConfig(schedule="cosine", prediction="v", loss_weighting="min_snr",
                                            min_snr_gamma=5.0, label_dropout=0.1,
                                            sampling=SamplerConfig(sampler="ddim", steps=50, guidance=2.0)),
-        mesh=MeshConfig(data=-1, rules="dp"),
+        mesh=MeshConfig(data=-1),  # rules="auto": here pure data parallel
         optim=OptimConfig(lr=2e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.05, b2=0.99,
                           weight_decay=0.0, clip_norm=1.0),
         train=TrainConfig(num_steps=1500, log_every=50, eval_every=500, eval_steps=3, checkpoint_every=500,

@@ -24,11 +24,11 @@ def get_config() -> Config:
         workdir="/tmp/mlgen-small",
         seed=0,
         model=TransformerConfig(flavour="llama", vocab_size=4096, num_layers=6, d_model=384, num_heads=6,
-                                num_kv_heads=2, rope_theta=10000.0, attention_backend="auto"),
+                                num_kv_heads=2, rope_theta=10000.0),
         data=TextDataConfig(source="stdlib", tokenizer="bpe", vocab_size=4096, seq_len=256, batch_size=16,
                             pack=True),
         objective=LMObjectiveConfig(z_loss=1e-4),
-        mesh=MeshConfig(data=-1, rules="fsdp"),
+        mesh=MeshConfig(data=-1),  # rules="auto": derived from the axes larger than 1
         optim=OptimConfig(lr=1.5e-3, warmup_steps=50, weight_decay=0.1, clip_norm=1.0),
         train=TrainConfig(num_steps=400, log_every=20, eval_every=100, eval_steps=8, checkpoint_every=100),
     )

@@ -21,10 +21,10 @@ def get_config() -> Config:
         workdir="/tmp/mlgen-tiny",
         seed=0,
         model=TransformerConfig(flavour="llama", vocab_size=256, num_layers=4, d_model=256, num_heads=4,
-                                num_kv_heads=2, attention_backend="auto"),
+                                num_kv_heads=2),
         data=TextDataConfig(source="stdlib", tokenizer="byte", vocab_size=256, seq_len=128, batch_size=16),
         objective=LMObjectiveConfig(),
-        mesh=MeshConfig(data=-1, rules="fsdp"),
+        mesh=MeshConfig(data=-1),  # rules="auto": derived from the axes larger than 1
         optim=OptimConfig(lr=2e-3, warmup_steps=30, weight_decay=0.1, clip_norm=1.0),
         train=TrainConfig(num_steps=300, log_every=10, eval_every=100, eval_steps=8, checkpoint_every=100),
     )

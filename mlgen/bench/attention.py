@@ -14,7 +14,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+
+from mlgen.ops import attention
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 PALLAS = ("pallas_gpu", "pallas_tpu")
@@ -50,8 +54,6 @@ def _length(s: str) -> int:
 
 
 def _step_fn(backend: str, causal: bool, interpret: bool):
-    from mlgen.ops import attention
-
     def loss(q, k, v, do):
         out = attention(q, k, v, causal=causal, backend=backend, interpret=interpret)
         return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32))
@@ -150,13 +152,7 @@ def _table(results, backends, lengths):
 
 
 def _plot(results, backends, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
+    matplotlib.use("Agg")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for b in backends:
         rs = [r for r in results if r["backend"] == b]

@@ -38,7 +38,13 @@ import json
 import jax
 import numpy as np
 
-from mlgen.bench import time_train_step
+from mlgen.bench.timing import time_train_step
+from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig
+from mlgen.data.images import ImageDataConfig
+from mlgen.models.dit import PRESETS as DIT
+from mlgen.models.unet import UNetConfig
+from mlgen.objectives.diffusion import DiffusionObjectiveConfig
+from mlgen.ops.attention import AttentionConfig
 
 
 def run(argv: list[str]) -> None:
@@ -56,20 +62,14 @@ def run(argv: list[str]) -> None:
                     help="compute dtype; parameters and optimizer state stay float32")
     a = ap.parse_args(argv)
 
-    from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig
-    from mlgen.data.images import ImageDataConfig
-    from mlgen.models.dit import PRESETS as DIT
-    from mlgen.models.unet import UNetConfig
-    from mlgen.objectives.diffusion import DiffusionObjectiveConfig
-
     if a.model == "unet":
         model = UNetConfig(image_size=a.size, in_channels=1, channels=tuple(a.channels),
                            blocks_per_level=a.layers_per_block, attention_levels=(len(a.channels) - 1,),
-                           head_dim=8, num_groups=32, conv_impl=a.conv_impl, attention_backend=a.attention_backend,
+                           head_dim=8, num_groups=32, conv_impl=a.conv_impl, attention=AttentionConfig(backend=a.attention_backend),
                            dtype=a.dtype)
     else:
         model = dataclasses.replace(DIT["dit-digits"], image_size=a.size, num_classes=0,
-                                    attention_backend=a.attention_backend, dtype=a.dtype)
+                                    attention=AttentionConfig(backend=a.attention_backend), dtype=a.dtype)
     cfg = Config(
         task="diffusion", workdir="/tmp/mlgen-bench-diffusion",
         model=model,

@@ -20,7 +20,14 @@ import json
 import jax
 import numpy as np
 
-from mlgen.bench import median_time
+from flax import nnx
+
+from mlgen import sharding
+from mlgen.bench.timing import median_time
+from mlgen.config import MeshConfig
+from mlgen.models.transformer import Transformer, TransformerConfig
+from mlgen.ops.attention import AttentionConfig
+from mlgen.samplers.lm import Sampling, generate
 
 
 def run(argv: list[str]) -> None:
@@ -40,15 +47,8 @@ def run(argv: list[str]) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     a = ap.parse_args(argv)
 
-    from flax import nnx
-
-    from mlgen import sharding
-    from mlgen.config import MeshConfig
-    from mlgen.models.transformer import Transformer, TransformerConfig
-    from mlgen.samplers.lm import Sampling, generate
-
     cfg = TransformerConfig(flavour=a.flavour, vocab_size=a.vocab, num_layers=a.layers, d_model=a.width,
-                            num_heads=a.heads, max_len=a.prompt + a.new, attention_backend=a.attention_backend,
+                            num_heads=a.heads, max_len=a.prompt + a.new, attention=AttentionConfig(backend=a.attention_backend),
                             dtype=a.dtype)
     mesh = sharding.make_mesh(MeshConfig(data=-1))
     rng = np.random.default_rng(0)

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from mlgen.bench import median_time
+from mlgen.bench.timing import median_time
+from mlgen.ops.attention.ring import ring_attention
 
 
 def _peak_bytes(compiled) -> int:
@@ -46,8 +47,6 @@ def run(argv: list[str]) -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     a = ap.parse_args(argv)
-
-    from mlgen.ops.attention.ring import ring_attention
 
     dt = jnp.dtype(a.dtype)
     causal = not a.bidirectional

@@ -13,7 +13,12 @@ import json
 import jax
 import numpy as np
 
-from mlgen.bench import time_train_step
+from mlgen.bench.timing import time_train_step
+from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig
+from mlgen.data.text import TextDataConfig
+from mlgen.models.transformer import TransformerConfig
+from mlgen.objectives.lm import LMObjectiveConfig
+from mlgen.ops.attention import AttentionConfig
 
 
 def run(argv: list[str]) -> None:
@@ -32,15 +37,10 @@ def run(argv: list[str]) -> None:
     ap.add_argument("--loss-chunk", type=int, default=0, help="positions per output-layer + loss chunk (0 = all)")
     a = ap.parse_args(argv)
 
-    from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig
-    from mlgen.data.text import TextDataConfig
-    from mlgen.models.transformer import TransformerConfig
-    from mlgen.objectives.lm import LMObjectiveConfig
-
     cfg = Config(
         task="lm", workdir="/tmp/mlgen-bench-train",
         model=TransformerConfig(flavour=a.flavour, vocab_size=a.vocab, num_layers=a.layers, d_model=a.width,
-                                num_heads=a.heads, max_len=a.seq, attention_backend=a.attention_backend,
+                                num_heads=a.heads, max_len=a.seq, attention=AttentionConfig(backend=a.attention_backend),
                                 remat=a.remat, norm_eps=1e-5),
         data=TextDataConfig(tokenizer="bpe", vocab_size=a.vocab, seq_len=a.seq, batch_size=a.batch),
         objective=LMObjectiveConfig(loss_chunk=a.loss_chunk),

@@ -1,4 +1,10 @@
-"""Data pipelines (grain): text for language models, and tokenizers."""
+"""Data pipelines (grain): text for language models, and tokenizers.
+
+``sources`` (which documents, the split), ``packing`` (documents -> LM batches),
+``tokenizer``, ``text`` (the assembled text pipeline), ``images``, and ``pipeline`` (the
+split -> host shard -> batch steps text and images share). Images are imported from
+``mlgen.data.images``.
+"""
 
 from mlgen.data.text import (
     Document,

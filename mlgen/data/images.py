@@ -8,37 +8,44 @@ and resumable (``get_state`` / ``set_state``).
 Sources:
 - ``digits``: ``sklearn.datasets.load_digits`` (1,797 8x8 images, 10 classes, no download),
   resized bilinearly to ``image_size`` and scaled from [0, 16] to [-1, 1];
-- ``folder``: every ``*.png`` under ``path`` (recursively); images in sub-folders get the
-  label of their sub-folder (sorted names -> 0, 1, ...), images directly in ``path`` label 0.
-  Files are read and resized in the pipeline (in worker processes when ``num_workers > 0``).
+- ``folder``: every ``*.png`` under ``path`` (recursively; local or ``gs://...``); images in
+  sub-folders get the label of their sub-folder (sorted names -> 0, 1, ...), images directly
+  in ``path`` label 0. Files are read and resized in the pipeline (in worker processes when
+  ``num_workers > 0``).
 
 The split into train / validation is a fixed permutation (seed 0) of the whole source, so
-the held-out images do not depend on the run's seed.
+the held-out images do not depend on the run's seed; host shards, shuffling and batching
+are the text pipeline's too (:mod:`mlgen.data.pipeline`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from pathlib import Path
 from typing import Literal
 
 import grain
 import numpy as np
+from etils import epath
 from PIL import Image
 
-from mlgen.config import ConfigError, check
+from mlgen.config import ConfigError, check, register
+from mlgen.data.paths import is_remote, write_bytes_atomic
+from mlgen.data.pipeline import host_rows, host_shard, map_dataset, to_iter_dataset, track
 
-__all__ = ["ImageDataConfig", "class_names", "load_arrays", "make_image_data", "save_grid"]
+__all__ = ["ImageDataConfig", "class_names", "load_arrays", "make_image_data", "num_classes", "save_grid"]
 
 
+@register("images", aliases=("mlgen.data.images:ImageDataConfig",))
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ImageDataConfig:
     """Image data.
 
     Attributes:
       source: ``digits`` | ``folder``.
-      path: the folder of PNGs (``folder`` source).
+      path: the folder of PNGs (``folder`` source), local or remote (``gs://...``).
       image_size: side of the square images fed to the model.
       channels: 1 (grayscale) or 3 (RGB); digits are 1.
       batch_size: GLOBAL batch size (split over hosts and the mesh's data axes).
@@ -60,7 +67,7 @@ class ImageDataConfig:
         check(self.source in ("digits", "folder"), "source", f"must be 'digits' or 'folder', got {self.source!r}")
         if self.source == "folder":
             check(self.path != "", "path", "the folder source needs path=<folder of PNGs>")
-            check(Path(self.path).is_dir(), "path", f"no such folder {self.path!r}")
+            check(_folder(self.path).is_dir(), "path", f"no such folder {self.path!r}")
         else:
             check(self.channels == 1, "channels", f"digits are grayscale (channels=1), got {self.channels}")
         check(self.image_size >= 4, "image_size", f"must be >= 4, got {self.image_size}")
@@ -81,6 +88,8 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def _digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    # Imported here: scikit-learn takes a second or two to import, which folder runs and
+    # every grain worker (they import this module) would pay for nothing.
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -89,17 +98,36 @@ def _digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
     return imgs.astype(np.float32), d.target.astype(np.int32)
 
 
+def _folder(path: str) -> Path | epath.Path:
+    # Local folders keep pathlib's glob semantics exactly (which files, in which order: the
+    # split depends on it); epath has no recursive glob, see _pngs.
+    return epath.Path(path) if is_remote(path) else Path(path)
+
+
+def _pngs(folder: Path | epath.Path, recursive: bool) -> list[Path | epath.Path]:
+    """The ``*.png`` files in ``folder`` (and below it if ``recursive``), sorted as paths."""
+    if isinstance(folder, Path):
+        return sorted(folder.rglob("*.png") if recursive else folder.glob("*.png"))
+    out = []
+    for p in folder.iterdir():  # one listing per directory of the object store
+        if p.name.endswith(".png"):
+            out.append(p)
+        elif recursive and p.is_dir():
+            out += _pngs(p, True)
+    return sorted(out)
+
+
 def class_names(path: str) -> list[str]:
     """Sorted sub-folder names of a PNG folder (the class names; [] if unlabelled)."""
-    return sorted(p.name for p in Path(path).iterdir() if p.is_dir() and any(p.rglob("*.png")))
+    return sorted(p.name for p in _folder(path).iterdir() if p.is_dir() and _pngs(p, True))
 
 
 def _folder_items(path: str) -> list[tuple[str, int]]:
-    root = Path(path)
+    root = _folder(path)
     names = class_names(path)
-    items = [(str(p), 0) for p in sorted(root.glob("*.png"))]
+    items = [(str(p), 0) for p in _pngs(root, False)]
     for label, name in enumerate(names):
-        items += [(str(p), label) for p in sorted((root / name).rglob("*.png"))]
+        items += [(str(p), label) for p in _pngs(root / name, True)]
     if not items:
         raise ConfigError(f"path: no *.png files under {path!r}")
     return items
@@ -130,7 +158,7 @@ class _LoadPNG:
 
     def __call__(self, item):
         path, label = item
-        with Image.open(path) as im:
+        with epath.Path(path).open("rb") as f, Image.open(f) as im:
             im = im.convert("L" if self.channels == 1 else "RGB")
             im = im.resize((self.image_size, self.image_size), Image.BICUBIC)
             x = np.asarray(im, np.float32).reshape(self.image_size, self.image_size, self.channels)
@@ -174,45 +202,32 @@ def make_image_data(cfg: ImageDataConfig, *, split: Literal["train", "validation
       Validation: one pass in a fixed order (repeated to fill at least one batch).
     """
     cfg.validate()
-    check(cfg.batch_size % process_count == 0, "batch_size",
-          f"global batch {cfg.batch_size} is not divisible by the {process_count} hosts")
-    rows = cfg.batch_size // process_count
+    rows = host_rows(cfg.batch_size, process_index, process_count)
     repeat = (split == "train") if repeat is None else repeat
     if cfg.source == "digits":
         images, labels = _digits(cfg.image_size)
-        idx = _split(len(labels), cfg.val_fraction, split)[process_index::process_count]
-        ds = grain.MapDataset.source(_ArraySource(images[idx], labels[idx]))
+        idx = host_shard(_split(len(labels), cfg.val_fraction, split), process_index, process_count)
+        source = _ArraySource(images[idx], labels[idx])
     else:
         items = _folder_items(cfg.path)
-        idx = _split(len(items), cfg.val_fraction, split)[process_index::process_count]
-        ds = grain.MapDataset.source([items[i] for i in idx])
-    if len(ds) == 0:
+        idx = host_shard(_split(len(items), cfg.val_fraction, split), process_index, process_count)
+        source = [items[i] for i in idx]
+    if len(source) == 0:
         raise ConfigError(f"data.val_fraction: the {split} split is empty on host {process_index}")
-    if split == "train":
-        ds = ds.shuffle(seed=seed)
-    if repeat:
-        ds = ds.repeat(None)
-    elif len(ds) < rows:
-        ds = ds.repeat(math.ceil(rows / len(ds)))
+    ds = map_dataset(source, shuffle_seed=seed if split == "train" else None, repeat=repeat, min_len=rows)
     if cfg.source == "folder":
         ds = ds.map(_LoadPNG(cfg.image_size, cfg.channels))
     if cfg.hflip and split == "train":
         ds = ds.random_map(_RandomFlip(), seed=seed)
     ds = ds.batch(rows, drop_remainder=True)
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if cfg.num_workers else 1, prefetch_buffer_size=2))
-    if cfg.num_workers > 0:
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    return iter(it_ds)
+    read = grain.ReadOptions(num_threads=0 if cfg.num_workers else 1, prefetch_buffer_size=2)
+    return track(iter(to_iter_dataset(ds, read, cfg.num_workers)))
 
 
 # ----------------------------------------------------------------------------- grids
-def save_grid(images: np.ndarray, path: str | Path, *, ncol: int | None = None, scale: int = 2,
-              pad: int = 1) -> Path:
-    """Writes ``images`` ``[N, H, W, C]`` in [-1, 1] as a PNG grid (``ncol`` per row)."""
+def save_grid(images: np.ndarray, path, *, ncol: int | None = None, scale: int = 2, pad: int = 1) -> epath.Path:
+    """Writes ``images`` ``[N, H, W, C]`` in [-1, 1] as a PNG grid (``ncol`` per row); any
+    ``etils.epath`` path (local or ``gs://``)."""
     images = np.asarray(images, np.float32)
     n, h, w, c = images.shape
     ncol = ncol or int(math.ceil(math.sqrt(n)))
@@ -224,7 +239,9 @@ def save_grid(images: np.ndarray, path: str | Path, *, ncol: int | None = None, 
     pixels = np.round((grid.clip(-1, 1) + 1.0) * 127.5).astype(np.uint8)
     pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
     img = Image.fromarray(pixels[..., 0] if c == 1 else pixels, mode="L" if c == 1 else "RGB")
-    path = Path(path)
+    path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue())
     return path

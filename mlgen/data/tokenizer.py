@@ -16,6 +16,9 @@ Special ids are the same small numbers for both kinds: ``pad = 0``, ``bos = 2``,
   tab as their own pieces, digits split, and byte fallback for characters outside the
   vocabulary.
 
+Model files may be local or remote (``gs://...``): sentencepiece itself only knows
+local files, so models are trained into memory and loaded from their bytes.
+
 ``mlgen tokenizer train --input GLOB... --vocab-size N --model-type bpe --out PATH``
 is :func:`tokenizer_main`.
 """
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import abc
 import argparse
-import glob as _glob
 import io
 import os
 import sys
@@ -32,6 +34,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal
 
 import numpy as np
+import sentencepiece as spm
+
+from mlgen.data.paths import expand_globs, read_bytes, write_bytes_atomic
 
 PAD_ID = 0
 UNK_ID = 1
@@ -92,15 +97,13 @@ class Tokenizer(abc.ABC):
           vocab_size: target vocabulary size, specials and the 256 byte pieces included
             (a soft limit: a tiny corpus may give fewer pieces).
           model_type: ``"bpe"`` or ``"unigram"``.
-          out_path: where the ``.model`` file goes (written atomically).
+          out_path: where the ``.model`` file goes (local or remote; written atomically).
           max_lines: at most this many lines are sampled for training.
           seed: sentencepiece's sampling seed.
 
         Returns:
           The trained tokenizer.
         """
-        import sentencepiece as spm
-
         if model_type not in ("bpe", "unigram"):
             raise ValueError(f"model_type: must be 'bpe' or 'unigram', got {model_type!r}")
         min_vocab = 256 + 4 + 2 + 1
@@ -136,21 +139,15 @@ class Tokenizer(abc.ABC):
             minloglevel=2,
         )
         proto = model.getvalue()
-        out_dir = os.path.dirname(os.path.abspath(out_path))
-        os.makedirs(out_dir, exist_ok=True)
-        tmp = f"{out_path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(proto)
-        os.replace(tmp, out_path)
+        write_bytes_atomic(out_path, proto)
         return SentencePieceTokenizer(proto)
 
     @staticmethod
     def load(path: str) -> Tokenizer:
-        """Loads a sentencepiece ``.model`` file; ``"byte"`` gives the byte tokenizer."""
+        """Loads a sentencepiece ``.model`` file (local or remote); ``"byte"`` gives the byte tokenizer."""
         if path == "byte":
             return ByteTokenizer()
-        with open(path, "rb") as f:
-            return SentencePieceTokenizer(f.read())
+        return SentencePieceTokenizer(read_bytes(path))
 
 
 class ByteTokenizer(Tokenizer):
@@ -203,8 +200,6 @@ class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece model held as its serialized proto (so it pickles)."""
 
     def __init__(self, model_proto: bytes):
-        import sentencepiece as spm
-
         self._proto = bytes(model_proto)
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
         got = (self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id())
@@ -236,18 +231,8 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 # ----------------------------------------------------------------------------- helpers
-def expand_globs(patterns: Sequence[str]) -> list[str]:
-    """Sorted, de-duplicated files matching any of ``patterns`` (``**`` allowed)."""
-    out: set[str] = set()
-    for pat in patterns:
-        hits = _glob.glob(os.path.expanduser(pat), recursive=True)
-        out.update(h for h in hits if os.path.isfile(h))
-    return sorted(out)
-
-
 def _read_text(path: str) -> str:
-    with open(path, "rb") as f:
-        return f.read().decode("utf-8", errors="replace")
+    return read_bytes(path).decode("utf-8", errors="replace")
 
 
 def _lines(docs: Iterable[str], max_lines: int) -> Iterator[str]:

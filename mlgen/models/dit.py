@@ -9,7 +9,8 @@ Supports:
 - time and class conditioning (label ``num_classes`` = the null class for CFG);
 - ``learn_sigma``: twice the output channels (prediction, then the iDDPM variance
   interpolation), for importing / serving such models; the objectives here train none;
-- logical-axis sharding: ``embed`` / ``heads`` / ``mlp`` like the LM.
+- logical-axis sharding: ``embed`` / ``heads`` / ``mlp`` like the LM, and the token axis as
+  ``length``, so a mesh with ``seq > 1`` shards the patches (ring attention inside).
 
 Called as ``model(x [B, H, W, C], time [B], labels [B] | None, rng=None) -> [B, H, W, C_out]``.
 """
@@ -23,15 +24,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mlgen.config import check
+from mlgen.config import ConfigError, check
+from mlgen.models.family import Family, register
 from mlgen.nn.attention import SelfAttention
 from mlgen.nn.conv import TimeEmbedding
 from mlgen.nn.core import LayerNorm, Linear, dropout, zeros_init
 from mlgen.nn.mlp import MLP
+from mlgen.ops.attention import AttentionConfig
 from mlgen.sharding import constrain
 from mlgen.typing import Array, Float, Int
 
-__all__ = ["DiT", "DiTConfig", "PRESETS"]
+__all__ = ["FAMILY", "DiT", "DiTConfig", "PRESETS"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _ACT = ("batch", "length", "act_embed")
@@ -49,7 +52,7 @@ class DiTConfig:
     dropout: float = 0.0
     num_classes: int = 0
     learn_sigma: bool = False
-    attention_backend: str = "auto"
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     dtype: str = "float32"
     # Run the stacked blocks with a lax.scan (compile time independent of depth) or unrolled
     # (MaxText's ``scan_layers``). Unrolled is faster for small models on CPU: no per-layer
@@ -74,6 +77,18 @@ class DiTConfig:
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.num_classes >= 0, "num_classes", f"must be >= 0, got {self.num_classes}")
         check(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        try:
+            self.attention.validate()
+        except ConfigError as e:
+            raise ConfigError(f"attention.{e}") from None
+
+    @property
+    def output_channels(self) -> int:  # the denoiser interface (mlgen.models.family)
+        return self.out_channels
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
 
 
 PRESETS: dict[str, DiTConfig] = {
@@ -107,7 +122,7 @@ class DiTBlock(nnx.Module):
         d = cfg.d_model
         self.norm1 = LayerNorm(d, eps=1e-6, use_bias=False, use_scale=False)
         self.attn = SelfAttention(d, cfg.num_heads, cfg.num_heads, d // cfg.num_heads, use_bias=True, rope_theta=None,
-                                  backend=cfg.attention_backend, dtype=dt, rngs=rngs)
+                                  attention=cfg.attention, dtype=dt, rngs=rngs)
         self.norm2 = LayerNorm(d, eps=1e-6, use_bias=False, use_scale=False)
         self.mlp = MLP(d, int(d * cfg.mlp_ratio), kind="gelu", use_bias=True, dtype=dt, rngs=rngs)
         # The modulation outputs stay replicated: "embed" is already the input's (fsdp) axis.
@@ -118,7 +133,7 @@ class DiTBlock(nnx.Module):
     def __call__(self, x, c, rng=None):
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.moveaxis(self.ada(jax.nn.silu(c)), 1, 0)
         r1, r2 = jax.random.split(rng) if rng is not None else (None, None)
-        h, _ = self.attn(_modulate(self.norm1(x), shift1, scale1), positions=None, causal=False)
+        h = self.attn(_modulate(self.norm1(x), shift1, scale1), positions=None, causal=False)
         x = x + gate1[:, None, :] * dropout(h, self.dropout, r1)
         h = self.mlp(_modulate(self.norm2(x), shift2, scale2))
         x = x + gate2[:, None, :] * dropout(h, self.dropout, r2)
@@ -171,3 +186,25 @@ class DiT(nnx.Module):
         co = cfg.out_channels
         out = out.reshape(B, g, g, p, p, co).transpose(0, 1, 3, 2, 4, 5).reshape(B, H, W, co)
         return out.astype(jnp.float32)
+
+
+def _check_mesh(cfg: DiTConfig, shards) -> None:
+    n = shards("length")
+    check(cfg.num_tokens % n == 0, "patch_size",
+          f"{cfg.num_tokens} patch tokens ((image_size / patch_size)^2) do not split into the {n} shards of the "
+          "length axis")
+    n = shards("heads")
+    check(cfg.num_heads % n == 0, "num_heads", f"{cfg.num_heads} is not divisible by the {n} shards of the heads axis")
+
+
+FAMILY = register(Family(
+    name="dit",
+    config=DiTConfig,
+    kind="denoiser",
+    build=lambda cfg, rngs: DiT(cfg, rngs=rngs),
+    batch_axes={"labels": ("batch",)},
+    logical_axes=frozenset({"layers", "embed", "heads", "head_dim", "mlp", "kernel", "channels", "channels_in",
+                            "vocab", "batch", "length", "act_embed", "act_heads", "act_mlp"}),
+    check=_check_mesh,
+    renamed={"attention_backend": "attention.backend"},
+))

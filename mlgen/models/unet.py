@@ -23,12 +23,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlgen.config import check
+from mlgen.config import ConfigError, check
+from mlgen.models.family import Family, register
 from mlgen.nn.conv import AttentionBlock, Conv2d, Downsample, GroupNorm, ResBlock, TimeEmbedding, Upsample
+from mlgen.ops.attention import AttentionConfig
 from mlgen.sharding import constrain
 from mlgen.typing import Array, Float, Int
 
-__all__ = ["PRESETS", "UNet", "UNetConfig"]
+__all__ = ["FAMILY", "PRESETS", "UNet", "UNetConfig"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -50,7 +52,7 @@ class UNetConfig:
     dropout: float = 0.0
     num_classes: int = 0  # 0 = unconditional
     conv_impl: str = "auto"  # auto | xla | im2col
-    attention_backend: str = "auto"
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     dtype: str = "float32"  # compute dtype; parameters stay float32
 
     def validate(self) -> None:
@@ -75,6 +77,14 @@ class UNetConfig:
         check(self.conv_impl in ("auto", "xla", "im2col"), "conv_impl",
               f"must be auto, xla or im2col, got {self.conv_impl!r}")
         check(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        try:
+            self.attention.validate()
+        except ConfigError as e:
+            raise ConfigError(f"attention.{e}") from None
+
+    @property
+    def output_channels(self) -> int:
+        return self.out_channels or self.in_channels
 
 
 PRESETS: dict[str, UNetConfig] = {
@@ -98,8 +108,7 @@ class UNet(nnx.Module):
         emb = cfg.time_embed_dim or 4 * c0
         conv = dict(conv_impl=cfg.conv_impl, dtype=dt, rngs=rngs)
         res = dict(num_groups=cfg.num_groups, dropout=cfg.dropout, **conv)
-        attn = dict(head_dim=cfg.head_dim, num_groups=cfg.num_groups, backend=cfg.attention_backend, dtype=dt,
-                    rngs=rngs)
+        attn = dict(head_dim=cfg.head_dim, num_groups=cfg.num_groups, attention=cfg.attention, dtype=dt, rngs=rngs)
         self.time = TimeEmbedding(c0, emb, num_classes=cfg.num_classes, rngs=rngs)
         self.conv_in = Conv2d(cfg.in_channels, c0, 3, impl=cfg.conv_impl, dtype=dt, rngs=rngs)
 
@@ -131,7 +140,7 @@ class UNet(nnx.Module):
                 up.append(Upsample(ch, **conv))
         self.up = nnx.List(up)
         self.norm_out = GroupNorm(ch, cfg.num_groups, rngs=rngs)
-        self.conv_out = Conv2d(ch, cfg.out_channels or cfg.in_channels, 3, zero_init=True, impl=cfg.conv_impl,
+        self.conv_out = Conv2d(ch, cfg.output_channels, 3, zero_init=True, impl=cfg.conv_impl,
                                dtype=dt, rngs=rngs)
 
     def __call__(self, x: Float[Array, "B H W C"], time: Float[Array, "B"], labels: Int[Array, "B"] | None = None,
@@ -165,3 +174,15 @@ class UNet(nnx.Module):
             else:
                 h = m(h)
         return self.conv_out(jax.nn.silu(self.norm_out(h))).astype(jnp.float32)
+
+
+FAMILY = register(Family(
+    name="unet",
+    config=UNetConfig,
+    kind="denoiser",
+    build=lambda cfg, rngs: UNet(cfg, rngs=rngs),
+    batch_axes={"labels": ("batch",)},
+    logical_axes=frozenset({"kernel", "channels_in", "channels", "norm", "heads", "head_dim", "vocab", "batch",
+                            "height", "width"}),
+    renamed={"attention_backend": "attention.backend"},
+))

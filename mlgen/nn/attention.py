@@ -1,4 +1,4 @@
-"""Multi-head self-attention block (GQA, optional RoPE, KV cache) over ``mlgen.ops.attention``."""
+"""Multi-head self-attention (GQA, optional RoPE) over ``mlgen.ops.attention``, with its own KV cache."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from flax import nnx
 from mlgen import ops
 from mlgen.nn.core import Linear
 from mlgen.nn.rope import apply_rope
+from mlgen.ops.attention import AttentionConfig
 from mlgen.sharding import constrain
+from mlgen.typing import Array, Float, Int
 
 
 class KVCache(NamedTuple):
-    """One layer's cache (stacked over layers by the model).
+    """One attention layer's cache.
 
     k, v: ``[B, K, S_max, H]`` (heads before slots, so each decode step reads every head's
     keys as one contiguous ``[S_max, H]`` matrix with no transpose of the cache); ``kv_ids``:
@@ -30,15 +32,22 @@ class KVCache(NamedTuple):
     index: jax.Array
 
     @staticmethod
-    def zeros(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
+    def zeros(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
         z = jnp.zeros((batch, num_kv_heads, max_len, head_dim), dtype)
         return KVCache(z, z, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
 class SelfAttention(nnx.Module):
+    """``o(attention(q(x), k(x), v(x)))`` with grouped K/V heads and optional RoPE.
+
+    Training / scoring is ``__call__`` (every token at once, any ``mlgen.ops.attention``
+    backend per ``attention``); decoding is :meth:`init_cache` + :meth:`decode`.
+    """
+
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 use_bias: bool = False, rope_theta: float | None = 10000.0, backend="auto", interpret: bool = False,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 use_bias: bool = False, rope_theta: float | None = 10000.0,
+                 attention: AttentionConfig | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         if num_heads % num_kv_heads:
             raise ValueError(f"SelfAttention: num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -47,33 +56,44 @@ class SelfAttention(nnx.Module):
         self.v = Linear(d_model, (num_kv_heads, head_dim), in_names=("embed",), out_names=("kv_heads", "head_dim"), **kw)
         self.o = Linear((num_heads, head_dim), d_model, in_names=("heads", "head_dim"), out_names=("embed",), **kw)
         self.rope_theta = rope_theta
-        self.backend = backend
-        self.interpret = interpret
+        self.attention = attention or AttentionConfig()
+        self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
 
-    def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
-                 causal: bool = True, cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        """x ``[B, T, D]``; positions ``[B, T]``. With ``cache``, the T new tokens are written at
-        ``cache.index`` and attend to every earlier real token (``segment_ids`` then marks which
-        of the new tokens are real: nonzero = real)."""
+    def _qkv(self, x, positions):
         q = constrain(self.q(x), ("batch", "length", "act_heads", None))
         k = constrain(self.k(x), ("batch", "length", "act_kv_heads", None))
         v = constrain(self.v(x), ("batch", "length", "act_kv_heads", None))
         if self.rope_theta is not None:
             q = apply_rope(q, positions, theta=self.rope_theta)
             k = apply_rope(k, positions, theta=self.rope_theta)
-        if cache is None:
-            out = ops.attention(q, k, v, causal=causal, segment_ids=segment_ids, backend=self.backend,
-                                interpret=self.interpret)
-        else:
-            cache = _write(cache, k, v, segment_ids)
-            out = _cached_attention(q, cache)
-        out = constrain(out, ("batch", "length", "act_heads", None))
-        return self.o(out), cache
+        return q, k, v
+
+    def __call__(self, x: Float[Array, "B T D"], *, positions: Int[Array, "B T"] | None,
+                 segment_ids: Int[Array, "B T"] | None = None, causal: bool = True) -> Float[Array, "B T D"]:
+        """x ``[B, T, D]``; positions ``[B, T]`` (RoPE; may be None without it)."""
+        q, k, v = self._qkv(x, positions)
+        out = ops.attention(q, k, v, causal=causal, segment_ids=segment_ids, config=self.attention)
+        return self.o(constrain(out, ("batch", "length", "act_heads", None)))
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache for ``batch`` rows of up to ``max_len`` tokens."""
+        return KVCache.zeros(batch, max_len, self.num_kv_heads, self.head_dim, self.dtype)
+
+    def decode(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], cache: KVCache
+               ) -> tuple[Float[Array, "B T D"], KVCache]:
+        """Causal attention of T new tokens per row to themselves and every earlier real token.
+
+        The new tokens are written at ``cache.index``; a negative position marks a padding
+        token (left-padded prompts): it is written but never attended to.
+        """
+        q, k, v = self._qkv(x, jnp.maximum(positions, 0))
+        cache = _write(cache, k, v, (positions >= 0).astype(jnp.int32))
+        out = _cached_attention(q, cache)
+        return self.o(constrain(out, ("batch", "length", "act_heads", None))), cache
 
 
-def _write(cache: KVCache, k, v, segment_ids) -> KVCache:
-    B, T = k.shape[:2]
-    ids = jnp.ones((B, T), jnp.int32) if segment_ids is None else (segment_ids != 0).astype(jnp.int32)
+def _write(cache: KVCache, k, v, ids) -> KVCache:
+    T = k.shape[1]
     at = (0, 0, cache.index, 0)
     return KVCache(
         jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype).transpose(0, 2, 1, 3), at),

@@ -23,6 +23,7 @@ from flax import nnx
 
 from mlgen import ops
 from mlgen.nn.core import Linear, dropout, fan_in_init, ones_init, param, zeros_init
+from mlgen.ops.attention import AttentionConfig
 from mlgen.sharding import constrain
 from mlgen.typing import Array, Float
 
@@ -165,8 +166,9 @@ class ResBlock(nnx.Module):
 class AttentionBlock(nnx.Module):
     """Self-attention over the H*W positions (GroupNorm, QKV, ``mlgen.ops.attention``, zero-init out)."""
 
-    def __init__(self, channels: int, *, head_dim: int = 32, num_groups: int = 32, backend="auto",
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, channels: int, *, head_dim: int = 32, num_groups: int = 32,
+                 attention: AttentionConfig | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         if channels % head_dim:
             raise ValueError(f"AttentionBlock: {channels} channels are not divisible by head_dim={head_dim}")
         n = channels // head_dim
@@ -176,13 +178,13 @@ class AttentionBlock(nnx.Module):
                           **kw)
         self.out = Linear((n, head_dim), channels, in_names=("heads", "head_dim"), out_names=("channels",),
                           init=zeros_init, **kw)
-        self.backend = backend
+        self.attention = attention or AttentionConfig()
 
     def __call__(self, x: Float[Array, "B H W C"]) -> Float[Array, "B H W C"]:
         B, H, W, C = x.shape
         qkv = self.qkv(self.norm(x).reshape(B, H * W, C))  # [B, T, 3, N, Hd]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        o = ops.attention(q, k, v, backend=self.backend)
+        o = ops.attention(q, k, v, config=self.attention)
         return x + self.out(o).reshape(B, H, W, C)
 
 

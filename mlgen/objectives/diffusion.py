@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlgen.config import ConfigError, check
-from mlgen.objectives import schedules
+from mlgen.config import ConfigError, check, register
+from mlgen.objectives import bind, schedules, state_after
 
 __all__ = ["DiffusionObjectiveConfig", "PREDICTIONS", "SAMPLERS", "SamplerConfig", "from_x0_eps", "make_loss", "to_x0_eps", "x0_error_scale"]
 
@@ -64,6 +64,7 @@ class SamplerConfig:
         check(self.per_class >= 1, "per_class", f"must be >= 1, got {self.per_class}")
 
 
+@register("diffusion")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DiffusionObjectiveConfig:
     """What the denoiser predicts and how its loss is weighted.
@@ -176,7 +177,7 @@ def loss_weight(alpha, sigma, cfg: DiffusionObjectiveConfig):
 
 
 def make_loss(graphdef: nnx.GraphDef, cfg: DiffusionObjectiveConfig, *, num_classes: int = 0, train: bool = True):
-    """Returns ``loss(params, batch, rng) -> (loss, metrics)`` for a denoiser.
+    """Returns ``loss(params, model_state, batch, rng) -> (loss, (metrics, model_state))`` for a denoiser.
 
     The denoiser is called as ``model(x_t, time, labels, rng=...)`` where ``time`` is
     ``schedule.model_time(t)`` ``[B]`` and ``labels`` ``[B]`` int (``num_classes`` = the null
@@ -189,8 +190,8 @@ def make_loss(graphdef: nnx.GraphDef, cfg: DiffusionObjectiveConfig, *, num_clas
     cfg.validate()
     schedule = cfg.make_schedule()
 
-    def loss(params, batch, rng):
-        model = nnx.merge(graphdef, params)
+    def loss(params, model_state, batch, rng):
+        model = bind(graphdef, params, model_state)
         x0 = batch["images"].astype(jnp.float32)
         b = x0.shape[0]
         k_t, k_eps, k_drop, k_model = jax.random.split(rng, 4)
@@ -210,6 +211,6 @@ def make_loss(graphdef: nnx.GraphDef, cfg: DiffusionObjectiveConfig, *, num_clas
         weighted = jnp.mean(loss_weight(alpha, sigma, cfg) * per_example)
         x0_hat = jnp.clip(to_x0_eps(pred, x_t, alpha, sigma, cfg.prediction)[0], -1.0, 1.0)
         metrics = {"mse": jnp.mean(per_example), "x0_mse": jnp.mean(jnp.square(x0_hat - x0))}
-        return weighted, metrics
+        return weighted, (metrics, state_after(model, model_state))
 
     return loss

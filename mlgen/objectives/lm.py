@@ -6,10 +6,12 @@ import dataclasses
 
 from flax import nnx
 
-from mlgen.config import check
+from mlgen.config import check, register
+from mlgen.objectives import bind, state_after
 from mlgen.ops.losses import chunked_cross_entropy, cross_entropy
 
 
+@register("lm")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LMObjectiveConfig:
     z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2) (PaLM uses 1e-4)
@@ -25,7 +27,7 @@ class LMObjectiveConfig:
 
 
 def make_loss(graphdef: nnx.GraphDef, *, z_loss: float = 0.0, train: bool = True, loss_chunk: int = 0):
-    """Returns ``loss(params, batch, rng) -> (loss, metrics)``.
+    """Returns ``loss(params, model_state, batch, rng) -> (loss, (metrics, model_state))``.
 
     ``batch``: ``inputs``, ``targets`` ``[B, T]`` int; optional ``loss_mask`` ``[B, T]``,
     ``segment_ids`` and ``positions`` ``[B, T]`` (packed rows). ``rng`` drives dropout when
@@ -33,13 +35,15 @@ def make_loss(graphdef: nnx.GraphDef, *, z_loss: float = 0.0, train: bool = True
     a time (``ops.losses.chunked_cross_entropy``).
     """
 
-    def loss(params, batch, rng):
-        model = nnx.merge(graphdef, params)
+    def loss(params, model_state, batch, rng):
+        model = bind(graphdef, params, model_state)
         out = model(batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
                     rng=rng if train else None, return_hidden=loss_chunk > 0)
         if loss_chunk > 0:
-            return chunked_cross_entropy(out, model.logits, batch["targets"], batch.get("loss_mask"),
-                                         z_loss=z_loss, chunk=loss_chunk)
-        return cross_entropy(out, batch["targets"], batch.get("loss_mask"), z_loss=z_loss)
+            value, metrics = chunked_cross_entropy(out, model.logits, batch["targets"], batch.get("loss_mask"),
+                                                   z_loss=z_loss, chunk=loss_chunk)
+        else:
+            value, metrics = cross_entropy(out, batch["targets"], batch.get("loss_mask"), z_loss=z_loss)
+        return value, (metrics, state_after(model, model_state))
 
     return loss

@@ -12,8 +12,10 @@ Supports:
 - classifier-free guidance ``u + w (c - u)``: ``w = 0`` is the unconditional model, ``w = 1``
   the conditional one (a single model call per step then);
 - ONE ``lax.scan`` per sampling run over a static ``max_steps``; the number of steps, the
-  guidance scale and eta are traced, so changing them never recompiles;
-- ``mlgen sample WORKDIR ...`` (:func:`sample_main`).
+  guidance scale and eta are traced, so changing them never recompiles.
+
+Samplers take a model (``graphdef`` + its state), never a run: ``mlgen sample WORKDIR`` is in
+``mlgen.cli``.
 
 The time grid is uniform in t from 1 to 0: with ``steps = num_train_timesteps`` a VP
 schedule visits exactly its training table (diffusers' DDPM chain).
@@ -21,21 +23,20 @@ schedule visits exactly its training table (diffusers' DDPM chain).
 
 from __future__ import annotations
 
-import argparse
 import functools
-import sys
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mlgen.objectives import bind
 from mlgen.objectives import schedules as schedules_lib
 from mlgen.objectives.diffusion import SAMPLERS, SamplerConfig, to_x0_eps
 from mlgen.typing import Array, Float
 
-__all__ = ["SAMPLERS", "SamplerConfig", "sample", "sample_fn", "sample_main", "sample_model"]
+__all__ = ["SAMPLERS", "SamplerConfig", "grid_labels", "sample", "sample_fn", "sample_model"]
 
 # (x [B, ...], model time [B], labels [B] | None) -> raw model output [B, ...]
 DenoiseFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
@@ -145,15 +146,15 @@ TRACE_COUNT = {"sample": 0}
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "schedule_name", "num_train_steps", "prediction",
                                              "sampler", "shape", "clip", "max_steps", "null_label"))
-def _sample_jit(params, key, labels, steps, guidance, eta, *, graphdef, schedule_name, num_train_steps, prediction,
-                sampler, shape, clip, max_steps, null_label):
+def _sample_jit(params, model_state, key, labels, steps, guidance, eta, *, graphdef, schedule_name, num_train_steps,
+                prediction, sampler, shape, clip, max_steps, null_label):
     TRACE_COUNT["sample"] += 1
     schedule = _schedule(schedule_name, num_train_steps)
     k_noise, k_sample = jax.random.split(key)
     x_T = jax.random.normal(k_noise, shape, jnp.float32)
 
     def denoise(x, t, y):  # merged inside the scan / cond trace: NNX transforms (DiT's scan) need that
-        return nnx.merge(graphdef, params)(x, t, y)
+        return bind(graphdef, params, model_state)(x, t, y)
 
     return sample_fn(denoise, schedule, prediction=prediction, sampler=sampler, x_T=x_T,
                      key=k_sample, steps=steps, labels=labels, guidance=guidance, eta=eta, null_label=null_label,
@@ -168,8 +169,8 @@ def _schedule(name: str, n: int) -> schedules_lib.Schedule:
 def sample(graphdef: nnx.GraphDef, params, *, schedule: str, num_train_timesteps: int = 1000, prediction: str,
            shape: tuple[int, ...], key: jax.Array, labels=None, num_classes: int = 0, sampler: str = "ddim",
            steps: int = 50, guidance: float = 1.0, eta: float = 0.0, clip: bool = True,
-           max_steps: int = 1000) -> Float[Array, "B H W C"]:
-    """Samples images from a denoiser given explicitly as ``(graphdef, params)``.
+           max_steps: int = 1000, model_state=None) -> Float[Array, "B H W C"]:
+    """Samples images from a denoiser given explicitly as ``(graphdef, params[, model_state])``.
 
     ``shape`` is ``(B, H, W, C)``; ``labels`` ``[B]`` ints for a class-conditional model
     (``num_classes`` = its null label). Compiled once per (model, shape, sampler, schedule);
@@ -178,92 +179,26 @@ def sample(graphdef: nnx.GraphDef, params, *, schedule: str, num_train_timesteps
     """
     if labels is not None:
         labels = jnp.asarray(labels, jnp.int32)
-    return _sample_jit(params, key, labels, jnp.int32(steps), jnp.float32(guidance), jnp.float32(eta),
+    return _sample_jit(params, model_state or {}, key, labels, jnp.int32(steps), jnp.float32(guidance),
+                       jnp.float32(eta),
                        graphdef=graphdef, schedule_name=schedule, num_train_steps=num_train_timesteps,
                        prediction=prediction, sampler=sampler, shape=tuple(shape), clip=clip, max_steps=max_steps,
                        null_label=num_classes)
 
 
 def sample_model(graphdef, params, objective, model_cfg, sampler_cfg: SamplerConfig, *, num: int, key: jax.Array,
-                 labels=None, **overrides):
-    """:func:`sample` with the settings of a run's objective / model / sampler configs."""
+                 labels=None, model_state=None, **overrides):
+    """:func:`sample` with the settings of a run's objective, sampler and denoiser configs
+    (``model_cfg``: ``image_size``, ``in_channels``, ``num_classes``)."""
     kw = dict(sampler=sampler_cfg.sampler, steps=sampler_cfg.steps, guidance=sampler_cfg.guidance,
               eta=sampler_cfg.eta, clip=sampler_cfg.clip, max_steps=sampler_cfg.max_steps)
     kw.update(overrides)
     size = model_cfg.image_size
-    channels = getattr(model_cfg, "in_channels", 1)
     return sample(graphdef, params, schedule=objective.schedule, num_train_timesteps=objective.num_train_timesteps,
-                  prediction=objective.prediction, shape=(num, size, size, channels), key=key, labels=labels,
-                  num_classes=getattr(model_cfg, "num_classes", 0), **kw)
+                  prediction=objective.prediction, shape=(num, size, size, model_cfg.in_channels), key=key,
+                  labels=labels, num_classes=model_cfg.num_classes, model_state=model_state, **kw)
 
 
 def grid_labels(num_classes: int, per_class: int) -> np.ndarray:
     """``[0]*per_class + [1]*per_class + ...``: one grid row per class."""
     return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
-
-
-# ----------------------------------------------------------------------------- CLI
-def sample_main(argv: list[str]) -> int:
-    """``mlgen sample WORKDIR --out grid.png|x.npz [...]``: sample images from a trained run."""
-    ap = argparse.ArgumentParser(prog="mlgen sample", description="Sample images from a trained diffusion model.")
-    ap.add_argument("workdir", help="a run's workdir (its checkpoints)")
-    ap.add_argument("--out", required=True, help="grid.png (a PNG grid, one row per class) or x.npz (raw samples)")
-    ap.add_argument("--num", type=int, default=None, help="number of samples (default: per_class x classes)")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--sampler", choices=SAMPLERS, default=None)
-    ap.add_argument("--guidance", type=float, default=None)
-    ap.add_argument("--eta", type=float, default=None)
-    ap.add_argument("--class", dest="cls", type=int, default=None, help="sample only this class")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    ap.add_argument("--no-ema", action="store_true", help="use the raw parameters, not their EMA")
-    ap.add_argument("overrides", nargs="*", help="config overrides for restoring, e.g. mesh.data=1")
-    a = ap.parse_args(argv)
-
-    from mlgen.data.images import save_grid
-    from mlgen.train.trainer import restore
-
-    result = restore(a.workdir, a.overrides, step=a.step)
-    cfg = result.config
-    scfg = cfg.objective.sampling
-    images, labels = _draw(result, scfg, num=a.num, cls=a.cls, seed=a.seed, no_ema=a.no_ema,
-                           overrides={k: v for k, v in dict(sampler=a.sampler, steps=a.steps, guidance=a.guidance,
-                                                            eta=a.eta).items() if v is not None})
-    out = a.out
-    if out.endswith(".npz"):
-        arrays = {"images": images}
-        if labels is not None:
-            arrays["labels"] = labels
-        np.savez(out, **arrays)
-    else:
-        nrow = scfg.per_class if labels is not None and a.cls is None and a.num is None else None
-        save_grid(images, out, ncol=nrow)
-    print(f"wrote {len(images)} samples to {out}")
-    return 0
-
-
-def _draw(result, scfg: SamplerConfig, *, num, cls, seed, no_ema, overrides):
-    from mlgen import sharding
-
-    cfg = result.config
-    use_ema = "ema" in result.state and scfg.use_ema and not no_ema
-    params = result.state["ema"] if use_ema else result.state["params"]
-    num_classes = getattr(cfg.model, "num_classes", 0)
-    if num_classes:
-        if cls is not None:
-            if not 0 <= cls < num_classes:
-                print(f"mlgen sample: --class must be in [0, {num_classes})", file=sys.stderr)
-                raise SystemExit(2)
-            labels = np.full((num or scfg.per_class,), cls, np.int32)
-        elif num is not None:
-            labels = np.arange(num, dtype=np.int32) % num_classes
-        else:
-            labels = grid_labels(num_classes, scfg.per_class)
-        n = len(labels)
-    else:
-        labels = None
-        n = num or scfg.per_class * 10
-    with sharding.use(result.mesh, cfg.mesh.rules):
-        x = sample_model(result.graphdef, params, cfg.objective, cfg.model, scfg, num=n,
-                         key=jax.random.key(seed), labels=labels, **overrides)
-    return np.asarray(jax.device_get(x)), labels

@@ -13,31 +13,33 @@ Supports:
 - per-token log-probabilities under the model (temperature 1, unfiltered);
 - reproducible samples from a seed (per-step keys are ``fold_in(key, step)``);
 - best-of-N: N samples per prompt ranked by mean log-probability or a user verifier;
-- sharded models: call under ``mlgen.sharding.use(mesh, rules)`` with sharded params;
-- ``mlgen generate WORKDIR --prompt TEXT ...`` (:func:`generate_main`).
+- sharded models: call under ``mlgen.sharding.use(mesh, rules)`` with sharded params.
+
+The sampler knows a model only through the :class:`Decoder` protocol (``init_cache``,
+``decode``, ``max_length``, ``for_decoding``): any family implementing it (a transformer, a
+recurrent-state model, an imported checkpoint) samples here. ``mlgen generate WORKDIR`` is in
+``mlgen.cli``.
 """
 
 from __future__ import annotations
 
 import abc
-import argparse
 import dataclasses
 import functools
-import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mlgen.models.transformer import Transformer
-from mlgen.nn.attention import KVCache
 from mlgen.sharding import constrain
 from mlgen.typing import Array, Float, Int
 
-__all__ = ["Candidate", "Chain", "Generation", "Greedy", "Sampling", "SamplingMethod", "Temperature", "TopK",
-           "TopP", "best_of_n", "generate", "generate_main"]
+__all__ = ["Candidate", "Chain", "Decoder", "Generation", "Greedy", "Sampling", "SamplingMethod", "Temperature",
+           "TopK", "TopP", "best_of_n", "candidates", "generate", "max_length"]
 
 _NEG_INF = -jnp.inf
 
@@ -162,6 +164,31 @@ def Sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Sa
     return parts[0] if len(parts) == 1 else Chain(*parts)
 
 
+# ----------------------------------------------------------------------------- the protocol
+class Decoder(Protocol):
+    """What the sampler needs from a model (an ``nnx.Module``).
+
+    ``positions`` ``[B, T]`` give each token's position in its row; a negative position marks
+    left padding, which a decoder must store as never-attended-to. Each layer owns its part of
+    the cache (a KV cache for attention, conv + SSM state for a recurrent layer).
+    """
+
+    @property
+    def max_length(self) -> int | None:
+        """The longest prompt + continuation the model can take (None: unbounded)."""
+
+    def init_cache(self, batch: int, max_len: int) -> Any:
+        """An empty cache (a pytree) for ``batch`` rows of up to ``max_len`` tokens."""
+
+    def decode(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], cache: Any
+               ) -> tuple[Float[Array, "B V"], Any]:
+        """Runs ``T`` new tokens per row; returns the next-token logits after the last one and
+        the updated cache (``T`` is the prompt length for the prefill, then 1)."""
+
+    def for_decoding(self) -> "Decoder":
+        """The module the decoding loop carries (e.g. with per-layer weights sliced once); often self."""
+
+
 # ----------------------------------------------------------------------------- generation
 @dataclasses.dataclass
 class Generation:
@@ -186,6 +213,21 @@ class Generation:
         return self.logprobs.sum(-1) / np.maximum(self.lengths, 1)
 
 
+@flax.struct.dataclass
+class _Loop:
+    """The decoding loop's carry."""
+
+    i: jax.Array                # tokens emitted so far (the next output column)
+    token: jax.Array            # [B] the last token of each row
+    position: jax.Array         # [B] the position that token takes
+    cache: Any
+    tokens: jax.Array           # [B, max_new_tokens]
+    logprobs: jax.Array         # [B, max_new_tokens]
+    lengths: jax.Array          # [B]
+    done: jax.Array             # [B]
+    model: Any                  # the decoder's state (merged at the loop's trace level)
+
+
 def _bucket(n: int, minimum: int = 16) -> int:
     """Prompt length rounded up to a power of two, so few lengths compile."""
     return max(minimum, 1 << (n - 1).bit_length())
@@ -194,119 +236,68 @@ def _bucket(n: int, minimum: int = 16) -> int:
 def _split_model(model) -> tuple[nnx.GraphDef, Any]:
     if isinstance(model, nnx.Module):
         return nnx.split(model)
-    graphdef, params = model
-    return graphdef, params
+    graphdef, *states = model
+    return graphdef, states[0] if len(states) == 1 else tuple(states)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_new_tokens", "copy_layers"))
-def _generate(state, tokens, seg, key, stops, pad_id, *, graphdef, sampling: SamplingMethod, max_new_tokens: int,
-              copy_layers: bool):
+def _merge(graphdef, state):
+    return nnx.merge(graphdef, *state) if isinstance(state, tuple) else nnx.merge(graphdef, state)
+
+
+def prefill_positions(seg: Int[Array, "B P"]) -> Int[Array, "B P"]:
+    """Positions of left-padded rows (``seg`` 0 = padding): 0.. on the first real token, -1 on padding."""
+    return jnp.where(seg != 0, jnp.cumsum(seg != 0, axis=1) - 1, -1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_new_tokens"))
+def _generate(state, tokens, seg, key, stops, pad_id, *, graphdef, sampling: SamplingMethod, max_new_tokens: int):
     """tokens/seg ``[B, P]`` left-padded -> (tokens, logprobs ``[B, max_new_tokens]``, lengths ``[B]``).
 
     ``stops`` ``[S]`` holds the stop ids padded with -1 and ``pad_id`` is a scalar: both are
-    traced, so changing them does not recompile. ``copy_layers`` slices each layer's weights
-    out of the stacked ones once, before the loop, instead of at every token: XLA:CPU copies
-    such slices at every token (15-25% of the time per token at the benchmark's shapes) while GPU/TPU gemms read
-    them in place, so only CPU pays the extra copy of the block weights in memory.
+    traced, so changing them does not recompile.
     """
-    model: Transformer = nnx.merge(graphdef, state)
-    B = tokens.shape[0]
-    logits, pos, caches = _prefill(model, tokens, seg, tokens.shape[1] + max_new_tokens)
-    out_tok = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
-    out_lp = jnp.zeros((B, max_new_tokens), jnp.float32)
+    decoder: Decoder = _merge(graphdef, state).for_decoding()
+    loop_def, loop_state = nnx.split(decoder)
+    B, P = tokens.shape
+    positions = prefill_positions(seg)
+    logits, cache = decoder.decode(tokens, positions, decoder.init_cache(B, P + max_new_tokens))
 
-    def emit(i, logits, out_tok, out_lp, done):
-        tok = sampling.sample(logits, jax.random.fold_in(key, i))
+    def emit(c: _Loop, logits) -> _Loop:
+        tok = sampling.sample(logits, jax.random.fold_in(key, c.i))
         lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
-        tok = jnp.where(done, pad_id, tok)
-        lp = jnp.where(done, 0.0, lp)
-        out_tok = jax.lax.dynamic_update_slice(out_tok, tok[:, None], (0, i))
-        out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, i))
-        done = done | jnp.any(tok[:, None] == stops[None, :], axis=-1)
-        return tok, out_tok, out_lp, done
+        tok = jnp.where(c.done, pad_id, tok)
+        lp = jnp.where(c.done, 0.0, lp)
+        return c.replace(i=c.i + 1, token=tok, lengths=c.lengths + (~c.done).astype(jnp.int32),
+                         tokens=jax.lax.dynamic_update_slice(c.tokens, tok[:, None], (0, c.i)),
+                         logprobs=jax.lax.dynamic_update_slice(c.logprobs, lp[:, None], (0, c.i)),
+                         done=c.done | jnp.any(tok[:, None] == stops[None, :], axis=-1))
 
-    done0 = jnp.zeros((B,), bool)
-    tok, out_tok, out_lp, done = emit(0, logits, out_tok, out_lp, done0)
-    lengths = jnp.ones((B,), jnp.int32)
+    def cond(c: _Loop):
+        return (c.i < max_new_tokens) & ~jnp.all(c.done)
 
-    def cond(carry):
-        i, *_, done, _ = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
+    def body(c: _Loop) -> _Loop:
+        logits, cache = nnx.merge(loop_def, c.model).decode(c.token[:, None], c.position[:, None], c.cache)
+        return emit(c.replace(position=c.position + 1, cache=cache), logits)
 
-    layers = _layer_weights(model) if copy_layers else None
-
-    def body(carry):
-        i, tok, pos, caches, out_tok, out_lp, lengths, done, (state, layers) = carry
-        logits, caches = _decode_step(nnx.merge(graphdef, state), tok, pos, caches, layers)
-        lengths = lengths + (~done).astype(jnp.int32)
-        tok, out_tok, out_lp, done = emit(i, logits, out_tok, out_lp, done)
-        return i + 1, tok, pos + 1, caches, out_tok, out_lp, lengths, done, (state, layers)
-
-    # The parameters ride in the carry (unchanged) so that the model is merged at the loop's
-    # trace level (NNX modules may not cross trace levels).
-    carry = (jnp.int32(1), tok, pos, caches, out_tok, out_lp, lengths, done, (state, layers))
-    _, _, _, _, out_tok, out_lp, lengths, _, _ = jax.lax.while_loop(cond, body, carry)
+    # The decoder's state rides in the carry (unchanged) so that the module is merged at the
+    # loop's trace level (NNX modules may not cross trace levels).
+    start = _Loop(i=jnp.int32(0), token=jnp.zeros((B,), jnp.int32), position=positions[:, -1] + 1, cache=cache,
+                  tokens=jnp.full((B, max_new_tokens), pad_id, jnp.int32),
+                  logprobs=jnp.zeros((B, max_new_tokens), jnp.float32), lengths=jnp.zeros((B,), jnp.int32),
+                  done=jnp.zeros((B,), bool), model=loop_state)
+    end = jax.lax.while_loop(cond, body, emit(start, logits))
     rep = lambda x: constrain(x, (None,) * x.ndim)  # noqa: E731  (whole on every host)
-    return rep(out_tok), rep(out_lp), rep(lengths)
-
-
-def _prefill(model: Transformer, tokens: Int[Array, "B P"], seg: Int[Array, "B P"], cache_len: int
-             ) -> tuple[Float[Array, "B V"], Int[Array, "B"], tuple[KVCache, ...]]:
-    """Runs the left-padded prompts (``seg`` 0 = padding) in one pass that fills a fresh cache.
-
-    Returns the next-token logits of each row, the position of the next token of each row
-    and one cache per layer (for :func:`_decode_step`).
-    """
-    positions = jnp.maximum(jnp.cumsum(seg != 0, axis=1) - 1, 0).astype(jnp.int32)
-    cache = model.init_cache(tokens.shape[0], cache_len)
-    hidden, cache = model(tokens, positions=positions, segment_ids=seg, cache=cache, return_hidden=True)
-    logits = model.logits(hidden[:, -1:])[:, 0]  # only the last position: no [B, P, V] logits
-    caches = tuple(jax.tree.map(lambda a: a[layer], cache) for layer in range(model.cfg.num_layers))
-    return logits, positions[:, -1] + 1, caches
-
-
-def _layer_weights(model: Transformer) -> tuple[nnx.GraphDef, tuple[Any, ...]]:
-    """One block's graph and each layer's slice of the stacked block state."""
-    block_def, stacked = nnx.split(model.blocks)
-    return block_def, tuple(jax.tree.map(lambda a: a[layer], stacked) for layer in range(model.cfg.num_layers))
-
-
-def _decode_step(model: Transformer, tok: Int[Array, "B"], pos: Int[Array, "B"], caches: tuple[KVCache, ...],
-                 layers: tuple[nnx.GraphDef, tuple[Any, ...]] | None = None
-                 ) -> tuple[Float[Array, "B V"], tuple[KVCache, ...]]:
-    """One token per row through the model, with one cache per layer.
-
-    The same computation as ``model(tok[:, None], positions=..., cache=...)`` (checked by
-    the tests), but with the layers unrolled over separate per-layer caches: the model's
-    layer scan passes the stacked cache through as scanned inputs/outputs, which makes XLA
-    copy the whole cache several times per token (measured ~3x slower on CPU at the
-    benchmark's shapes); here each cache is updated in place inside the while loop.
-    ``layers`` (from :func:`_layer_weights`) are the per-layer weights if already sliced.
-    """
-    B = tok.shape[0]
-    tokens, positions = tok[:, None], pos[:, None]
-    x = model.embed(tokens)
-    if model.pos_embed is not None:
-        x = x + jnp.take(model.pos_embed[...], positions, axis=0).astype(x.dtype)
-    x = constrain(x, ("batch", "length", "act_embed"))
-    block_def, layer_states = _layer_weights(model) if layers is None else layers
-    seg = jnp.ones((B, 1), jnp.int32)
-    new = []
-    for layer, cache in enumerate(caches):
-        block = nnx.merge(block_def, layer_states[layer])
-        x, cache = block(x, positions=positions, segment_ids=seg, cache=cache)
-        new.append(cache)
-    return model.logits(model.final_norm(x))[:, 0], tuple(new)
+    return rep(end.tokens), rep(end.logprobs), rep(end.lengths)
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: SamplingMethod | None = None, eos_id: int | None = None, stop_ids: Sequence[int] = (),
              pad_id: int = 0, seed: int = 0, num_samples: int = 1, prompt_bucket: int | None = 16) -> Generation:
-    """Samples continuations of ``prompts`` with a KV cache.
+    """Samples continuations of ``prompts`` with a cache.
 
     Args:
-      model: an ``mlgen.models.transformer.Transformer``, or ``(graphdef, params)`` as from
-        ``nnx.split(model, nnx.Param)`` / ``trainer.restore``. Sharded params work: call
+      model: a :class:`Decoder` module, or ``(graphdef, params[, model_state])`` as from
+        ``nnx.split(model, nnx.Param, ...)`` / ``mlgen.restore``. Sharded params work: call
         inside ``mlgen.sharding.use(mesh, rules)``.
       prompts: token ids, one non-empty list per prompt (lengths may differ).
       max_new_tokens: tokens generated per row (fewer if every row stops).
@@ -330,11 +321,10 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     graphdef, state = _split_model(model)
     longest = max(len(p) for p in prompts)
     P = longest if prompt_bucket is None else _bucket(longest, prompt_bucket)
-    max_len = _position_limit(graphdef, state)
-    if max_len is not None:
-        if longest + max_new_tokens > max_len:
-            raise ValueError(f"generate: prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                             f"max_len={max_len}")
+    max_len = _max_length(graphdef, state)
+    if max_len is not None and longest + max_new_tokens > max_len:
+        raise ValueError(f"generate: prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"max_length={max_len}")
     rows = [list(p) for p in prompts for _ in range(num_samples)]
     tokens = np.full((len(rows), P), pad_id, np.int32)
     seg = np.zeros((len(rows), P), np.int32)
@@ -345,19 +335,18 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     stops = np.full(max(4, 1 << max(len(stop_set) - 1, 0).bit_length()), -1, np.int32)
     stops[:len(stop_set)] = stop_set
     out = _generate(state, tokens, seg, jax.random.key(seed), stops, np.int32(pad_id), graphdef=graphdef,
-                    sampling=sampling, max_new_tokens=int(max_new_tokens),
-                    copy_layers=jax.default_backend() == "cpu")
+                    sampling=sampling, max_new_tokens=int(max_new_tokens))
     tok, lp, lengths = (np.asarray(x) for x in jax.device_get(out))
     return Generation(tok, lp, lengths, num_samples)
 
 
-def _position_limit(graphdef, state) -> int | None:
-    """The learned-position table size (gpt2 flavour), else None (RoPE has no limit)."""
-    model = nnx.merge(graphdef, jax.eval_shape(lambda: state))  # abstract: nothing is copied
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and getattr(cfg, "flavour", None) == "gpt2":
-        return cfg.max_len
-    return None
+def max_length(model) -> int | None:
+    """The ``max_length`` of a decoder given as :func:`generate` takes it."""
+    return _max_length(*_split_model(model))
+
+
+def _max_length(graphdef: nnx.GraphDef, state) -> int | None:
+    return _merge(graphdef, jax.eval_shape(lambda: state)).max_length  # abstract: nothing is copied
 
 
 # ----------------------------------------------------------------------------- best-of-N
@@ -394,14 +383,14 @@ def best_of_n(model, prompts: Sequence[Sequence[int]], n: int, *, max_new_tokens
         sampling = Temperature(1.0)
     gen = generate(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, num_samples=n, **kw)
     out = []
-    for cands in _candidates(gen, decode):
+    for cands in candidates(gen, decode):
         for c in cands:
             c.score = float(score(c.text if decode is not None else c.tokens)) if score is not None else c.mean_logprob
         out.append(sorted(cands, key=lambda c: -c.score))
     return out
 
 
-def _candidates(gen: Generation, decode: Callable[[list[int]], str] | None) -> list[list[Candidate]]:
+def candidates(gen: Generation, decode: Callable[[list[int]], str] | None) -> list[list[Candidate]]:
     """The rows of ``gen`` grouped by prompt, in sample order, scored by mean log-prob."""
     n = gen.num_samples
     out = []
@@ -415,56 +404,3 @@ def _candidates(gen: Generation, decode: Callable[[list[int]], str] | None) -> l
             cands.append(c)
         out.append(cands)
     return out
-
-
-# ----------------------------------------------------------------------------- CLI
-def generate_main(argv: list[str]) -> int:
-    """``mlgen generate WORKDIR --prompt TEXT [...]``: sample from a trained run."""
-    ap = argparse.ArgumentParser(prog="mlgen generate", description="Sample text from a trained language model.")
-    ap.add_argument("workdir", help="a run's workdir (its config.json and checkpoints)")
-    ap.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
-    ap.add_argument("--max-new-tokens", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    ap.add_argument("--top-k", type=int, default=0, help="0 = off")
-    ap.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    ap.add_argument("--num-samples", type=int, default=1, help="completions printed per prompt")
-    ap.add_argument("--best-of", type=int, default=0,
-                    help="draw this many samples per prompt and print the --num-samples best by mean log-prob")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    ap.add_argument("--no-ema", action="store_true", help="use the raw parameters, not their EMA")
-    ap.add_argument("overrides", nargs="*", help="config overrides for restoring, e.g. mesh.data=1")
-    a = ap.parse_intermixed_args(argv)  # overrides may follow the flags
-
-    from mlgen import sharding
-    from mlgen.data.text import get_tokenizer
-    from mlgen.train.trainer import restore
-
-    result = restore(a.workdir, a.overrides, step=a.step)
-    cfg = result.config
-    tok = get_tokenizer(cfg.data, a.workdir)
-    params = result.state["ema"] if "ema" in result.state and not a.no_ema else result.state["params"]
-    sampling = Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
-    add_bos = getattr(cfg.data, "add_bos", True)
-    prompts = [([tok.bos_id] if add_bos else []) + tok.encode(p) for p in a.prompt]
-    max_len = cfg.model.max_len if cfg.model.flavour == "gpt2" else None
-    new = a.max_new_tokens
-    if max_len is not None:
-        new = min(new, max_len - max(len(p) for p in prompts))
-        if new < 1:
-            print(f"mlgen generate: the prompt fills the model's max_len={max_len}", file=sys.stderr)
-            return 2
-    kw = dict(max_new_tokens=new, sampling=sampling, eos_id=tok.eos_id, pad_id=tok.pad_id, seed=a.seed)
-    model = (result.graphdef, params)
-    with sharding.use(result.mesh, cfg.mesh.rules):
-        if a.best_of:
-            n = max(a.best_of, a.num_samples)
-            groups = [c[:a.num_samples] for c in best_of_n(model, prompts, n, decode=tok.decode, **kw)]
-        else:
-            groups = _candidates(generate(model, prompts, num_samples=a.num_samples, **kw), tok.decode)
-    for text, cands in zip(a.prompt, groups):
-        for j, c in enumerate(cands):
-            rank = f" (best of {a.best_of} by mean log-prob)" if a.best_of else ""
-            print(f"--- {text!r} sample {j + 1}/{len(cands)}{rank}  mean log-prob {c.mean_logprob:.3f}")
-            print(text + c.text)
-    return 0

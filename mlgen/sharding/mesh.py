@@ -1,27 +1,27 @@
-"""Device mesh from config: axes data, fsdp, tensor, seq, all of AxisType.Auto."""
+"""Device mesh from config: one named axis per ``MeshConfig`` axis, all of AxisType.Auto."""
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from mlgen.config import MeshConfig
-
-AXES = MeshConfig.AXES
+from mlgen.config import ConfigError, MeshConfig
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-    """Builds the 4-axis mesh; ``devices`` defaults to ``jax.devices()``.
+    """Builds the mesh over ``MeshConfig.AXES``; ``devices`` defaults to ``jax.devices()``.
 
     Axis sizes come from ``cfg`` with -1 filled in; a size mismatch is a ConfigError naming
     the mesh field. Auto axis types keep GSPMD propagation (``jax.make_mesh`` defaults to
     Explicit on this JAX).
     """
     devices = list(jax.devices() if devices is None else devices)
-    from mlgen.config import _prefixed
-
-    sizes = _prefixed("mesh", cfg.resolve, len(devices))
-    shape = tuple(sizes[a] for a in AXES)
-    if devices[0].platform in ("cpu",) or len(devices) == 1:
-        arr = np.asarray(devices).reshape(shape)
-        return Mesh(arr, AXES, axis_types=(AxisType.Auto,) * len(AXES))
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    try:
+        sizes = cfg.resolve(len(devices))
+    except ConfigError as e:
+        raise ConfigError(f"mesh.{e}") from None
+    axes = MeshConfig.AXES
+    shape = tuple(sizes[a] for a in axes)
+    types = (AxisType.Auto,) * len(axes)
+    if devices[0].platform == "cpu" or len(devices) == 1:
+        return Mesh(np.asarray(devices).reshape(shape), axes, axis_types=types)
+    return jax.make_mesh(shape, axes, axis_types=types, devices=devices)

@@ -1,17 +1,11 @@
-"""Task builders: turn a Config into a model, an objective and data for the one trainer.
+"""Tasks: a model kind + an objective + data, with their cross-section checks.
 
-Each task module defines ``validate(config, mesh_sizes)`` (cross-section checks, raising
-``ConfigError``) and ``build(config, mesh) -> mlgen.train.task.Task``.
+Importing this package registers the built-in tasks (``lm``, ``diffusion``) with
+``mlgen.config``; ``Config.task`` names one. A new task is one module that ends with
+``mlgen.tasks.base.register(TaskSpec(...))``.
 """
 
-import importlib
-from types import ModuleType
+from mlgen.tasks import diffusion, lm
+from mlgen.tasks.base import TaskSpec, check_batch, register, rules_for
 
-TASKS = {
-    "lm": "mlgen.tasks.lm",
-    "diffusion": "mlgen.tasks.diffusion",
-}
-
-
-def get(name: str) -> ModuleType:
-    return importlib.import_module(TASKS[name])
+__all__ = ["TaskSpec", "check_batch", "diffusion", "lm", "register", "rules_for"]

@@ -1,43 +1,39 @@
-"""Diffusion task: a UNet or DiT denoiser, the diffusion objective, image data, sample-grid hooks.
+"""Diffusion task: any denoiser family, the diffusion objective, image data, sample-grid hooks.
 
 Trains through the one trainer and train step (``mlgen.train``) like every task; EMA comes
-from ``train.ema_decay``. At each eval and at the end, the hook writes
+from ``train.ema_decay``. At each eval and at the end, the hooks write
 ``WORKDIR/samples/step_NNNNNN.png`` (one row per class, from the EMA parameters when kept)
-and ``WORKDIR/loss.png`` (from ``WORKDIR/metrics.jsonl``).
+and ``WORKDIR/loss.png`` (from ``WORKDIR/metrics.jsonl``); only process 0 writes.
 """
 
 from __future__ import annotations
 
+import io
 import json
-from pathlib import Path
 
 import jax
+import matplotlib
+import numpy as np
+from etils import epath
 from flax import nnx
+from jax.sharding import Mesh
 
+from mlgen import sharding
 from mlgen.config import Config, check
+from mlgen.data.images import ImageDataConfig, make_image_data, num_classes, save_grid
+from mlgen.data.paths import write_bytes_atomic
+from mlgen.models.family import Family
 from mlgen.objectives.diffusion import DiffusionObjectiveConfig, make_loss
-from mlgen.train.task import Task, check_batch
+from mlgen.samplers.diffusion import grid_labels, sample_model
+from mlgen.tasks.base import TaskSpec, register
+from mlgen.train.task import Task
+
+matplotlib.use("Agg", force=False)
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 
-def _model_classes():
-    from mlgen.models.dit import DiT, DiTConfig
-    from mlgen.models.unet import UNet, UNetConfig
-
-    return {UNetConfig: UNet, DiTConfig: DiT}
-
-
-def make_model(model_cfg, seed: int) -> nnx.Module:
-    """The denoiser for a ``UNetConfig`` or ``DiTConfig``."""
-    return _model_classes()[type(model_cfg)](model_cfg, rngs=nnx.Rngs(params=seed))
-
-
-def validate(cfg: Config, mesh: dict[str, int]) -> None:
-    from mlgen.data.images import ImageDataConfig, num_classes
-
-    check(type(cfg.model) in _model_classes(), "model", "the diffusion task needs a UNetConfig or a DiTConfig")
-    check(isinstance(cfg.data, ImageDataConfig), "data", "the diffusion task needs an ImageDataConfig")
-    check(isinstance(cfg.objective, DiffusionObjectiveConfig), "objective",
-          "the diffusion task needs a DiffusionObjectiveConfig")
+def _checks(cfg: Config, family: Family, mesh: dict[str, int] | None) -> None:
+    del family, mesh
     m, d = cfg.model, cfg.data
     check(m.image_size == d.image_size, "model.image_size",
           f"{m.image_size} differs from data.image_size={d.image_size}")
@@ -45,74 +41,64 @@ def validate(cfg: Config, mesh: dict[str, int]) -> None:
     if m.num_classes:
         n = num_classes(d)
         check(m.num_classes == n, "model.num_classes", f"{m.num_classes} but the data has {n} classes (or set 0)")
-    if getattr(m, "learn_sigma", False):
-        check(False, "model.learn_sigma", "the diffusion objective trains no variance; set learn_sigma=false")
-    check_batch(d.batch_size, cfg.optim.grad_accum_steps, mesh)
-    check(mesh["seq"] == 1, "mesh.seq", "image denoisers do not use sequence parallelism; set mesh.seq=1")
+    check(m.output_channels == m.in_channels, "model",
+          f"the denoiser outputs {m.output_channels} channels for {m.in_channels}-channel images; the diffusion "
+          "objective trains no variance (set learn_sigma=false / out_channels=0)")
 
 
-def build(cfg: Config, mesh) -> Task:
-    from mlgen.data.images import make_image_data
-
+def _build(cfg: Config, family: Family, mesh: Mesh, rules: sharding.Rules) -> Task:
+    del mesh, rules
     d, obj = cfg.data, cfg.objective
     pi, pc = jax.process_index(), jax.process_count()
     classes = cfg.model.num_classes
     return Task(
-        make_model=lambda: make_model(cfg.model, cfg.seed),
+        name=f"diffusion / {family.name}",
+        make_model=lambda: family.build(cfg.model, nnx.Rngs(params=cfg.seed)),
         make_loss=lambda gd: make_loss(gd, obj, num_classes=classes, train=True),
         make_eval_loss=lambda gd: make_loss(gd, obj, num_classes=classes, train=False),
         train_data=lambda: make_image_data(d, split="train", seed=cfg.seed, process_index=pi, process_count=pc),
         eval_data=lambda: make_image_data(d, split="validation", seed=cfg.seed, process_index=pi, process_count=pc),
+        batch_axes=DIFFUSION.batch_axes_of(family),
         hooks=(SampleGridHook(cfg), loss_plot_hook),
     )
 
 
 class SampleGridHook:
-    """``hook(step, params, ema_params, graphdef, workdir)``: writes ``samples/step_NNNNNN.png``.
+    """Writes ``samples/step_NNNNNN.png`` at each eval.
 
     Samples are drawn from a fixed key, so grids of successive steps are comparable. Runs
-    under the trainer's mesh (sharded parameters are fine).
+    under the trainer's mesh (sharded parameters are fine) on every process; process 0 writes.
     """
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
-    def __call__(self, step: int, params, ema_params, graphdef, workdir: str) -> None:
-        import numpy as np
-
-        from mlgen.data.images import save_grid
-        from mlgen.samplers.diffusion import grid_labels, sample_model
-
+    def __call__(self, step: int, state: dict, graphdef: nnx.GraphDef, workdir: epath.Path) -> None:
         obj, m = self.cfg.objective, self.cfg.model
         scfg = obj.sampling
-        use = ema_params if (scfg.use_ema and ema_params is not None) else params
+        params = state["ema"] if (scfg.use_ema and "ema" in state) else state["params"]
         labels = grid_labels(m.num_classes, scfg.per_class) if m.num_classes else None
         n = len(labels) if labels is not None else 10 * scfg.per_class
-        x = sample_model(graphdef, use, obj, m, scfg, num=n, key=jax.random.key(self.cfg.seed + 1), labels=labels)
+        x = sample_model(graphdef, params, obj, m, scfg, num=n, key=jax.random.key(self.cfg.seed + 1), labels=labels,
+                         model_state=state.get("model_state"))
         if jax.process_index() == 0:
-            save_grid(np.asarray(jax.device_get(x)), Path(workdir) / "samples" / f"step_{step:06d}.png",
-                      ncol=scfg.per_class)
+            save_grid(np.asarray(jax.device_get(x)), workdir / "samples" / f"step_{step:06d}.png", ncol=scfg.per_class)
 
 
-def loss_plot_hook(step: int, params, ema_params, graphdef, workdir: str) -> None:
+def loss_plot_hook(step: int, state: dict, graphdef: nnx.GraphDef, workdir: epath.Path) -> None:
     """Plots ``loss`` (and ``eval_loss``) from ``WORKDIR/metrics.jsonl`` to ``WORKDIR/loss.png``."""
-    del step, params, ema_params, graphdef
+    del step, state, graphdef
     if jax.process_index() == 0:
         plot_losses(workdir)
 
 
-def plot_losses(workdir: str | Path) -> Path | None:
-    path = Path(workdir) / "metrics.jsonl"
+def plot_losses(workdir) -> epath.Path | None:
+    path = epath.Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in ("loss", "eval_loss"):
         pts = [(r["step"], r[key]) for r in rows if key in r]
@@ -123,8 +109,21 @@ def plot_losses(workdir: str | Path) -> Path | None:
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    out = Path(workdir) / "loss.png"
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    out = epath.Path(workdir) / "loss.png"
+    write_bytes_atomic(out, buf.getvalue())
     return out
+
+
+DIFFUSION = register(TaskSpec(
+    name="diffusion",
+    kinds=("denoiser",),
+    objective=DiffusionObjectiveConfig,
+    data=ImageDataConfig,
+    checks=_checks,
+    build=_build,
+    batch_axes={"images": ("batch", None, None, None), "labels": ("batch",)},
+))

@@ -3,25 +3,43 @@
 Layout: ``WORKDIR/checkpoints/<step>/{state, data_<process>, config}``. Orbax writes each step
 into a temporary directory and renames it when complete, so a crash never leaves a half
 checkpoint that a restart would read. Restoring takes an abstract target (shapes, dtypes and
-the *new* shardings), so a checkpoint restores onto any mesh or device count.
+the *new* shardings), so a checkpoint restores onto any mesh or device count. Paths go through
+``etils.epath`` (what orbax uses): ``gs://bucket/run`` reaches orbax as written.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from mlgen.config import Config, from_dict, to_dict
 
 
-class Checkpointer:
-    """A thin wrapper over ``ocp.CheckpointManager`` for train states."""
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+    """``workdir`` as an ``epath.Path``: remote paths (``gs://...``) as given, local ones absolute."""
+    text = os.fspath(workdir)
+    path = epath.Path(text)
+    return path if "://" in text else path.absolute()
 
-    def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+
+def _empty(x) -> bool:
+    return isinstance(x, dict) and not jax.tree.leaves(x)
+
+
+class Checkpointer:
+    """A thin wrapper over ``ocp.CheckpointManager`` for train states.
+
+    Top-level entries of the state that hold no arrays (a model with no non-parameter
+    variables has ``model_state == {}``) are not written, and come back as they are in the
+    restore target: so checkpoints from before ``model_state`` existed restore too.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        self.directory = workdir_path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
@@ -33,7 +51,8 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, *, config: Config | None = None, data_state: dict | None = None,
              force: bool = False) -> bool:
-        args = {"state": ocp.args.StandardSave(state)}
+        stored = {k: v for k, v in state.items() if not _empty(v)}
+        args = {"state": ocp.args.StandardSave(stored)}
         if config is not None:
             args["config"] = ocp.args.JsonSave(to_dict(config))
         if data_state is not None:
@@ -45,13 +64,15 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {self.directory}")
-        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        empty = {k: v for k, v in abstract_state.items() if _empty(v)}
+        args = {"state": ocp.args.StandardRestore({k: v for k, v in abstract_state.items() if k not in empty})}
         data_key = f"data_{jax.process_index()}"
         has_data = with_data and (self.directory / str(step) / data_key).exists()
         if has_data:
             args[data_key] = ocp.args.JsonRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(**args))
-        return out["state"], (out[data_key] if has_data else None)
+        state = {**out["state"], **empty}
+        return {k: state[k] for k in abstract_state}, (out[data_key] if has_data else None)
 
     def restore_config(self, step: int | None = None) -> Config:
         step = self.latest_step() if step is None else step
@@ -64,11 +85,3 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def abstract_like(tree: Any, shardings: Any | None = None) -> Any:
-    """ShapeDtypeStructs of ``tree`` (arrays or abstract values) with ``shardings``."""
-    if shardings is None:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                            tree)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -1,30 +1,51 @@
 """The one train step: ``make_train_step(loss_fn, optimizer) -> step(state, batch, rng)``.
 
 It knows nothing of what it trains: language models, diffusion models and autoencoders all
-come here with their ``loss(params, batch, rng) -> (loss, metrics)``.
+come here with their ``loss(params, model_state, batch, rng) -> (loss, (metrics, model_state))``.
 
-The state is a plain dict ``{"step", "params", "opt_state"}`` plus ``"ema"`` (an exponential
-moving average of the parameters) when EMA is on.
+The state is a plain dict ``{"step", "params", "model_state", "opt_state"}`` plus ``"ema"`` (an
+exponential moving average of the parameters) when EMA is on. ``model_state`` holds the
+model's non-trainable variables (batch statistics, counters), threaded through the loss.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mlgen.train.task import LossFn
+from mlgen.train.task import LossFn, TrainStep
 
 TrainState = dict[str, Any]
 
 
-def init_state(params, optimizer: optax.GradientTransformation, *, ema: bool = False) -> TrainState:
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+def init_state(params, optimizer: optax.GradientTransformation, *, model_state: Any = None,
+               ema: bool = False) -> TrainState:
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "model_state": {} if model_state is None else model_state, "opt_state": optimizer.init(params)}
     if ema:
         state["ema"] = jax.tree.map(jnp.copy, params)
     return state
+
+
+def state_shardings(optimizer: optax.GradientTransformation, abstract: TrainState, param_sh, model_state_sh,
+                    mesh) -> dict:
+    """Shardings of :func:`init_state`'s dict: optimizer moments where their parameters live."""
+    replicated = NamedSharding(mesh, P())
+    out = {
+        "step": replicated,
+        "params": param_sh,
+        "model_state": model_state_sh,
+        "opt_state": optax.tree_map_params(optimizer, lambda _, s: s, abstract["opt_state"], param_sh,
+                                           transform_non_params=lambda _: replicated),
+    }
+    if "ema" in abstract:
+        out["ema"] = param_sh
+    return out
 
 
 def ema_decay_at(step, decay: float, warmup: int):
@@ -42,38 +63,41 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
     ``rng`` is the run's base key; the step folds in its own step number, so a resumed run
     draws the same randomness. With ``grad_accum_steps = k`` the batch's leading dimension is
-    split into k micro-batches whose gradients are averaged (a scan: one compiled body).
+    split into k micro-batches whose gradients are averaged (a scan: one compiled body); the
+    model state runs through the micro-batches in order.
     """
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def compute_grads(params, batch, rng):
+    def compute_grads(params, model_state, batch, rng):
         if grad_accum_steps == 1:
-            (loss, metrics), grads = grad_fn(params, batch, rng)
-            return loss, metrics, grads
+            (loss, (metrics, model_state)), grads = grad_fn(params, model_state, batch, rng)
+            return loss, metrics, grads, model_state
 
         micro = jax.tree.map(lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]),
                              batch)
 
         def body(carry, xs):
+            acc, ms = carry
             i, mb = xs
-            (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
-            acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
-            return acc, None
+            (loss, (metrics, ms)), grads = grad_fn(params, ms, mb, jax.random.fold_in(rng, i))
+            return (jax.tree.map(jnp.add, acc, (loss, metrics, grads)), ms), None
 
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)))
-        (loss, metrics), grads = zeros
-        (loss, metrics, grads), _ = jax.lax.scan(body, (loss, metrics, grads),
-                                                  (jnp.arange(grad_accum_steps), micro))
+        first = jax.tree.map(lambda x: x[0], micro)
+        (loss, (metrics, _)), grads = jax.eval_shape(lambda: grad_fn(params, model_state, first, rng))
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (loss, metrics, grads))
+        ((loss, metrics, grads), model_state), _ = jax.lax.scan(body, (zeros, model_state),
+                                                                 (jnp.arange(grad_accum_steps), micro))
         scale = 1.0 / grad_accum_steps
-        return loss * scale, jax.tree.map(lambda m: m * scale, metrics), jax.tree.map(lambda g: g * scale, grads)
+        return (loss * scale, jax.tree.map(lambda m: m * scale, metrics), jax.tree.map(lambda g: g * scale, grads),
+                model_state)
 
     def step(state: TrainState, batch, rng) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(rng, state["step"])
-        loss, metrics, grads = compute_grads(state["params"], batch, rng)
+        loss, metrics, grads, model_state = compute_grads(state["params"], state["model_state"], batch, rng)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        new = {"step": state["step"] + 1, "params": params, "model_state": model_state, "opt_state": opt_state}
         if "ema" in state:
             d = ema_decay_at(state["step"], ema_decay, ema_warmup)
             new["ema"] = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state["ema"], params)
@@ -85,11 +109,24 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     return step
 
 
-def make_eval_step(loss_fn: LossFn):
-    """``eval_step(params, batch, rng) -> metrics`` (with ``loss``)."""
+def default_step(make_loss: Callable[[Any], LossFn], optimizer: optax.GradientTransformation, *,
+                 grad_accum_steps: int = 1, lr_schedule: Callable | None = None, ema_decay: float = 0.0,
+                 ema_warmup: int = 0) -> TrainStep:
+    """The :class:`TrainStep` of one optax optimizer over ``make_loss(graphdef)`` (every built-in task)."""
+    ema = ema_decay > 0
+    return TrainStep(
+        init=lambda params, model_state: init_state(params, optimizer, model_state=model_state, ema=ema),
+        shardings=lambda abstract, p_sh, s_sh, mesh: state_shardings(optimizer, abstract, p_sh, s_sh, mesh),
+        make=lambda graphdef: make_train_step(make_loss(graphdef), optimizer, grad_accum_steps=grad_accum_steps,
+                                              lr_schedule=lr_schedule, ema_decay=ema_decay, ema_warmup=ema_warmup),
+    )
 
-    def eval_step(params, batch, rng):
-        loss, metrics = loss_fn(params, batch, rng)
+
+def make_eval_step(loss_fn: LossFn):
+    """``eval_step(params, model_state, batch, rng) -> metrics`` (with ``loss``)."""
+
+    def eval_step(params, model_state, batch, rng):
+        loss, (metrics, _) = loss_fn(params, model_state, batch, rng)
         return dict(metrics, loss=loss)
 
     return eval_step

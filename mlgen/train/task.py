@@ -1,13 +1,14 @@
-"""What the one trainer needs from any objective: a model, a loss, data and hooks.
+"""What the one trainer needs from whatever it trains: a model, a loss, data and hooks.
 
-A task builder (``mlgen/tasks/*.py``) turns a Config into a :class:`Task`; the trainer
-(``mlgen/train/trainer.py``) knows nothing else about what it trains.
+A task builder (``mlgen.tasks``) turns a Config into a :class:`Task`; the trainer
+(``mlgen/train/trainer.py``) takes it as given and knows nothing else about what it trains.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from flax import nnx
 
@@ -15,7 +16,8 @@ from mlgen.typing import Batch, Metrics, Params
 
 
 class LossFn(Protocol):
-    def __call__(self, params: Params, batch: Batch, rng) -> tuple[Any, Metrics]: ...
+    def __call__(self, params: Params, model_state: Any, batch: Batch, rng) -> tuple[Any, tuple[Metrics, Any]]:
+        """``(loss, (metrics, new model_state))``; ``model_state`` holds the non-parameter variables."""
 
 
 class DataIterator(Protocol):
@@ -26,45 +28,60 @@ class DataIterator(Protocol):
     def set_state(self, state: dict) -> None: ...
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Task:
-    """Everything task-specific, as plain callables.
+class Hook(Protocol):
+    def __call__(self, step: int, state: dict, graphdef: nnx.GraphDef, workdir: Any) -> None:
+        """Called at each eval and at the end with the train state (``params``, ``model_state``,
+        ``ema`` when kept, ...) and the workdir (an ``etils.epath.Path``; may be remote). Runs on
+        every process (sampling is collective); only process 0 should write files."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """How a train state is built, sharded and updated (``mlgen.train.step.default_step``).
+
+    A task with several optimizers (a GAN's two players) brings its own: the trainer only
+    calls these three.
 
     Attributes:
+      init: ``(params, model_state) -> state``: a dict with at least ``step``, ``params`` and
+        ``model_state`` (pure pytrees; traced under ``jit`` and ``eval_shape``).
+      shardings: ``(abstract state, param shardings, model_state shardings, mesh) -> the
+        state's shardings``.
+      make: ``graphdef -> step(state, batch, rng) -> (state, metrics)``, pure; ``rng`` is the
+        run's base key (the step folds in its own step number).
+    """
+
+    init: Callable[[Any, Any], dict]
+    shardings: Callable[[Any, Any, Any, Any], Any]
+    make: Callable[[nnx.GraphDef], Callable[[dict, Batch, Any], tuple[dict, Metrics]]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Task:
+    """Everything task-specific, as plain values and callables.
+
+    Attributes:
+      name: for the startup log (``"lm / transformer"``).
       make_model: ``() -> nnx.Module``; called under the mesh and logical-axis rules
         (``mlgen.sharding.use``), under ``nnx.eval_shape`` and under ``jit``.
-      make_loss: ``(graphdef) -> loss(params, batch, rng) -> (loss, metrics)`` for training.
-      make_eval_loss: same signature, deterministic (no dropout); None = use make_loss.
+      make_loss: ``(graphdef) -> LossFn`` for training.
+      make_eval_loss: same, deterministic (no dropout); None = use make_loss.
       train_data: ``() -> DataIterator`` of this host's share of each global batch.
       eval_data: ``() -> Iterator[Batch]``, a fresh pass over validation batches, or None.
       batch_axes: logical axis names per batch key (default: leading dim over ``batch``).
-      hooks: ``hook(step, params, ema_params, graphdef, workdir)`` called at each eval and at the
-        end (sample grids, plots, generations).
+      hooks: :class:`Hook` s (sample grids, plots).
       tokens_per_example: for the tokens/s metric (0: report examples/s only).
+      train_step: the task's own :class:`TrainStep` (several optimizers); None = the one
+        default step over ``make_loss`` with the config's optimizer.
     """
 
+    name: str = ""
     make_model: Callable[[], nnx.Module]
     make_loss: Callable[[nnx.GraphDef], LossFn]
     make_eval_loss: Callable[[nnx.GraphDef], LossFn] | None = None
     train_data: Callable[[], DataIterator]
     eval_data: Callable[[], Iterator[Batch]] | None = None
     batch_axes: dict[str, tuple] = dataclasses.field(default_factory=dict)
-    hooks: tuple[Callable[..., None], ...] = ()
+    hooks: tuple[Hook, ...] = ()
     tokens_per_example: int = 0
-
-
-def check_batch(batch_size: int, grad_accum_steps: int, mesh: dict[str, int]) -> None:
-    """Config checks every task shares: the global batch splits over the data axes, the
-    gradient-accumulation micro-batches, and the processes (each host loads its share)."""
-    import jax
-
-    from mlgen.config import check
-
-    shards = mesh["data"] * mesh["fsdp"]
-    check(batch_size % shards == 0, "data.batch_size",
-          f"{batch_size} is not divisible by the data axes (data*fsdp = {shards})")
-    check(batch_size % (grad_accum_steps * shards) == 0, "optim.grad_accum_steps",
-          f"{grad_accum_steps} micro-batches of data.batch_size={batch_size} do not split evenly over the data axes "
-          f"({shards})")
-    check(batch_size % jax.process_count() == 0, "data.batch_size",
-          f"{batch_size} is not divisible by the process count {jax.process_count()}")
+    train_step: TrainStep | None = None

@@ -8,8 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from mlgen.config import ConfigError
+from mlgen.config import ConfigError, section_class, section_name
 from mlgen.data import text as text_lib
+from mlgen.data.images import ImageDataConfig
 from mlgen.data.text import TextDataConfig, get_tokenizer, make_lm_data, split_documents
 from mlgen.data.tokenizer import ByteTokenizer
 
@@ -290,3 +291,9 @@ def test_no_matching_files_is_a_config_error(tmp_path):
     cfg = TextDataConfig(source="files", paths=(str(tmp_path / "*.none"),))
     with pytest.raises(ConfigError, match="^paths: no files match"):
         make_lm_data(cfg, split="train", seed=0)
+
+
+def test_config_classes_are_registered_by_name():
+    assert section_name(TextDataConfig) == "text" and section_name(ImageDataConfig) == "images"
+    assert section_class("mlgen.data.text:TextDataConfig") is TextDataConfig
+    assert section_class("mlgen.data.images:ImageDataConfig") is ImageDataConfig

@@ -11,7 +11,7 @@ import pytest
 import mlgen
 import importlib
 
-trainer_lib = importlib.import_module("mlgen.train.trainer")
+step_lib = importlib.import_module("mlgen.train.step")
 diffusion_task = importlib.import_module("mlgen.tasks.diffusion")
 from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig
 from mlgen.data.images import ImageDataConfig
@@ -50,7 +50,7 @@ def tiny_digits_config(workdir: str) -> Config:
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("digits")
     mp = pytest.MonkeyPatch()
-    mp.setattr(trainer_lib, "make_train_step", _recording(trainer_lib.make_train_step))
+    mp.setattr(step_lib, "make_train_step", _recording(step_lib.make_train_step))
     plot = diffusion_task.plot_losses
 
     def recording_plot(wd):
@@ -85,8 +85,8 @@ def test_loss_falls_and_artifacts_are_written(run):
 
 
 def test_lm_and_diffusion_train_through_the_same_step(run, tmp_path, monkeypatch):
-    """Both tasks get their step from train/step.py via the trainer, and no task grows its own."""
-    monkeypatch.setattr(trainer_lib, "make_train_step", _recording(trainer_lib.make_train_step))
+    """Both tasks get their step from train/step.py via the trainer, and neither grows its own."""
+    monkeypatch.setattr(step_lib, "make_train_step", _recording(step_lib.make_train_step))
     cfg = tiny_lm_config(str(tmp_path))
     mlgen.train(replace(cfg, train=replace(cfg.train, num_steps=1, eval_every=0, checkpoint_every=1)))
     assert "mlgen.objectives.diffusion" in STEP_CALLS and "mlgen.objectives.lm" in STEP_CALLS
@@ -101,7 +101,7 @@ def test_lm_and_diffusion_train_through_the_same_step(run, tmp_path, monkeypatch
 
 def test_sample_cli_writes_npz_and_grid(run, tmp_path):
     from mlgen.evaluation.digits import DigitScorer
-    from mlgen.samplers.diffusion import sample_main
+    from mlgen.cli.sample import sample_main
 
     workdir, _ = run
     out = tmp_path / "x.npz"

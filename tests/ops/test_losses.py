@@ -10,7 +10,7 @@ import pytest
 from mlgen import sharding
 from mlgen.config import ConfigError, MeshConfig
 from mlgen.ops.losses import chunked_cross_entropy, cross_entropy
-from mlgen.train.trainer import setup
+from mlgen.runs import setup
 from tests.helpers import random_lm_batch, tiny_lm_config
 
 
@@ -72,7 +72,7 @@ def _lm_loss(cfg):
     with sharding.use(s.mesh, cfg.mesh.rules):
         b = sharding.put_batch(batch, s.mesh, s.task.batch_axes, cfg.mesh.rules)
         f = jax.jit(jax.value_and_grad(s.task.make_loss(s.graphdef), has_aux=True))
-        (loss, metrics), grads = f(s.state["params"], b, jax.random.key(0))
+        (loss, (metrics, _)), grads = f(s.state["params"], s.state["model_state"], b, jax.random.key(0))
     return float(loss), metrics, grads
 
 

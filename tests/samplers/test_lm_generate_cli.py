@@ -1,8 +1,8 @@
 """``mlgen generate WORKDIR``: restore a run (config, checkpoint, tokenizer) and print completions."""
 
-from mlgen.samplers.lm import generate_main
+from mlgen.cli.generate import generate_main
+from mlgen.runs import setup
 from mlgen.train.checkpoint import Checkpointer
-from mlgen.train.trainer import setup
 from tests.helpers import tiny_lm_config
 
 

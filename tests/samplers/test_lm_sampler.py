@@ -9,8 +9,9 @@ from flax import nnx
 from mlgen import sharding
 from mlgen.config import MeshConfig
 from mlgen.models.transformer import Transformer, TransformerConfig
-from mlgen.samplers.lm import (Chain, Greedy, Sampling, Temperature, TopK, TopP, _decode_step, _prefill, best_of_n,
-                               generate)
+from mlgen.ops.attention import AttentionConfig
+from mlgen.samplers.lm import (Chain, Greedy, Sampling, Temperature, TopK, TopP, best_of_n, generate,
+                               prefill_positions)
 
 V = 64
 PROMPTS = [[5, 9, 2], [7, 1, 8, 3, 3, 11, 4], [12, 30, 6, 1, 2]]  # lengths differ: left padding
@@ -20,7 +21,7 @@ N_NEW = 6  # one max_new_tokens everywhere: fewer compilations
 def _cfg(flavour="llama", **kw):
     return TransformerConfig(**{**dict(flavour=flavour, vocab_size=V, num_layers=2, d_model=32, num_heads=4,
                                        num_kv_heads=2 if flavour == "llama" else 0, max_len=64,
-                                       attention_backend="xla"), **kw})
+                                       attention=AttentionConfig(backend="xla")), **kw})
 
 
 def _model(flavour="llama", **kw):
@@ -63,6 +64,20 @@ def _left_pad(prompts, length):
 
 
 # ----------------------------------------------------------------------------- KV cache
+def _prefill_and_decode(decoder, tok, seg, cont, steps):
+    """The sampler's use of the decoder protocol, teacher-forced: prefill, then ``steps - 1`` tokens."""
+    pos = prefill_positions(seg)
+    logits, cache = decoder.decode(tok, pos, decoder.init_cache(tok.shape[0], tok.shape[1] + steps))
+    nxt = pos[:, -1] + 1
+
+    def step(cache, t):
+        logits, cache = decoder.decode(cont[:, t][:, None], (nxt + t)[:, None], cache)
+        return cache, logits
+
+    cache, rest = jax.lax.scan(step, cache, jnp.arange(steps - 1))
+    return jnp.concatenate([logits[:, None], rest.swapaxes(0, 1)], 1), cache
+
+
 @pytest.mark.parametrize("flavour", ["llama", "gpt2"])
 def test_cached_decoding_matches_full_forward_with_left_padding(flavour):
     """Prefill + per-step decode logits equal a full forward of each row alone (<= 1e-5)."""
@@ -74,14 +89,7 @@ def test_cached_decoding_matches_full_forward_with_left_padding(flavour):
 
     @jax.jit
     def run(state, tok, seg, cont):
-        logits, pos, caches = _prefill(nnx.merge(*state), tok, seg, tok.shape[1] + steps)
-
-        def step(caches, t):
-            logits, caches = _decode_step(nnx.merge(*state), cont[:, t], pos + t, caches)
-            return caches, logits
-
-        _, rest = jax.lax.scan(step, caches, jnp.arange(steps - 1))
-        return jnp.concatenate([logits[:, None], rest.swapaxes(0, 1)], 1)
+        return _prefill_and_decode(nnx.merge(*state), tok, seg, cont, steps)[0]
 
     got = np.asarray(run(nnx.split(m), tok, seg, jnp.asarray(cont)))
     full = _full_logits(m, [p + cont[r, :steps - 1].tolist() for r, p in enumerate(PROMPTS)])
@@ -89,20 +97,23 @@ def test_cached_decoding_matches_full_forward_with_left_padding(flavour):
         np.testing.assert_allclose(got[r], full[r][len(p) - 1:], atol=1e-5, rtol=0)
 
 
-def test_decode_step_equals_the_models_own_cached_call(model):
-    """The unrolled per-layer decode step is the model's cached call, cache contents included."""
-    @jax.jit
-    def both(state, tok, seg, nxt):
-        model = nnx.merge(*state)
-        _, pos, caches = _prefill(model, tok, seg, 12)
-        stacked = jax.tree.map(lambda *a: jnp.stack(a), *caches)
-        want = model(nxt[:, None], positions=pos[:, None], segment_ids=jnp.ones((3, 1), jnp.int32), cache=stacked)
-        return want, _decode_step(model, nxt, pos, caches)
+def test_per_layer_decoder_equals_the_stacked_model(model):
+    """``for_decoding`` (per-layer weights, sliced once) decodes exactly as the stacked model,
+    cache contents included."""
+    steps = 3
+    cont = jnp.asarray([[3, 4, 5], [6, 7, 8], [9, 10, 11]], jnp.int32)
 
-    (want, want_cache), (got, got_caches) = both(nnx.split(model), *_left_pad(PROMPTS, 8),
-                                                 jnp.asarray([3, 4, 5], jnp.int32))
-    np.testing.assert_allclose(got, want[:, 0], atol=1e-5, rtol=0)
-    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda *a: jnp.stack(a), *got_caches)), jax.tree.leaves(want_cache)):
+    @jax.jit
+    def both(state, tok, seg):
+        stacked = nnx.merge(*state)
+        unrolled = stacked.for_decoding()
+        assert isinstance(unrolled.blocks, nnx.List) and not isinstance(stacked.blocks, nnx.List)
+        return (_prefill_and_decode(stacked, tok, seg, cont, steps),
+                _prefill_and_decode(unrolled, tok, seg, cont, steps))
+
+    (want, want_cache), (got, got_cache) = both(nnx.split(model), *_left_pad(PROMPTS, 8))
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 

@@ -1,6 +1,6 @@
-"""`model.attention_backend` switches the LM between backends; each trains to the same losses.
+"""`model.attention.backend` switches the LM between backends; each trains to the same losses.
 
-Pallas kernels run in interpret mode here (`model.attention_interpret=true`): this checks the
+Pallas kernels run in interpret mode here (`model.attention.interpret=true`): this checks the
 kernels' numbers inside the full model and its gradients, not their speed or compilation for
 real hardware (tests/ops covers TPU compilation and CUDA lowering).
 """
@@ -14,13 +14,15 @@ import pytest
 from mlgen import sharding
 from mlgen.config import MeshConfig
 from mlgen.train.step import make_train_step
-from mlgen.train.trainer import setup
+from mlgen.ops.attention import AttentionConfig
+from mlgen.runs import setup
 from tests.helpers import random_lm_batch, tiny_lm_config
 
 
 def _losses(backend: str, steps: int = 2) -> list[float]:
     cfg = tiny_lm_config(mesh=MeshConfig(data=-1, rules="dp"), num_layers=1, d_model=64, num_heads=4,
-                         num_kv_heads=2, attention_backend=backend, attention_interpret=backend.startswith("pallas"))
+                         num_kv_heads=2,
+                         attention=AttentionConfig(backend=backend, interpret=backend.startswith("pallas")))
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, warmup_steps=0))
     s = setup(cfg, devices=jax.devices()[:1])
     step = jax.jit(make_train_step(s.task.make_loss(s.graphdef), s.optimizer))

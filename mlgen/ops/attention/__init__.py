@@ -1,6 +1,8 @@
 """Attention: one entry point, several backends (see ``api.BACKENDS``)."""
 
-from mlgen.ops.attention.api import BACKENDS, Backend, Problem, attention, auto_order
+from mlgen.ops.attention.api import (BACKENDS, AttentionConfig, Backend, Problem, attention, auto_order, describe,
+                                     recording)
 from mlgen.ops.attention.block_sizes import BlockSizes
 
-__all__ = ["BACKENDS", "Backend", "BlockSizes", "Problem", "attention", "auto_order"]
+__all__ = ["BACKENDS", "AttentionConfig", "Backend", "BlockSizes", "Problem", "attention", "auto_order", "describe",
+           "recording"]

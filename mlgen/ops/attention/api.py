@@ -2,20 +2,30 @@
 
 Backends live in ``BACKENDS`` (name -> ``Backend``). Adding one is one line there: a
 ``Backend(name, fn, unsupported)`` whose ``fn`` has the signature of ``reference.attention``
-plus ``interpret=``, and whose ``unsupported(problem)`` returns why it cannot run a
-``Problem`` (or None). Selection happens at call time from ``backend=``; nothing is chosen
-at import.
+plus ``interpret=`` (and the tunables named in ``options``), and whose
+``unsupported(problem)`` returns why it cannot run a ``Problem`` (or None). Selection happens
+at call time from ``backend=``; nothing is chosen at import. ``auto`` puts ``ring`` first
+whenever the active mesh has a ``seq`` axis larger than 1 (sequence parallelism), for every
+caller.
+
+:class:`AttentionConfig` is the one config section every model family carries for its
+attention layers (backend, block sizes, interpret mode, ring options), validated here against
+the registry. :func:`recording` collects which backend each call picked (at trace time).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlgen.config import check
 from mlgen.ops.attention import _common, blockwise, pallas_gpu, pallas_tpu, reference, ring, xla
+from mlgen.ops.attention.block_sizes import BlockSizes
 from mlgen.typing import Array, Float
 
 
@@ -35,6 +45,7 @@ class Problem:
     sliding_window: int | None
     platform: str   # jax.default_backend() at call time: "cpu", "gpu", "tpu"
     interpret: bool
+    seq_shards: int = 1  # size of the active mesh's "seq" axis (sequence parallelism when > 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +55,7 @@ class Backend:
     name: str
     fn: Callable[..., Array]
     unsupported: Callable[[Problem], str | None]
+    options: tuple[str, ...] = ()  # keyword tunables fn takes, from AttentionConfig.options()
 
 
 def _always(p: Problem) -> str | None:
@@ -54,11 +66,81 @@ def _always(p: Problem) -> str | None:
 BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", reference.attention, _always),
     "xla": Backend("xla", xla.attention, _always),
-    "blockwise": Backend("blockwise", blockwise.attention, _always),
-    "pallas_gpu": Backend("pallas_gpu", pallas_gpu.attention, pallas_gpu.unsupported),
-    "pallas_tpu": Backend("pallas_tpu", pallas_tpu.attention, pallas_tpu.unsupported),
-    "ring": Backend("ring", ring.attention, ring.unsupported),  # explicit only: needs a mesh 'seq' axis
+    "blockwise": Backend("blockwise", blockwise.attention, _always, ("block_sizes",)),
+    "pallas_gpu": Backend("pallas_gpu", pallas_gpu.attention, pallas_gpu.unsupported, ("block_sizes",)),
+    "pallas_tpu": Backend("pallas_tpu", pallas_tpu.attention, pallas_tpu.unsupported, ("block_sizes",)),
+    # Needs an active mesh with a 'seq' axis; "auto" picks it when that axis is larger than 1.
+    "ring": Backend("ring", ring.attention, ring.unsupported, ("block_sizes", "local_backend", "load_balance")),
 }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionConfig:
+    """How a model's attention layers run: one section shared by every model family.
+
+    Attributes:
+      backend: ``"auto"``, a name of ``BACKENDS``, or several tried in order (``"pallas_tpu,xla"``).
+      interpret: run Pallas kernels in their interpreter (CPU tests).
+      block_sizes: ``(block_q, block_k, block_q_bwd, block_k_bwd)`` for the blocked backends
+        (blockwise, Pallas, ring's local backend); empty = each backend's per-shape default.
+      ring_local_backend: ring attention's per-block backend: ``auto`` | ``blockwise`` |
+        ``pallas_tpu``.
+      ring_load_balance: causal ring attention's zigzag layout (equal work per device).
+    """
+
+    backend: str = "auto"
+    interpret: bool = False
+    block_sizes: tuple[int, ...] = ()
+    ring_local_backend: str = "auto"
+    ring_load_balance: bool = True
+
+    def validate(self) -> None:
+        names = self.backend.split(",")
+        for b in names:
+            check(b == "auto" or b in BACKENDS, "backend",
+                  f"unknown backend {b!r}; choose from {['auto', *BACKENDS]} (or several: 'pallas_tpu,xla')")
+        check(len(self.block_sizes) in (0, 4), "block_sizes",
+              f"give four sizes (block_q, block_k, block_q_bwd, block_k_bwd) or none, got {self.block_sizes}")
+        check(all(isinstance(b, int) and b > 0 for b in self.block_sizes), "block_sizes",
+              f"must be positive ints, got {self.block_sizes}")
+        check(self.ring_local_backend in ("auto", *ring.LOCAL_BACKENDS), "ring_local_backend",
+              f"must be one of {['auto', *ring.LOCAL_BACKENDS]}, got {self.ring_local_backend!r}")
+
+    @property
+    def backends(self) -> str | tuple[str, ...]:
+        """``backend`` as ``attention`` takes it: a name or a tuple of names."""
+        parts = tuple(self.backend.split(","))
+        return parts[0] if len(parts) == 1 else parts
+
+    def options(self) -> dict:
+        """The tunables by keyword (``Backend.options`` says which a backend takes)."""
+        bs = None if not self.block_sizes else BlockSizes(**dict(zip(
+            ("block_q", "block_k", "block_q_bwd", "block_k_bwd"), self.block_sizes)))
+        return dict(block_sizes=bs, local_backend=self.ring_local_backend, load_balance=self.ring_load_balance)
+
+
+_RECORDINGS: list[list[tuple[str, Problem]]] = []
+
+
+@contextlib.contextmanager
+def recording():
+    """Collects ``(backend name, Problem)`` for every ``attention`` call traced while active."""
+    calls: list[tuple[str, Problem]] = []
+    _RECORDINGS.append(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDINGS.remove(calls)
+
+
+def describe(calls: Sequence[tuple[str, Problem]]) -> str:
+    """One line: each backend picked, with its calls' shapes and counts (``recording``'s list)."""
+    counts: dict[str, int] = {}
+    for name, p in calls:
+        key = (f"{name} (T={p.T} S={p.S} N={p.N} K={p.K} H={p.H} {p.dtype}"
+               + (" causal" if p.causal else "") + (f" seq={p.seq_shards}" if p.seq_shards > 1 else "") + ")")
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} x{n}" for k, n in counts.items()) or "none"
 
 # On CPU (2 cores, `mlgen bench attention`, causal fwd+bwd, B=1 N=8 H=64 f32) blockwise vs
 # XLA speed was 1.0x at T=512, 1.2x at 1k, 2.6x at 2k, 4.3x at 4k (it skips masked blocks and
@@ -70,21 +152,23 @@ CPU_BLOCKWISE_MIN_LEN = 1024
 def auto_order(p: Problem) -> tuple[str, ...]:
     """Backends ``auto`` tries, best first, for a problem on its platform.
 
-    Pallas backends are only picked on their own hardware, never in interpret mode.
+    Pallas backends are only picked on their own hardware, never in interpret mode; ``ring``
+    comes first whenever the active mesh shards the sequence (``seq`` larger than 1).
     """
+    ring_first = ("ring",) if p.seq_shards > 1 else ()
     if p.platform == "tpu":
-        return ("pallas_tpu", "blockwise", "xla")
+        return ring_first + ("pallas_tpu", "blockwise", "xla")
     if p.platform == "gpu":
-        return ("pallas_gpu", "xla", "blockwise")
+        return ring_first + ("pallas_gpu", "xla", "blockwise")
     if max(p.T, p.S) >= CPU_BLOCKWISE_MIN_LEN:
-        return ("blockwise", "xla")
-    return ("xla", "blockwise")
+        return ring_first + ("blockwise", "xla")
+    return ring_first + ("xla", "blockwise")
 
 
 def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], *,
               causal: bool = False, segment_ids=None, sliding_window: int | None = None,
               scale: float | None = None, backend: str | Sequence[str] = "auto",
-              interpret: bool = False) -> Float[Array, "B T N H"]:
+              interpret: bool = False, config: AttentionConfig | None = None) -> Float[Array, "B T N H"]:
     """Multi-head attention with grouped K/V heads.
 
     Args:
@@ -100,6 +184,9 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[A
       backend: "auto", one of ``BACKENDS`` ("reference", "xla", "blockwise", "pallas_gpu",
         "pallas_tpu"), or a sequence of names tried in order.
       interpret: run Pallas kernels in the Pallas interpreter (for CPU tests).
+      config: an :class:`AttentionConfig` (a model's attention section): its backend,
+        interpret mode, block sizes and ring options; ``backend`` and ``interpret`` must then
+        keep their defaults.
 
     Returns:
       ``[B, T, N, H]`` in q's dtype; float32 accumulation inside.
@@ -108,6 +195,11 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[A
       ValueError: bad shapes / arguments, an explicitly named backend that cannot run these
         inputs, or a sequence whose every backend failed (with each reason).
     """
+    if config is not None:
+        if backend != "auto" or interpret:
+            raise ValueError("attention: pass backend/interpret or config=, not both")
+        backend, interpret = config.backends, config.interpret
+    options = (config or _DEFAULT_CONFIG).options()
     p = _check(q, k, v, causal, segment_ids, sliding_window, scale, interpret)
     names = _backend_names(backend, p)
     reasons = []
@@ -115,17 +207,26 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[A
         b = BACKENDS[name]
         why = b.unsupported(p)
         if why is None:
+            kw = dict(causal=causal, segment_ids=segment_ids, sliding_window=sliding_window, scale=scale,
+                      interpret=interpret, **{o: options[o] for o in b.options})
             if len(names) == 1:
-                return b.fn(q, k, v, causal=causal, segment_ids=segment_ids, sliding_window=sliding_window,
-                            scale=scale, interpret=interpret)
+                return _chosen(name, p, b.fn(q, k, v, **kw))
             try:
-                return b.fn(q, k, v, causal=causal, segment_ids=segment_ids, sliding_window=sliding_window,
-                            scale=scale, interpret=interpret)
+                return _chosen(name, p, b.fn(q, k, v, **kw))
             except (ValueError, NotImplementedError, TypeError) as e:  # tracing failed: try the next
                 why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         reasons.append(f"{name}: {why}")
     raise ValueError(f"attention backend={backend!r}: no backend can run these inputs ("
                      + "; ".join(reasons) + ")")
+
+
+_DEFAULT_CONFIG = AttentionConfig()
+
+
+def _chosen(name: str, p: Problem, out):
+    for calls in _RECORDINGS:
+        calls.append((name, p))
+    return out
 
 
 def _backend_names(backend, p: Problem) -> tuple[str, ...]:
@@ -184,4 +285,11 @@ def _check(q, k, v, causal, segment_ids, sliding_window, scale, interpret) -> Pr
     return Problem(B=B, T=T, S=S, N=N, K=K, H=H, dtype=np.dtype(q.dtype), causal=bool(causal),
                    has_segments=segment_ids is not None,
                    sliding_window=None if sliding_window is None else int(sliding_window),
-                   platform=_common.platform(), interpret=bool(interpret))
+                   platform=_common.platform(), interpret=bool(interpret), seq_shards=_seq_shards())
+
+
+def _seq_shards() -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or "seq" not in mesh.axis_names:
+        return 1
+    return int(mesh.shape["seq"])

@@ -64,6 +64,7 @@ _LOCAL = {
     "pallas_tpu": _Local(pallas_tpu.attention_with_lse, pallas_tpu.attention_vjp_with_lse, traced_offset=False,
                          kernel=True),
 }
+LOCAL_BACKENDS = tuple(_LOCAL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,8 +368,9 @@ def unsupported(p) -> str | None:
 
 
 def attention(q, k, v, *, causal: bool = False, segment_ids=None, sliding_window: int | None = None,
-              scale: float | None = None, interpret: bool = False,
-              block_sizes: BlockSizes | None = None) -> Float[Array, "B T N H"]:
+              scale: float | None = None, interpret: bool = False, block_sizes: BlockSizes | None = None,
+              local_backend: str = "auto", load_balance: bool = True) -> Float[Array, "B T N H"]:
     """``ring_attention`` over the active mesh's ``seq`` axis; same contract as ``reference.attention``."""
     return ring_attention(q, k, v, causal=causal, segment_ids=segment_ids, sliding_window=sliding_window,
-                          scale=scale, block_sizes=block_sizes, interpret=interpret)
+                          scale=scale, block_sizes=block_sizes, interpret=interpret, local_backend=local_backend,
+                          load_balance=load_balance)

@@ -1,0 +1,85 @@
+"""A model family as one spec: its config class, how to build it, what it consumes and adds.
+
+Each family module (``transformer.py``, ``unet.py``, ``dit.py``, …) ends with one
+``register(Family(...))``. Registering names the config class (``mlgen.config.register``: saved
+configs store that name) and adds the family's own logical axes to the sharding vocabulary.
+Tasks work with any family of the ``kind`` they train (``"decoder"``: tokens -> logits and the
+decoder protocol; ``"denoiser"``: ``(x, time, labels) -> output``) and never dispatch on classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flax import nnx
+
+from mlgen import config as config_lib
+from mlgen.config import ConfigError
+from mlgen.sharding import register_axes
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Family:
+    """What the rest of mlgen knows about a model family.
+
+    Attributes:
+      name: the stable name its config class is registered under (``model.__class__`` in a
+        saved config).
+      config: its frozen config class (with ``validate()``).
+      kind: the interface its modules implement: ``"decoder"`` (``model(tokens, positions=,
+        segment_ids=, rng=, return_hidden=)``, ``model.logits``, ``init_cache`` / ``decode`` /
+        ``max_length`` / ``for_decoding``) or ``"denoiser"`` (``model(x, time, labels, rng=)``,
+        with ``image_size``, ``in_channels``, ``output_channels``, ``num_classes`` on its config).
+      build: ``(config, rngs) -> nnx.Module``.
+      batch_axes: the batch keys its inputs come in and their logical axes (keys not listed
+        are sharded on their leading dimension over ``batch``).
+      logical_axes: every logical axis its parameters and activations use (a mesh axis that
+        shards none of them, nor a batch axis, is a config error).
+      new_axes: logical axes it adds to the core vocabulary (``mlgen.sharding.rules``).
+      rules: ``(logical axis, mesh axis)`` fragments for those, appended to any rules.
+      check: ``(config, shards) -> None``: model-against-mesh checks raising ``ConfigError``
+        named from the model section (``num_heads: ...``); ``shards(logical axis)`` is how
+        many ways the rules split that axis on this mesh.
+      renamed: old config field names -> new dotted paths (saved configs and overrides that
+        use the old names keep working; ``mlgen.config.register``).
+    """
+
+    name: str
+    config: type
+    kind: str
+    build: Callable[[Any, nnx.Rngs], nnx.Module]
+    batch_axes: Mapping[str, tuple[str | None, ...]] = dataclasses.field(default_factory=dict)
+    logical_axes: frozenset[str] = frozenset()
+    new_axes: tuple[str, ...] = ()
+    rules: tuple[tuple[str, str], ...] = ()
+    check: Callable[[Any, Callable[[str], int]], None] | None = None
+    renamed: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+_FAMILIES: dict[type, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Registers ``family`` (and names its config class); returns it."""
+    if _FAMILIES.get(family.config, family) is not family:
+        raise ValueError(f"register: {family.config.__qualname__} already belongs to another family")
+    config_lib.register(family.name, renamed=dict(family.renamed))(family.config)
+    register_axes(family.new_axes)
+    _FAMILIES[family.config] = family
+    return family
+
+
+def family_of(model_config: Any) -> Family:
+    """The family of a model config (a ConfigError naming ``model`` if none is registered)."""
+    family = _FAMILIES.get(type(model_config))
+    if family is None:
+        raise ConfigError(f"model: {type(model_config).__qualname__} belongs to no registered model family; "
+                          f"known: {sorted(f.name for f in _FAMILIES.values())}")
+    return family
+
+
+def families() -> dict[str, Family]:
+    """Every registered family by name."""
+    return {f.name: f for f in _FAMILIES.values()}

@@ -1,0 +1,105 @@
+"""A task spec: which model kind, objective and data it trains, its checks, how it builds.
+
+A task module defines its cross-section checks and its builder and registers one
+:class:`TaskSpec` (``register``); ``Config.validate`` reaches the checks through
+``mlgen.config``'s registry and ``mlgen.runs`` the builder. What every task shares is here: the
+type checks of the sections, the mesh-rules check, the batch split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+from jax.sharding import Mesh
+
+from mlgen import config as config_lib
+from mlgen import sharding
+from mlgen.config import Config, ConfigError, check
+from mlgen.models.family import Family, family_of
+from mlgen.train.task import Task
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskSpec:
+    """A registered task (``Config.task`` names it).
+
+    Attributes:
+      name: ``"lm"``, ``"diffusion"``, ...
+      kinds: the model-family kinds it trains (``Family.kind``).
+      objective: the objective config class(es) it takes.
+      data: the data config class(es) it takes.
+      checks: ``(config, family, mesh sizes | None) -> None``: its cross-section checks
+        (``ConfigError`` naming the field), after the shared ones.
+      build: ``(config, family, mesh, rules) -> Task``.
+      batch_axes: logical axes of batch keys the task adds to the family's.
+    """
+
+    name: str
+    kinds: tuple[str, ...]
+    objective: type | tuple[type, ...]
+    data: type | tuple[type, ...]
+    checks: Callable[[Config, Family, dict[str, int] | None], None]
+    build: Callable[[Config, Family, Mesh, sharding.Rules], Task]
+    batch_axes: dict[str, tuple] = dataclasses.field(default_factory=dict)
+
+    def check(self, cfg: Config, mesh: dict[str, int] | None) -> None:
+        """Every check of ``cfg`` for this task (``mesh``: axis sizes, when devices are known)."""
+        family = family_of(cfg.model)
+        check(family.kind in self.kinds, "model",
+              f"the {self.name} task trains {' or '.join(self.kinds)} models; {family.name} is a {family.kind}")
+        for section, want in (("objective", self.objective), ("data", self.data)):
+            value = getattr(cfg, section)
+            names = [c.__qualname__ for c in (want if isinstance(want, tuple) else (want,))]
+            check(isinstance(value, want), section,
+                  f"the {self.name} task takes {' or '.join(names)}, got {type(value).__qualname__}")
+        rules = rules_for(cfg, family, mesh)
+        if mesh is not None:
+            used = set(family.logical_axes) | {n for axes in self.batch_axes_of(family).values() for n in axes if n}
+            sharding.check_mesh_use(cfg.mesh.rules, rules, mesh, used, what=f"the {family.name} model")
+            if family.check is not None:
+                def shards(name: str) -> int:
+                    return sharding.shards_of(rules, name, mesh)
+
+                _prefixed("model", family.check, cfg.model, shards)
+            check_batch(cfg.data.batch_size, cfg.optim.grad_accum_steps, sharding.shards_of(rules, "batch", mesh))
+        self.checks(cfg, family, mesh)
+
+    def batch_axes_of(self, family: Family) -> dict[str, tuple]:
+        return {**family.batch_axes, **self.batch_axes}
+
+
+def _prefixed(prefix: str, fn, *args):
+    try:
+        return fn(*args)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}.{e}") from None
+
+
+def rules_for(cfg: Config, family: Family, mesh: dict[str, int] | None) -> sharding.Rules:
+    """The logical -> mesh rules of a run: ``mesh.rules`` (derived from ``mesh`` for ``auto``)
+    plus the family's own fragments. With no mesh yet, only checks that the name is known."""
+    if mesh is None:
+        sharding.get_rules(cfg.mesh.rules, {}, family.rules)  # raises on an unknown name
+        return ()
+    return sharding.get_rules(cfg.mesh.rules, mesh, family.rules)
+
+
+def check_batch(batch_size: int, grad_accum_steps: int, shards: int) -> None:
+    """The global batch splits over the mesh axes the batch is sharded on (``shards`` ways), so do
+    the gradient-accumulation micro-batches, and so do the processes (each host loads its share)."""
+    check(batch_size % shards == 0, "data.batch_size",
+          f"{batch_size} is not divisible by the {shards} shards of the batch (mesh data*fsdp)")
+    check(batch_size % (grad_accum_steps * shards) == 0, "optim.grad_accum_steps",
+          f"{grad_accum_steps} micro-batches of data.batch_size={batch_size} do not split evenly over the "
+          f"{shards} shards of the batch")
+    check(batch_size % jax.process_count() == 0, "data.batch_size",
+          f"{batch_size} is not divisible by the process count {jax.process_count()}")
+
+
+def register(spec: TaskSpec) -> TaskSpec:
+    """Registers ``spec`` under ``spec.name``; returns it."""
+    config_lib.register_task(spec)
+    return spec
+

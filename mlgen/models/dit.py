@@ -203,8 +203,9 @@ FAMILY = register(Family(
     kind="denoiser",
     build=lambda cfg, rngs: DiT(cfg, rngs=rngs),
     batch_axes={"labels": ("batch",)},
-    logical_axes=frozenset({"layers", "embed", "heads", "head_dim", "mlp", "kernel", "channels", "channels_in",
-                            "vocab", "batch", "length", "act_embed", "act_heads", "act_mlp"}),
+    logical_axes=frozenset({"layers", "embed", "heads", "kv_heads", "head_dim", "mlp", "kernel", "channels",
+                            "channels_in", "vocab", "batch", "length", "act_embed", "act_heads", "act_kv_heads",
+                            "act_mlp"}),
     check=_check_mesh,
     renamed={"attention_backend": "attention.backend"},
 ))

@@ -11,6 +11,7 @@ trainer looks nothing up by name: ``mlgen.train`` (``mlgen/runs.py``) builds the
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import time
@@ -110,10 +111,11 @@ class _Logger:
             self.lines = [ln for ln in self.path.read_text().splitlines()
                           if ln.strip() and json.loads(ln)["step"] <= start]
             self._rewrite()
-        try:
+        if self.remote and str(workdir).startswith("gs://") and not _has_module("google.cloud.storage"):
+            log.warning("TensorBoard logging to %s needs google-cloud-storage (pip install google-cloud-storage); "
+                        "metrics.jsonl is written", workdir)
+        else:
             self.writer = SummaryWriter(str(workdir / "tb"))
-        except Exception as e:  # noqa: BLE001 - e.g. no client library for the workdir's filesystem
-            log.warning("TensorBoard logging is off (%s: %s)", type(e).__name__, e)
         if progress:
             self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
@@ -152,6 +154,13 @@ class _Logger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def _mean_metrics(items: list[dict]) -> dict[str, float]:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import data_corpus as corpus
+from tests.data import data_corpus as corpus
 
 _REPO = Path(__file__).resolve().parents[2]
 

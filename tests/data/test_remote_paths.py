@@ -14,8 +14,8 @@ from mlgen.data.paths import expand_globs
 from mlgen.data.text import TextDataConfig, get_tokenizer, make_lm_data, split_documents
 from mlgen.data.tokenizer import Tokenizer
 
-import data_corpus as corpus
-import fake_gcs
+from tests.data import data_corpus as corpus
+from tests.data import fake_gcs
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from mlgen.data.images import ImageDataConfig
 from mlgen.data.text import TextDataConfig, get_tokenizer, make_lm_data, split_documents
 from mlgen.data.tokenizer import ByteTokenizer
 
-import data_corpus as corpus
+from tests.data import data_corpus as corpus
 
 KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 

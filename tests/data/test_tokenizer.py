@@ -8,7 +8,7 @@ import pytest
 from mlgen.data import tokenizer as tokenizer_lib
 from mlgen.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer, tokenizer_main
 
-import data_corpus as corpus
+from tests.data import data_corpus as corpus
 
 ROUND_TRIP = [
     "",

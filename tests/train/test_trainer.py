@@ -1,6 +1,7 @@
 """The trainer end to end: loss falls, logs, resume is exact, restore onto another mesh, CLI."""
 
 import json
+import logging
 import subprocess
 import sys
 import os
@@ -18,10 +19,15 @@ def _metrics(workdir):
     return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_loss_falls_and_logs(tmp_path):
+def test_loss_falls_and_logs(tmp_path, caplog):
     cfg = tiny_lm_config(str(tmp_path))
     cfg = replace(cfg, train=replace(cfg.train, num_steps=30, log_every=5, eval_every=15, checkpoint_every=15))
-    result = mlgen.train(cfg)
+    with caplog.at_level(logging.INFO, logger="mlgen"):
+        result = mlgen.train(cfg)
+    said = [r.getMessage() for r in caplog.records if "attention" in r.getMessage()]
+    assert said == ["lm / transformer on mesh {'data': 8, 'fsdp': 1, 'tensor': 1, 'seq': 1}: attention "
+                    "reference (T=32 S=32 N=4 K=2 H=16 float32 causal) x1"]  # once, at startup
+    assert result.attention.startswith("reference")
     lines = _metrics(tmp_path)
     assert [l["step"] for l in lines] == [5, 10, 15, 20, 25, 30]
     assert lines[-1]["loss"] < lines[0]["loss"] - 0.5, lines

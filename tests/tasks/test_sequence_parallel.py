@@ -4,6 +4,7 @@ The loss and its gradients equal those on one device without ``seq`` (packed row
 several documents, so segment ids and per-document RoPE positions cross device boundaries).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -12,6 +13,7 @@ import pytest
 
 from mlgen import sharding
 from mlgen.config import MeshConfig
+from mlgen.models.dit import PRESETS as DIT
 from mlgen.ops.attention import AttentionConfig, recording
 from mlgen.runs import setup
 from tests.helpers import random_lm_batch, tiny_lm_config
@@ -62,3 +64,28 @@ def test_loss_matches_mesh_without_seq(mesh, grads):
     if grads:
         for w, g in zip(jax.tree.leaves(ref_g), jax.tree.leaves(got_g)):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_dit_shards_its_patches_over_seq_with_ring_attention():
+    """The DiT under a mesh with seq > 1: its token axis is ``length`` (sharded over seq), ``auto``
+    picks ring attention for it as for the LM, and the loss equals the single-device one."""
+    from tests.tasks.test_diffusion_task import tiny_digits_config
+
+    base = tiny_digits_config("/tmp/mlgen-dit-seq")
+    base = dataclasses.replace(base, model=dataclasses.replace(DIT["dit-tiny"], num_classes=10))
+    rng = np.random.default_rng(0)
+    batch = {"images": rng.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32),
+             "labels": rng.integers(0, 10, (16,)).astype(np.int32)}
+
+    def loss(cfg, devices=None):
+        s = setup(cfg, devices=devices)
+        with sharding.use(s.mesh, s.rules), recording() as calls:
+            b = sharding.put_batch(batch, s.mesh, s.task.batch_axes, s.rules)
+            value, _ = jax.jit(s.task.make_loss(s.graphdef))(s.state["params"], s.state["model_state"], b,
+                                                             jax.random.key(0))
+        return float(value), [name for name, _ in calls]
+
+    ref, ref_calls = loss(dataclasses.replace(base, mesh=MeshConfig(data=1)), devices=jax.devices()[:1])
+    got, calls = loss(dataclasses.replace(base, mesh=MeshConfig(data=4, seq=2)))
+    assert ref_calls == ["xla"] and calls == ["ring"]
+    assert abs(got - ref) <= 1e-5, (got, ref)

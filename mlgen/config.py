@@ -262,8 +262,8 @@ class Config:
                 check(section_name(type(section)) is not None, name,
                       f"{type(section).__qualname__} is not a registered config class (decorate it with "
                       "@mlgen.config.register(NAME))")
-            _prefixed(name, section.validate)
-        sizes = None if num_devices is None else _prefixed("mesh", self.mesh.resolve, num_devices)
+            prefixed(name, section.validate)
+        sizes = None if num_devices is None else prefixed("mesh", self.mesh.resolve, num_devices)
         spec.check(self, sizes)
         return self
 
@@ -271,7 +271,9 @@ class Config:
         return to_dict(self)
 
 
-def _prefixed(prefix: str, fn, *args):
+def prefixed(prefix: str, fn, *args):
+    """``fn(*args)``, with ``prefix.`` put before the field named by any ConfigError it raises
+    (a section validating a nested one: ``attention.backend: ...`` -> ``model.attention.backend``)."""
     try:
         return fn(*args)
     except ConfigError as e:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mlgen.config import ConfigError, check
+from mlgen.config import check, prefixed
 from mlgen.models.family import Family, register
 from mlgen.nn.attention import SelfAttention
 from mlgen.nn.conv import TimeEmbedding
@@ -77,10 +77,7 @@ class DiTConfig:
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.num_classes >= 0, "num_classes", f"must be >= 0, got {self.num_classes}")
         check(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        try:
-            self.attention.validate()
-        except ConfigError as e:
-            raise ConfigError(f"attention.{e}") from None
+        prefixed("attention", self.attention.validate)
 
     @property
     def output_channels(self) -> int:  # the denoiser interface (mlgen.models.family)
@@ -162,7 +159,7 @@ class DiT(nnx.Module):
         self.out = Linear(d, (p, p, cfg.out_channels), in_names=("embed",), out_names=(None, None, None),
                           use_bias=True, init=zeros_init, dtype=dt, rngs=rngs)
 
-    def __call__(self, x: Float[Array, "B H W C"], time: Float[Array, "B"], labels: Int[Array, "B"] | None = None,
+    def __call__(self, x: Float[Array, "B H W C"], time: Float[Array, " B"], labels: Int[Array, " B"] | None = None,
                  *, rng: jax.Array | None = None) -> Float[Array, "B H W C"]:
         cfg = self.cfg
         dt = _DTYPES[cfg.dtype]

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlgen.config import ConfigError, check
+from mlgen.config import check, prefixed
 from mlgen.models.family import Family, register
 from mlgen.nn.attention import KVCache, SelfAttention
 from mlgen.nn.core import Embed, LayerNorm, Linear, RMSNorm, dropout, normal_init, param
@@ -97,10 +97,7 @@ class TransformerConfig:
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
         check(self.remat in REMAT_POLICIES, "remat", f"must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
-        try:
-            self.attention.validate()
-        except ConfigError as e:
-            raise ConfigError(f"attention.{e}") from None
+        prefixed("attention", self.attention.validate)
 
     @property
     def max_length(self) -> int | None:

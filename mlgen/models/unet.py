@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlgen.config import ConfigError, check
+from mlgen.config import check, prefixed
 from mlgen.models.family import Family, register
 from mlgen.nn.conv import AttentionBlock, Conv2d, Downsample, GroupNorm, ResBlock, TimeEmbedding, Upsample
 from mlgen.ops.attention import AttentionConfig
@@ -77,10 +77,7 @@ class UNetConfig:
         check(self.conv_impl in ("auto", "xla", "im2col"), "conv_impl",
               f"must be auto, xla or im2col, got {self.conv_impl!r}")
         check(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        try:
-            self.attention.validate()
-        except ConfigError as e:
-            raise ConfigError(f"attention.{e}") from None
+        prefixed("attention", self.attention.validate)
 
     @property
     def output_channels(self) -> int:
@@ -143,7 +140,7 @@ class UNet(nnx.Module):
         self.conv_out = Conv2d(ch, cfg.output_channels, 3, zero_init=True, impl=cfg.conv_impl,
                                dtype=dt, rngs=rngs)
 
-    def __call__(self, x: Float[Array, "B H W C"], time: Float[Array, "B"], labels: Int[Array, "B"] | None = None,
+    def __call__(self, x: Float[Array, "B H W C"], time: Float[Array, " B"], labels: Int[Array, " B"] | None = None,
                  *, rng: jax.Array | None = None) -> Float[Array, "B H W C"]:
         """Denoiser output for noisy images ``x`` at ``time`` (``[B]``, any scale; 0..1000 typical)."""
         dt = _DTYPES[self.cfg.dtype]

@@ -108,7 +108,7 @@ class GroupNorm(nnx.Module):
         return y.reshape(B, H, W, C).astype(x.dtype)
 
 
-def timestep_embedding(t: Float[Array, "B"], dim: int, *, max_period: float = 10000.0) -> Float[Array, "B D"]:
+def timestep_embedding(t: Float[Array, " B"], dim: int, *, max_period: float = 10000.0) -> Float[Array, "B D"]:
     """Sinusoidal embedding ``[cos(t f), sin(t f)]`` with ``f = max_period ** (-i / (dim / 2))``."""
     half = dim // 2
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
@@ -129,7 +129,7 @@ class TimeEmbedding(nnx.Module):
         self.class_embed = (param(rngs, fan_in_init(1), (num_classes + 1, out_dim), ("vocab", "channels"),
                                   param_dtype) if num_classes else None)
 
-    def __call__(self, t: Float[Array, "B"], labels=None) -> Float[Array, "B D"]:
+    def __call__(self, t: Float[Array, " B"], labels=None) -> Float[Array, "B D"]:
         e = self.fc2(jax.nn.silu(self.fc1(timestep_embedding(t, self.freq_dim))))
         if self.class_embed is not None:
             if labels is None:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlgen.config import ConfigError, check, register
+from mlgen.config import check, prefixed, register
 from mlgen.objectives import bind, schedules, state_after
 
 __all__ = ["DiffusionObjectiveConfig", "PREDICTIONS", "SAMPLERS", "SamplerConfig", "from_x0_eps", "make_loss", "to_x0_eps", "x0_error_scale"]
@@ -98,10 +98,7 @@ class DiffusionObjectiveConfig:
               f"must be 'uniform' or 'min_snr', got {self.loss_weighting!r}")
         check(self.min_snr_gamma > 0, "min_snr_gamma", f"must be > 0, got {self.min_snr_gamma}")
         check(0.0 <= self.label_dropout < 1.0, "label_dropout", f"must be in [0, 1), got {self.label_dropout}")
-        try:
-            self.sampling.validate()
-        except ConfigError as e:
-            raise ConfigError(f"sampling.{e}") from None
+        prefixed("sampling", self.sampling.validate)
         if self.schedule == "flow":
             check(self.prediction != "eps", "prediction",
                   "eps prediction cannot give x0 at t = 1 on the flow path (alpha = 0); use flow, v or x0")

@@ -57,7 +57,7 @@ class SamplingMethod(abc.ABC):
     def filter(self, logits: Float[Array, "B V"]) -> Float[Array, "B V"]:
         """Logits of the sampled distribution (unnormalised; ``-inf`` = never drawn)."""
 
-    def sample(self, logits: Float[Array, "B V"], key: jax.Array) -> Int[Array, "B"]:
+    def sample(self, logits: Float[Array, "B V"], key: jax.Array) -> Int[Array, " B"]:
         return jax.random.categorical(key, self.filter(logits), axis=-1).astype(jnp.int32)
 
 

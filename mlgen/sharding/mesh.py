@@ -4,7 +4,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from mlgen.config import ConfigError, MeshConfig
+from mlgen.config import MeshConfig, prefixed
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
@@ -15,10 +15,7 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     Explicit on this JAX).
     """
     devices = list(jax.devices() if devices is None else devices)
-    try:
-        sizes = cfg.resolve(len(devices))
-    except ConfigError as e:
-        raise ConfigError(f"mesh.{e}") from None
+    sizes = prefixed("mesh", cfg.resolve, len(devices))
     axes = MeshConfig.AXES
     shape = tuple(sizes[a] for a in axes)
     types = (AxisType.Auto,) * len(axes)

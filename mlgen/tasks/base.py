@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from mlgen import config as config_lib
 from mlgen import sharding
-from mlgen.config import Config, ConfigError, check
+from mlgen.config import Config, check, prefixed
 from mlgen.models.family import Family, family_of
 from mlgen.train.task import Task
 
@@ -62,19 +62,12 @@ class TaskSpec:
                 def shards(name: str) -> int:
                     return sharding.shards_of(rules, name, mesh)
 
-                _prefixed("model", family.check, cfg.model, shards)
+                prefixed("model", family.check, cfg.model, shards)
             check_batch(cfg.data.batch_size, cfg.optim.grad_accum_steps, sharding.shards_of(rules, "batch", mesh))
         self.checks(cfg, family, mesh)
 
     def batch_axes_of(self, family: Family) -> dict[str, tuple]:
         return {**family.batch_axes, **self.batch_axes}
-
-
-def _prefixed(prefix: str, fn, *args):
-    try:
-        return fn(*args)
-    except ConfigError as e:
-        raise ConfigError(f"{prefix}.{e}") from None
 
 
 def rules_for(cfg: Config, family: Family, mesh: dict[str, int] | None) -> sharding.Rules:

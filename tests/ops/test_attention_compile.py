@@ -14,7 +14,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from mlgen.ops.attention import BlockSizes, pallas_gpu, pallas_tpu  # noqa: E402
 
@@ -61,6 +61,19 @@ def test_pallas_tpu_compiles_for_tpu(topology, dtype, H, block_sizes, opts):
     assert hlo.count("tpu_custom_call") >= 3, "forward, dK/dV and dQ kernels should all be Mosaic calls"
 
 
+def _abstract_cuda_gpu():
+    """A context in which Pallas GPU kernels lower for an H100 (sm_90) with no GPU here.
+
+    jax >= 0.12's Triton lowering reads the target GPU from the abstract mesh in context (its
+    device kind gives the compute capability) and raises "No supported GPU devices found"
+    without one; jax 0.10 falls back to sm_90 by itself and accepts the same context. The
+    mesh must be in context while tracing, not only while lowering.
+    """
+    gpu = AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
+    mesh = AbstractMesh((1,), ("x",), axis_types=(AxisType.Explicit,), abstract_device=gpu)
+    return jax.sharding.use_abstract_mesh(mesh)
+
+
 @pytest.mark.parametrize("dtype,H,opts", [
     pytest.param(jnp.bfloat16, 64, dict(causal=True), id="bf16-H64-causal"),
     pytest.param(jnp.float32, 128, dict(causal=True, sliding_window=64, cross=True), id="f32-H128-window-decode"),
@@ -75,9 +88,10 @@ def test_pallas_gpu_lowers_for_cuda(dtype, H, opts):
     if opts.get("segments"):
         args.append(jax.ShapeDtypeStruct((B, T), jnp.int32))
     fwd = jax.jit(lambda q, k, v, *ids: pallas_gpu.attention(q, k, v, segment_ids=ids[0] if ids else None, **kw))
-    assert "triton" in fwd.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    text = jax.jit(_grad_fn(pallas_gpu, kw, opts.get("segments"))).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
+    with _abstract_cuda_gpu():
+        assert "triton" in fwd.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        text = jax.jit(_grad_fn(pallas_gpu, kw, opts.get("segments"))).trace(*args).lower(
+            lowering_platforms=("cuda",)).as_text()
     assert text.count("mlgen_flash_") >= 3, "forward, dK/dV and dQ kernels should all lower to Triton"
 
 

@@ -21,6 +21,19 @@ from mlgen.train.trainer import TrainResult
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionConfig", "Config", "ConfigError", "MeshConfig", "OptimConfig", "TrainConfig", "TrainResult", "config",
-    "make_train_step", "ops", "register", "restore", "setup", "sharding", "train",
+    "AttentionConfig",
+    "Config",
+    "ConfigError",
+    "MeshConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "TrainResult",
+    "config",
+    "make_train_step",
+    "ops",
+    "register",
+    "restore",
+    "setup",
+    "sharding",
+    "train",
 ]

@@ -68,7 +68,9 @@ class TaskChecks(typing.Protocol):
         """Cross-section checks; ``mesh`` (axis sizes) is None when no devices are known yet."""
 
 
-def register(name: str, *, aliases: typing.Iterable[str] = (), renamed: dict[str, str] | None = None):
+def register(
+    name: str, *, aliases: typing.Iterable[str] = (), renamed: dict[str, str] | None = None
+):
     """Class decorator: registers a config section class under the stable ``name``.
 
     Args:
@@ -83,7 +85,9 @@ def register(name: str, *, aliases: typing.Iterable[str] = (), renamed: dict[str
         if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):
             raise TypeError(f"register({name!r}): {cls.__qualname__} must be a frozen dataclass")
         if _SECTIONS.get(name, cls) is not cls:
-            raise ValueError(f"register: the name {name!r} is taken by {_SECTIONS[name].__qualname__}")
+            raise ValueError(
+                f"register: the name {name!r} is taken by {_SECTIONS[name].__qualname__}"
+            )
         _SECTIONS[name] = cls
         for path in (f"{cls.__module__}:{cls.__qualname__}", *aliases):
             _ALIASES[path] = name
@@ -117,7 +121,9 @@ def section_class(name: str) -> type:
     """The section class registered as ``name`` (or under an old ``module:qualname`` alias)."""
     name = _ALIASES.get(name, name)
     if name not in _SECTIONS:
-        raise ConfigError(f"__class__: no config class is registered as {name!r}; known: {sorted(_SECTIONS)}")
+        raise ConfigError(
+            f"__class__: no config class is registered as {name!r}; known: {sorted(_SECTIONS)}"
+        )
     return _SECTIONS[name]
 
 
@@ -142,15 +148,21 @@ class MeshConfig:
 
     data: int = _mesh_axis(-1, ("batch",))
     fsdp: int = _mesh_axis(1, ("batch", "embed", "channels"))
-    tensor: int = _mesh_axis(1, ("heads", "kv_heads", "mlp", "vocab", "act_heads", "act_kv_heads", "act_mlp",
-                                 "act_vocab"))
+    tensor: int = _mesh_axis(
+        1,
+        ("heads", "kv_heads", "mlp", "vocab", "act_heads", "act_kv_heads", "act_mlp", "act_vocab"),
+    )
     seq: int = _mesh_axis(1, ("length",))
     rules: str = "auto"
 
     AXES: typing.ClassVar[tuple[str, ...]]  # set below, from the fields
 
     def validate(self) -> None:
-        check(isinstance(self.rules, str) and self.rules != "", "rules", "must be 'auto' or a preset name")
+        check(
+            isinstance(self.rules, str) and self.rules != "",
+            "rules",
+            "must be 'auto' or a preset name",
+        )
         fills = [a for a in self.AXES if getattr(self, a) == -1]
         check(len(fills) <= 1, fills[-1] if fills else "data", "only one mesh axis may be -1")
         for a in self.AXES:
@@ -163,18 +175,27 @@ class MeshConfig:
         known = math.prod(v for v in sizes.values() if v != -1)
         fill = [a for a, v in sizes.items() if v == -1]
         if fill:
-            check(num_devices % known == 0, fill[0],
-                  f"cannot fill: {num_devices} devices not divisible by the other axes' product {known}")
+            check(
+                num_devices % known == 0,
+                fill[0],
+                f"cannot fill: {num_devices} devices not divisible by the other axes' "
+                f"product {known}",
+            )
             sizes[fill[0]] = num_devices // known
         prod = math.prod(sizes.values())
-        check(prod == num_devices, "data",
-              f"mesh {sizes} has {prod} devices but {num_devices} are available")
+        check(
+            prod == num_devices,
+            "data",
+            f"mesh {sizes} has {prod} devices but {num_devices} are available",
+        )
         return sizes
 
     @classmethod
     def axis_roles(cls) -> dict[str, tuple[str, ...]]:
         """Mesh axis -> the logical axes it shards under ``rules="auto"``."""
-        return {f.name: f.metadata["shards"] for f in dataclasses.fields(cls) if "shards" in f.metadata}
+        return {
+            f.name: f.metadata["shards"] for f in dataclasses.fields(cls) if "shards" in f.metadata
+        }
 
 
 MeshConfig.AXES = tuple(MeshConfig.axis_roles())
@@ -200,7 +221,11 @@ class OptimConfig:
 
     def validate(self) -> None:
         _positive(self, "lr", "eps", "grad_accum_steps")
-        check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        check(
+            0.0 <= self.min_lr_ratio <= 1.0,
+            "min_lr_ratio",
+            f"must be in [0, 1], got {self.min_lr_ratio}",
+        )
         check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         check(self.decay_steps >= 0, "decay_steps", f"must be >= 0, got {self.decay_steps}")
         check(0.0 <= self.b1 < 1.0, "b1", f"must be in [0, 1), got {self.b1}")
@@ -220,7 +245,9 @@ class TrainConfig:
     async_checkpoints: bool = True
     sample_every: int = 0  # diffusion sample grids; 0 = only at the end (if the task samples)
     ema_decay: float = 0.0  # 0 = no EMA of the parameters
-    ema_warmup: int = 0  # EMA decay ramps as min(decay, (1 + step) / (10 + step)) for this many steps
+    ema_warmup: int = (
+        0  # EMA decay ramps as min(decay, (1 + step) / (10 + step)) for this many steps
+    )
     progress_bar: bool = True
 
     def validate(self) -> None:
@@ -259,9 +286,12 @@ class Config:
             section = getattr(self, name)
             check(section is not None, name, "missing section")
             if name in ("model", "data", "objective"):
-                check(section_name(type(section)) is not None, name,
-                      f"{type(section).__qualname__} is not a registered config class (decorate it with "
-                      "@mlgen.config.register(NAME))")
+                check(
+                    section_name(type(section)) is not None,
+                    name,
+                    f"{type(section).__qualname__} is not a registered config class "
+                    "(decorate it with @mlgen.config.register(NAME))",
+                )
             prefixed(name, section.validate)
         sizes = None if num_devices is None else prefixed("mesh", self.mesh.resolve, num_devices)
         spec.check(self, sizes)
@@ -273,7 +303,8 @@ class Config:
 
 def prefixed(prefix: str, fn, *args):
     """``fn(*args)``, with ``prefix.`` put before the field named by any ConfigError it raises
-    (a section validating a nested one: ``attention.backend: ...`` -> ``model.attention.backend``)."""
+    (a section validating a nested one: ``attention.backend: ...`` ->
+    ``model.attention.backend``)."""
     try:
         return fn(*args)
     except ConfigError as e:
@@ -289,7 +320,9 @@ def to_dict(cfg: Any) -> dict:
         out["__class__"] = name
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
+        out[f.name] = (
+            to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
+        )
     return out
 
 
@@ -335,7 +368,8 @@ def from_dict(d: dict, cls: type | None = None) -> Any:
 
 
 def save_json(cfg: Config, path: str | os.PathLike) -> None:
-    """Writes the config as JSON (any ``etils.epath`` path: local or ``gs://``), atomically where local."""
+    """Writes the config as JSON (any ``etils.epath`` path: local or ``gs://``),
+    atomically where local."""
     path = epath.Path(path)
     text = json.dumps(to_dict(cfg), indent=2, sort_keys=True)
     tmp = path.parent / f".{path.name}.tmp"
@@ -447,4 +481,3 @@ def load(path_or_config: "str | Path | Config", overrides: typing.Iterable[str] 
         cfg = module.get_config()
     cfg = apply_overrides(cfg, overrides)
     return cfg.validate()
-

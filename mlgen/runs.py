@@ -42,8 +42,12 @@ def setup(cfg: config_lib.Config, *, devices: list | None = None, abstract: bool
     return trainer.prepare(cfg, mesh, rules, task, abstract=abstract)
 
 
-def train(config: config_lib.Config | str | os.PathLike, overrides: Iterable[str] = (), *,
-          devices: list | None = None) -> TrainResult:
+def train(
+    config: config_lib.Config | str | os.PathLike,
+    overrides: Iterable[str] = (),
+    *,
+    devices: list | None = None,
+) -> TrainResult:
     """Trains (or resumes) the run described by ``config`` (a Config or a config file path).
 
     Example (a notebook)::
@@ -56,8 +60,13 @@ def train(config: config_lib.Config | str | os.PathLike, overrides: Iterable[str
     return trainer.fit(setup(cfg, devices=devices))
 
 
-def restore(workdir: str | os.PathLike, overrides: Iterable[str] = (), *, devices: list | None = None,
-            step: int | None = None) -> TrainResult:
+def restore(
+    workdir: str | os.PathLike,
+    overrides: Iterable[str] = (),
+    *,
+    devices: list | None = None,
+    step: int | None = None,
+) -> TrainResult:
     """Loads a run's saved config and latest (or given) checkpoint, onto the current devices.
 
     ``overrides`` change the saved config (e.g. ``mesh.data=4``) before restoring; the

@@ -4,7 +4,9 @@ import subprocess
 
 
 def _dry(*args):
-    out = subprocess.run(["bash", "tpu_scripts/pod.sh", "--dry-run", *args], capture_output=True, text=True)
+    out = subprocess.run(
+        ["bash", "tpu_scripts/pod.sh", "--dry-run", *args], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -22,6 +24,9 @@ def test_create_and_setup():
 
 
 def test_unknown_command_fails():
-    out = subprocess.run(["bash", "tpu_scripts/pod.sh", "--dry-run", "explode", "a", "b"], capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        ["bash", "tpu_scripts/pod.sh", "--dry-run", "explode", "a", "b"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2

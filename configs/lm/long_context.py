@@ -28,9 +28,12 @@ def get_config() -> Config:
         task="lm",
         workdir="/tmp/mlgen-long-context",
         seed=0,
-        model=TransformerConfig(flavour="llama", vocab_size=256, num_layers=1, d_model=32, num_heads=2,
-                                num_kv_heads=1),
-        data=TextDataConfig(source="stdlib", tokenizer="byte", vocab_size=256, seq_len=65536, batch_size=1),
+        model=TransformerConfig(
+            flavour="llama", vocab_size=256, num_layers=1, d_model=32, num_heads=2, num_kv_heads=1
+        ),
+        data=TextDataConfig(
+            source="stdlib", tokenizer="byte", vocab_size=256, seq_len=65536, batch_size=1
+        ),
         objective=LMObjectiveConfig(),
         mesh=MeshConfig(data=1, seq=8),  # rules="auto": seq shards the length
         optim=OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0, clip_norm=1.0),

@@ -26,14 +26,23 @@ PALLAS = ("pallas_gpu", "pallas_tpu")
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="mlgen bench attention", description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", default=",".join(str(t) for t in DEFAULT_LENGTHS),
-                   help="comma-separated sequence lengths T (=S); suffix k allowed, e.g. 1k,2k,4k")
+    p.add_argument(
+        "--lengths",
+        default=",".join(str(t) for t in DEFAULT_LENGTHS),
+        help="comma-separated sequence lengths T (=S); suffix k allowed, e.g. 1k,2k,4k",
+    )
     p.add_argument("--max-len", type=str, default=None, help="drop lengths above this (e.g. 8k)")
-    p.add_argument("--backends", default=None,
-                   help="comma-separated backends (default: reference,xla,blockwise and the Pallas "
-                        "kernel of this platform)")
-    p.add_argument("--interpret", action="store_true",
-                   help="also run Pallas kernels in interpret mode on CPU (timings meaningless; tiny T only)")
+    p.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated backends (default: reference,xla,blockwise and the Pallas "
+        "kernel of this platform)",
+    )
+    p.add_argument(
+        "--interpret",
+        action="store_true",
+        help="also run Pallas kernels in interpret mode on CPU (timings meaningless; tiny T only)",
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=None)
@@ -41,9 +50,15 @@ def _parse(argv):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--no-causal", action="store_true")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point (best is reported)")
-    p.add_argument("--max-run-gb", type=float, default=8.0, help="skip running points planned above this")
-    p.add_argument("--max-seconds", type=float, default=60.0,
-                   help="stop timing a backend at longer lengths once one run takes this long")
+    p.add_argument(
+        "--max-run-gb", type=float, default=8.0, help="skip running points planned above this"
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=60.0,
+        help="stop timing a backend at longer lengths once one run takes this long",
+    )
     p.add_argument("--png", default="bench_attention.png", help="plot path ('' for none)")
     return p.parse_args(argv)
 
@@ -61,13 +76,30 @@ def _step_fn(backend: str, causal: bool, interpret: bool):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def measure(backend: str, T: int, *, B=1, N=8, K=None, H=64, dtype="float32", causal=True, interpret=False,
-            repeats=3, max_run_bytes=8 << 30, run=True) -> dict:
+def measure(
+    backend: str,
+    T: int,
+    *,
+    B=1,
+    N=8,
+    K=None,
+    H=64,
+    dtype="float32",
+    causal=True,
+    interpret=False,
+    repeats=3,
+    max_run_bytes=8 << 30,
+    run=True,
+) -> dict:
     """Compile fwd+bwd for one point; return peak bytes (planned) and best time (s) or None."""
     K = K or N
     dt = jnp.dtype(dtype)
-    shapes = [jax.ShapeDtypeStruct((B, T, N, H), dt), jax.ShapeDtypeStruct((B, T, K, H), dt),
-              jax.ShapeDtypeStruct((B, T, K, H), dt), jax.ShapeDtypeStruct((B, T, N, H), dt)]
+    shapes = [
+        jax.ShapeDtypeStruct((B, T, N, H), dt),
+        jax.ShapeDtypeStruct((B, T, K, H), dt),
+        jax.ShapeDtypeStruct((B, T, K, H), dt),
+        jax.ShapeDtypeStruct((B, T, N, H), dt),
+    ]
     t0 = time.perf_counter()
     compiled = _step_fn(backend, causal, interpret).lower(*shapes).compile()
     compile_s = time.perf_counter() - t0
@@ -111,23 +143,46 @@ def run(argv: list[str]) -> None:
         backends += [b for b in PALLAS if b.split("_")[1] == platform or a.interpret]
     interpret = a.interpret or platform == "cpu"
     causal = not a.no_causal
-    print(f"attention fwd+bwd, B={a.batch} N={a.heads} K={a.kv_heads or a.heads} H={a.head_dim} {a.dtype} "
-          f"causal={causal} on {platform} ({jax.devices()[0].device_kind}), best of {a.repeats}")
-    print("peak = XLA's planned buffers of the compiled program (memory_analysis(): temp + argument + output); "
-          f"points planned above {a.max_run_gb} GiB are compiled but not run")
+    print(
+        f"attention fwd+bwd, B={a.batch} N={a.heads} K={a.kv_heads or a.heads} H={a.head_dim} "
+        f"{a.dtype} causal={causal} on {platform} ({jax.devices()[0].device_kind}), "
+        f"best of {a.repeats}"
+    )
+    print(
+        "peak = XLA's planned buffers of the compiled program "
+        "(memory_analysis(): temp + argument + output); "
+        f"points planned above {a.max_run_gb} GiB are compiled but not run"
+    )
     if any(b in PALLAS and b.split("_")[1] != platform for b in backends):
-        print("NOTE: Pallas kernels off their own hardware run in interpret mode: their timings mean nothing.")
+        print(
+            "NOTE: Pallas kernels off their own hardware run in interpret mode: "
+            "their timings mean nothing."
+        )
     results = []
     for backend in backends:
         slow = False
         for T in lengths:
-            r = measure(backend, T, B=a.batch, N=a.heads, K=a.kv_heads, H=a.head_dim, dtype=a.dtype,
-                        causal=causal, interpret=interpret and backend in PALLAS, repeats=a.repeats,
-                        max_run_bytes=int(a.max_run_gb * 2**30), run=not slow)
+            r = measure(
+                backend,
+                T,
+                B=a.batch,
+                N=a.heads,
+                K=a.kv_heads,
+                H=a.head_dim,
+                dtype=a.dtype,
+                causal=causal,
+                interpret=interpret and backend in PALLAS,
+                repeats=a.repeats,
+                max_run_bytes=int(a.max_run_gb * 2**30),
+                run=not slow,
+            )
             slow = slow or (r["time_s"] is not None and r["time_s"] > a.max_seconds)
             results.append(r)
-            print(f"  {backend:11s} T={T:6d}  time {_fmt_time(r['time_s'])}  peak {_fmt_mem(r['peak_bytes'])}",
-                  flush=True)
+            print(
+                f"  {backend:11s} T={T:6d}  time {_fmt_time(r['time_s'])}  "
+                f"peak {_fmt_mem(r['peak_bytes'])}",
+                flush=True,
+            )
     _table(results, backends, lengths)
     if a.png:
         _plot(results, backends, a.png)
@@ -138,8 +193,13 @@ def _table(results, backends, lengths):
     head = "T".rjust(7) + "".join(f" | {b + ' time':>14s} {b + ' peak':>16s}" for b in backends)
     print("\n" + head + "\n" + "-" * len(head))
     for T in lengths:
-        print(f"{T:7d}" + "".join(f" | {_fmt_time(by[b, T]['time_s']):>14s} {_fmt_mem(by[b, T]['peak_bytes']):>16s}"
-                                  for b in backends))
+        print(
+            f"{T:7d}"
+            + "".join(
+                f" | {_fmt_time(by[b, T]['time_s']):>14s} {_fmt_mem(by[b, T]['peak_bytes']):>16s}"
+                for b in backends
+            )
+        )
     for b in backends:
         p = {T: by[b, T]["peak_bytes"] for T in lengths}
         if 8192 in p and 32768 in p and p[8192] and p[32768]:

@@ -1,4 +1,5 @@
-"""``mlgen bench diffusion``: the diffusion train step through mlgen's own path, on the peer's shapes.
+"""``mlgen bench diffusion``: the diffusion train step through mlgen's own path,
+on the peer's shapes.
 
 Defaults match ``shared/peers/unet_train.py`` (diffusers ``UNet2DModel`` + DDPM): 16x16x1
 images, channels (64, 128), 2 residual blocks per level, self-attention at 8x8 (head size
@@ -58,31 +59,64 @@ def run(argv: list[str]) -> None:
     ap.add_argument("--model", choices=["unet", "dit"], default="unet")
     ap.add_argument("--conv-impl", default="auto", choices=["auto", "xla", "im2col"])
     ap.add_argument("--attention-backend", default="auto")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="compute dtype; parameters and optimizer state stay float32")
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="compute dtype; parameters and optimizer state stay float32",
+    )
     a = ap.parse_args(argv)
 
     if a.model == "unet":
-        model = UNetConfig(image_size=a.size, in_channels=1, channels=tuple(a.channels),
-                           blocks_per_level=a.layers_per_block, attention_levels=(len(a.channels) - 1,),
-                           head_dim=8, num_groups=32, conv_impl=a.conv_impl, attention=AttentionConfig(backend=a.attention_backend),
-                           dtype=a.dtype)
+        model = UNetConfig(
+            image_size=a.size,
+            in_channels=1,
+            channels=tuple(a.channels),
+            blocks_per_level=a.layers_per_block,
+            attention_levels=(len(a.channels) - 1,),
+            head_dim=8,
+            num_groups=32,
+            conv_impl=a.conv_impl,
+            attention=AttentionConfig(backend=a.attention_backend),
+            dtype=a.dtype,
+        )
     else:
-        model = dataclasses.replace(DIT["dit-digits"], image_size=a.size, num_classes=0,
-                                    attention=AttentionConfig(backend=a.attention_backend), dtype=a.dtype)
+        model = dataclasses.replace(
+            DIT["dit-digits"],
+            image_size=a.size,
+            num_classes=0,
+            attention=AttentionConfig(backend=a.attention_backend),
+            dtype=a.dtype,
+        )
     cfg = Config(
-        task="diffusion", workdir="/tmp/mlgen-bench-diffusion",
+        task="diffusion",
+        workdir="/tmp/mlgen-bench-diffusion",
         model=model,
         data=ImageDataConfig(source="digits", image_size=a.size, batch_size=a.batch),
         objective=DiffusionObjectiveConfig(schedule="cosine", prediction="eps", label_dropout=0.0),
         mesh=MeshConfig(data=-1, rules="dp"),
-        optim=OptimConfig(lr=1e-4, b2=0.999, weight_decay=0.01, clip_norm=0.0, warmup_steps=0, schedule="constant"),
+        optim=OptimConfig(
+            lr=1e-4, b2=0.999, weight_decay=0.01, clip_norm=0.0, warmup_steps=0, schedule="constant"
+        ),
         train=TrainConfig(num_steps=a.steps + a.warmup),
     )
     rng = np.random.default_rng(0)
-    host = {"images": rng.standard_normal((a.batch, a.size, a.size, 1)).astype(np.float32),
-            "labels": np.zeros((a.batch,), np.int32)}
+    host = {
+        "images": rng.standard_normal((a.batch, a.size, a.size, 1)).astype(np.float32),
+        "labels": np.zeros((a.batch,), np.int32),
+    }
     med, n_params = time_train_step(cfg, host, steps=a.steps, warmup=a.warmup)
-    print(json.dumps({"bench": "mlgen-diffusion", "model": a.model, "conv_impl": a.conv_impl, "dtype": a.dtype,
-                      "images_per_s": a.batch / med, "step_s": med, "params": n_params,
-                      "devices": len(jax.devices())}))
+    print(
+        json.dumps(
+            {
+                "bench": "mlgen-diffusion",
+                "model": a.model,
+                "conv_impl": a.conv_impl,
+                "dtype": a.dtype,
+                "images_per_s": a.batch / med,
+                "step_s": med,
+                "params": n_params,
+                "devices": len(jax.devices()),
+            }
+        )
+    )

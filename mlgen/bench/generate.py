@@ -19,7 +19,6 @@ import json
 
 import jax
 import numpy as np
-
 from flax import nnx
 
 from mlgen import sharding
@@ -47,22 +46,46 @@ def run(argv: list[str]) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     a = ap.parse_args(argv)
 
-    cfg = TransformerConfig(flavour=a.flavour, vocab_size=a.vocab, num_layers=a.layers, d_model=a.width,
-                            num_heads=a.heads, max_len=a.prompt + a.new, attention=AttentionConfig(backend=a.attention_backend),
-                            dtype=a.dtype)
+    cfg = TransformerConfig(
+        flavour=a.flavour,
+        vocab_size=a.vocab,
+        num_layers=a.layers,
+        d_model=a.width,
+        num_heads=a.heads,
+        max_len=a.prompt + a.new,
+        attention=AttentionConfig(backend=a.attention_backend),
+        dtype=a.dtype,
+    )
     mesh = sharding.make_mesh(MeshConfig(data=-1))
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, a.vocab, (a.batch, a.prompt)).tolist()
     sampling = Sampling(temperature=a.temperature, top_k=a.top_k)
     with sharding.use(mesh, "dp"):
-        graphdef, params, _ = sharding.sharded_init(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)), mesh)
+        graphdef, params, _ = sharding.sharded_init(
+            lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)), mesh
+        )
         calls = iter(range(1 << 30))
 
         def one():
-            g = generate((graphdef, params), prompts, max_new_tokens=a.new, sampling=sampling, seed=next(calls),
-                         prompt_bucket=None)
+            g = generate(
+                (graphdef, params),
+                prompts,
+                max_new_tokens=a.new,
+                sampling=sampling,
+                seed=next(calls),
+                prompt_bucket=None,
+            )
             assert g.tokens.shape == (a.batch, a.new) and int(g.lengths.min()) == a.new
 
         med = median_time(one, steps=a.repeats, warmup=1)
-    print(json.dumps({"bench": "mlgen-generate", "new_tokens_per_s": a.batch * a.new / med, "s": med,
-                      "flavour": a.flavour, "devices": len(jax.devices())}))
+    print(
+        json.dumps(
+            {
+                "bench": "mlgen-generate",
+                "new_tokens_per_s": a.batch * a.new / med,
+                "s": med,
+                "flavour": a.flavour,
+                "devices": len(jax.devices()),
+            }
+        )
+    )

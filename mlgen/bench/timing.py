@@ -25,7 +25,8 @@ def median_time(fn, *, steps: int, warmup: int) -> float:
 
 
 def time_train_step(cfg: Config, host_batch: dict, *, steps: int, warmup: int) -> tuple[float, int]:
-    """Median seconds of the real train step of ``cfg`` on one fixed host batch, and the param count.
+    """Median seconds of the real train step of ``cfg`` on one fixed host batch,
+    and the param count.
 
     The step is what ``mlgen train`` runs: config -> sharded init -> ``make_train_step`` ->
     jit with donation, so a benchmark measures the framework, not a copy of it.

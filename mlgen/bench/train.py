@@ -34,24 +34,51 @@ def run(argv: list[str]) -> None:
     ap.add_argument("--flavour", default="gpt2", choices=["gpt2", "llama"])
     ap.add_argument("--attention-backend", default="xla")
     ap.add_argument("--remat", default="none")
-    ap.add_argument("--loss-chunk", type=int, default=0, help="positions per output-layer + loss chunk (0 = all)")
+    ap.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=0,
+        help="positions per output-layer + loss chunk (0 = all)",
+    )
     a = ap.parse_args(argv)
 
     cfg = Config(
-        task="lm", workdir="/tmp/mlgen-bench-train",
-        model=TransformerConfig(flavour=a.flavour, vocab_size=a.vocab, num_layers=a.layers, d_model=a.width,
-                                num_heads=a.heads, max_len=a.seq, attention=AttentionConfig(backend=a.attention_backend),
-                                remat=a.remat, norm_eps=1e-5),
+        task="lm",
+        workdir="/tmp/mlgen-bench-train",
+        model=TransformerConfig(
+            flavour=a.flavour,
+            vocab_size=a.vocab,
+            num_layers=a.layers,
+            d_model=a.width,
+            num_heads=a.heads,
+            max_len=a.seq,
+            attention=AttentionConfig(backend=a.attention_backend),
+            remat=a.remat,
+            norm_eps=1e-5,
+        ),
         data=TextDataConfig(tokenizer="bpe", vocab_size=a.vocab, seq_len=a.seq, batch_size=a.batch),
         objective=LMObjectiveConfig(loss_chunk=a.loss_chunk),
         mesh=MeshConfig(data=-1, rules="dp"),
-        optim=OptimConfig(lr=3e-4, b2=0.999, weight_decay=0.1, clip_norm=0.0, warmup_steps=0, schedule="constant"),
+        optim=OptimConfig(
+            lr=3e-4, b2=0.999, weight_decay=0.1, clip_norm=0.0, warmup_steps=0, schedule="constant"
+        ),
         train=TrainConfig(num_steps=a.steps + a.warmup),
     )
     rng = np.random.default_rng(1)
     tok = rng.integers(0, a.vocab, (a.batch, a.seq + 1)).astype(np.int32)
-    med, n_params = time_train_step(cfg, {"inputs": tok[:, :-1], "targets": tok[:, 1:]}, steps=a.steps,
-                                    warmup=a.warmup)
-    print(json.dumps({"bench": "mlgen-train", "flavour": a.flavour, "tokens_per_s": a.batch * a.seq / med,
-                      "step_s": med, "params": n_params, "loss_chunk": a.loss_chunk,
-                      "devices": len(jax.devices())}))
+    med, n_params = time_train_step(
+        cfg, {"inputs": tok[:, :-1], "targets": tok[:, 1:]}, steps=a.steps, warmup=a.warmup
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "mlgen-train",
+                "flavour": a.flavour,
+                "tokens_per_s": a.batch * a.seq / med,
+                "step_s": med,
+                "params": n_params,
+                "loss_chunk": a.loss_chunk,
+                "devices": len(jax.devices()),
+            }
+        )
+    )

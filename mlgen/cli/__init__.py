@@ -43,7 +43,9 @@ DEFAULT_CACHE = os.path.join("~", ".cache", "mlgen", "jax")
 def _set_jax_globals(cpu_devices: int | None, platform: str | None, cache: str | None) -> None:
     if cpu_devices:
         flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cpu_devices}".strip()
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_force_host_platform_device_count={cpu_devices}".strip()
+        )
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if platform:
         os.environ["JAX_PLATFORMS"] = platform

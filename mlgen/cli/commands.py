@@ -15,7 +15,9 @@ from mlgen.data.tokenizer import tokenizer_main
 def train_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="mlgen train", description="Train or resume a run.")
     ap.add_argument("config", help="a config file defining get_config(), e.g. configs/lm/tiny.py")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.num_steps=100")
+    ap.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. train.num_steps=100"
+    )
     a = ap.parse_args(argv)
     result = runs.train(a.config, a.overrides)
     final = {k: round(v, 5) for k, v in result.final_metrics.items() if isinstance(v, float)}

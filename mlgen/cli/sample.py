@@ -1,4 +1,5 @@
-"""``mlgen sample WORKDIR`` and ``mlgen eval WORKDIR``: restore a diffusion run and sample from it."""
+"""``mlgen sample WORKDIR`` and ``mlgen eval WORKDIR``: restore a diffusion run and sample
+from it."""
 
 from __future__ import annotations
 
@@ -24,10 +25,18 @@ def _params(result: TrainResult, use_ema: bool):
 
 def sample_main(argv: list[str]) -> int:
     """``mlgen sample WORKDIR --out grid.png|x.npz [...]``: sample images from a trained run."""
-    ap = argparse.ArgumentParser(prog="mlgen sample", description="Sample images from a trained diffusion model.")
+    ap = argparse.ArgumentParser(
+        prog="mlgen sample", description="Sample images from a trained diffusion model."
+    )
     ap.add_argument("workdir", help="a run's workdir (its checkpoints)")
-    ap.add_argument("--out", required=True, help="grid.png (a PNG grid, one row per class) or x.npz (raw samples)")
-    ap.add_argument("--num", type=int, default=None, help="number of samples (default: per_class x classes)")
+    ap.add_argument(
+        "--out",
+        required=True,
+        help="grid.png (a PNG grid, one row per class) or x.npz (raw samples)",
+    )
+    ap.add_argument(
+        "--num", type=int, default=None, help="number of samples (default: per_class x classes)"
+    )
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--sampler", choices=SAMPLERS, default=None)
     ap.add_argument("--guidance", type=float, default=None)
@@ -57,12 +66,24 @@ def sample_main(argv: list[str]) -> int:
     else:
         labels = None
         n = a.num or scfg.per_class * 10
-    overrides = {k: v for k, v in dict(sampler=a.sampler, steps=a.steps, guidance=a.guidance, eta=a.eta).items()
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in dict(sampler=a.sampler, steps=a.steps, guidance=a.guidance, eta=a.eta).items()
+        if v is not None
+    }
     with sharding.use(result.mesh, result.rules):
-        x = sample_model(result.graphdef, _params(result, scfg.use_ema and not a.no_ema), cfg.objective, cfg.model,
-                         scfg, num=n, key=jax.random.key(a.seed), labels=labels,
-                         model_state=result.state.get("model_state"), **overrides)
+        x = sample_model(
+            result.graphdef,
+            _params(result, scfg.use_ema and not a.no_ema),
+            cfg.objective,
+            cfg.model,
+            scfg,
+            num=n,
+            key=jax.random.key(a.seed),
+            labels=labels,
+            model_state=result.state.get("model_state"),
+            **overrides,
+        )
     images = np.asarray(jax.device_get(x))
     if a.out.endswith(".npz"):
         arrays = {"images": images}
@@ -78,9 +99,13 @@ def sample_main(argv: list[str]) -> int:
 
 def eval_main(argv: list[str]) -> int:
     """``mlgen eval WORKDIR``: sample a digits diffusion run and score the samples."""
-    ap = argparse.ArgumentParser(prog="mlgen eval", description="Score a digits diffusion model's samples.")
+    ap = argparse.ArgumentParser(
+        prog="mlgen eval", description="Score a digits diffusion model's samples."
+    )
     ap.add_argument("workdir")
-    ap.add_argument("--num", type=int, default=1000, help="samples (spread evenly over the classes)")
+    ap.add_argument(
+        "--num", type=int, default=1000, help="samples (spread evenly over the classes)"
+    )
     ap.add_argument("--batch", type=int, default=250, help="samples drawn per sampler call")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--sampler", choices=SAMPLERS, default=None)
@@ -97,7 +122,11 @@ def eval_main(argv: list[str]) -> int:
         print("mlgen eval: only digits runs (data.source=digits) can be scored", file=sys.stderr)
         return 2
     scfg = cfg.objective.sampling
-    over = {k: v for k, v in dict(sampler=a.sampler, steps=a.steps, guidance=a.guidance).items() if v is not None}
+    over = {
+        k: v
+        for k, v in dict(sampler=a.sampler, steps=a.steps, guidance=a.guidance).items()
+        if v is not None
+    }
     params = _params(result, scfg.use_ema and not a.no_ema)
     classes = cfg.model.num_classes
     labels = np.arange(a.num, dtype=np.int32) % classes if classes else None
@@ -105,15 +134,28 @@ def eval_main(argv: list[str]) -> int:
     with sharding.use(result.mesh, result.rules):
         for i, start in enumerate(range(0, a.num, a.batch)):
             n = min(a.batch, a.num - start)
-            lab = labels[start:start + n] if labels is not None else None
-            x = sample_model(result.graphdef, params, cfg.objective, cfg.model, scfg, num=n,
-                             key=jax.random.fold_in(jax.random.key(a.seed), i), labels=lab,
-                             model_state=result.state.get("model_state"), **over)
+            lab = labels[start : start + n] if labels is not None else None
+            x = sample_model(
+                result.graphdef,
+                params,
+                cfg.objective,
+                cfg.model,
+                scfg,
+                num=n,
+                key=jax.random.fold_in(jax.random.key(a.seed), i),
+                labels=lab,
+                model_state=result.state.get("model_state"),
+                **over,
+            )
             chunks.append(np.asarray(jax.device_get(x)))
     images = np.concatenate(chunks)
     scores = scorer(cfg.model.image_size).score(images, labels)
-    scores.update(step=int(result.state["step"]), sampler=over.get("sampler", scfg.sampler),
-                  steps=over.get("steps", scfg.steps), guidance=over.get("guidance", scfg.guidance))
+    scores.update(
+        step=int(result.state["step"]),
+        sampler=over.get("sampler", scfg.sampler),
+        steps=over.get("steps", scfg.steps),
+        guidance=over.get("guidance", scfg.guidance),
+    )
     line = json.dumps(scores)
     print(line)
     (workdir_path(a.workdir) / "eval.json").write_text(line + "\n")

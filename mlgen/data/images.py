@@ -35,7 +35,14 @@ from mlgen.config import ConfigError, check, register
 from mlgen.data.paths import is_remote, write_bytes_atomic
 from mlgen.data.pipeline import host_rows, host_shard, map_dataset, to_iter_dataset, track
 
-__all__ = ["ImageDataConfig", "class_names", "load_arrays", "make_image_data", "num_classes", "save_grid"]
+__all__ = [
+    "ImageDataConfig",
+    "class_names",
+    "load_arrays",
+    "make_image_data",
+    "num_classes",
+    "save_grid",
+]
 
 
 @register("images", aliases=("mlgen.data.images:ImageDataConfig",))
@@ -64,17 +71,29 @@ class ImageDataConfig:
     hflip: bool = False
 
     def validate(self) -> None:
-        check(self.source in ("digits", "folder"), "source", f"must be 'digits' or 'folder', got {self.source!r}")
+        check(
+            self.source in ("digits", "folder"),
+            "source",
+            f"must be 'digits' or 'folder', got {self.source!r}",
+        )
         if self.source == "folder":
             check(self.path != "", "path", "the folder source needs path=<folder of PNGs>")
             check(_folder(self.path).is_dir(), "path", f"no such folder {self.path!r}")
         else:
-            check(self.channels == 1, "channels", f"digits are grayscale (channels=1), got {self.channels}")
+            check(
+                self.channels == 1,
+                "channels",
+                f"digits are grayscale (channels=1), got {self.channels}",
+            )
         check(self.image_size >= 4, "image_size", f"must be >= 4, got {self.image_size}")
         check(self.channels in (1, 3), "channels", f"must be 1 or 3, got {self.channels}")
         check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
         check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
-        check(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        check(
+            0.0 < self.val_fraction < 1.0,
+            "val_fraction",
+            f"must be in (0, 1), got {self.val_fraction}",
+        )
 
 
 # ----------------------------------------------------------------------------- sources
@@ -82,8 +101,10 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:
     """float32 [h, w, c] -> [size, size, c], bilinear."""
     if img.shape[0] == size and img.shape[1] == size:
         return img
-    chans = [np.asarray(Image.fromarray(img[..., c], mode="F").resize((size, size), Image.BILINEAR))
-             for c in range(img.shape[-1])]
+    chans = [
+        np.asarray(Image.fromarray(img[..., c], mode="F").resize((size, size), Image.BILINEAR))
+        for c in range(img.shape[-1])
+    ]
     return np.stack(chans, axis=-1)
 
 
@@ -192,8 +213,15 @@ def num_classes(cfg: ImageDataConfig) -> int:
     return 10 if cfg.source == "digits" else max(1, len(class_names(cfg.path)))
 
 
-def make_image_data(cfg: ImageDataConfig, *, split: Literal["train", "validation"], seed: int,
-                    process_index: int = 0, process_count: int = 1, repeat: bool | None = None):
+def make_image_data(
+    cfg: ImageDataConfig,
+    *,
+    split: Literal["train", "validation"],
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    repeat: bool | None = None,
+):
     """This host's batches of one split.
 
     Returns:
@@ -214,7 +242,9 @@ def make_image_data(cfg: ImageDataConfig, *, split: Literal["train", "validation
         source = [items[i] for i in idx]
     if len(source) == 0:
         raise ConfigError(f"data.val_fraction: the {split} split is empty on host {process_index}")
-    ds = map_dataset(source, shuffle_seed=seed if split == "train" else None, repeat=repeat, min_len=rows)
+    ds = map_dataset(
+        source, shuffle_seed=seed if split == "train" else None, repeat=repeat, min_len=rows
+    )
     if cfg.source == "folder":
         ds = ds.map(_LoadPNG(cfg.image_size, cfg.channels))
     if cfg.hflip and split == "train":
@@ -225,7 +255,9 @@ def make_image_data(cfg: ImageDataConfig, *, split: Literal["train", "validation
 
 
 # ----------------------------------------------------------------------------- grids
-def save_grid(images: np.ndarray, path, *, ncol: int | None = None, scale: int = 2, pad: int = 1) -> epath.Path:
+def save_grid(
+    images: np.ndarray, path, *, ncol: int | None = None, scale: int = 2, pad: int = 1
+) -> epath.Path:
     """Writes ``images`` ``[N, H, W, C]`` in [-1, 1] as a PNG grid (``ncol`` per row); any
     ``etils.epath`` path (local or ``gs://``)."""
     images = np.asarray(images, np.float32)
@@ -235,7 +267,10 @@ def save_grid(images: np.ndarray, path, *, ncol: int | None = None, scale: int =
     grid = np.ones((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), np.float32)
     for i in range(n):
         r, q = divmod(i, ncol)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
+        grid[
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + q * (w + pad) : pad + q * (w + pad) + w,
+        ] = images[i]
     pixels = np.round((grid.clip(-1, 1) + 1.0) * 127.5).astype(np.uint8)
     pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
     img = Image.fromarray(pixels[..., 0] if c == 1 else pixels, mode="L" if c == 1 else "RGB")

@@ -47,14 +47,24 @@ class LMBatchIterator(grain.DatasetIterator):
         many too-short documents may be skipped in a row before it is an error, not a hang.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, docs: grain.MapDataset, *, rows: int,
-                 lanes: int, seq_len: int, pack: bool, pad_id: int, epoch_size: int):
+    def __init__(
+        self,
+        parent: grain.DatasetIterator,
+        docs: grain.MapDataset,
+        *,
+        rows: int,
+        lanes: int,
+        seq_len: int,
+        pack: bool,
+        pad_id: int,
+        epoch_size: int,
+    ):
         super().__init__(parent)
         self._epoch_size = epoch_size
         self._docs = docs
         self._rows, self._seq_len, self._pack, self._pad_id = rows, seq_len, pack, pad_id
-        self._next_p = 0          # documents taken from the parent so far
-        self._exhausted = False   # the parent has no more documents
+        self._next_p = 0  # documents taken from the parent so far
+        self._exhausted = False  # the parent has no more documents
         # Per lane: [p, offset] of the document where its next row starts, or None.
         assert rows % lanes == 0, (rows, lanes)
         self._lanes: list[list[int] | None] = [None] * lanes
@@ -95,9 +105,9 @@ class LMBatchIterator(grain.DatasetIterator):
             off = state[1]
             take = min(width - n, len(toks) - off)
             piece += 1
-            buf[n:n + take] = toks[off:off + take]
-            seg[n:n + take] = piece
-            pos[n:n + take] = np.arange(take)
+            buf[n : n + take] = toks[off : off + take]
+            seg[n : n + take] = piece
+            pos[n : n + take] = np.arange(take)
             n, off = n + take, off + take
             if off == len(toks):
                 # Finished: a full row ending on the document's last token needs no overlap
@@ -109,7 +119,7 @@ class LMBatchIterator(grain.DatasetIterator):
                 return
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._exhausted and all(l is None for l in self._lanes):
+        if self._exhausted and all(lane is None for lane in self._lanes):
             raise StopIteration
         b, width = self._rows, self._seq_len + 1
         buf = np.full((b, width), self._pad_id, np.int32)
@@ -135,7 +145,7 @@ class LMBatchIterator(grain.DatasetIterator):
             "parent": self._parent.get_state(),
             "next_p": self._next_p,
             "exhausted": int(self._exhausted),
-            "lanes": [[-1, 0] if l is None else list(l) for l in self._lanes],
+            "lanes": [[-1, 0] if lane is None else list(lane) for lane in self._lanes],
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -151,4 +161,3 @@ class LMBatchIterator(grain.DatasetIterator):
 
     def __str__(self) -> str:
         return f"LMBatchIterator(rows={self._rows}, seq_len={self._seq_len}, pack={self._pack})"
-

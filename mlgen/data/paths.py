@@ -53,7 +53,9 @@ def expand_globs(patterns: Sequence[str]) -> list[str]:
 
 def _remote_glob(pattern: str) -> list[str]:
     if "**" in pattern:
-        raise ValueError(f"{pattern!r}: '**' is not supported for remote paths (use '*' per directory)")
+        raise ValueError(
+            f"{pattern!r}: '**' is not supported for remote paths (use '*' per directory)"
+        )
     if not _glob.has_magic(pattern):
         return [pattern] if epath.Path(pattern).is_file() else []
     scheme, rest = pattern.split("://", 1)

@@ -45,10 +45,16 @@ def host_rows(batch_size: int, process_index: int, process_count: int) -> int:
     Raises:
       ConfigError: ``process_index:`` out of range, or ``batch_size:`` not divisible.
     """
-    check(0 <= process_index < process_count, "process_index",
-          f"must be in [0, {process_count}), got {process_index}")
-    check(batch_size % process_count == 0, "batch_size",
-          f"global batch {batch_size} is not divisible by the {process_count} hosts")
+    check(
+        0 <= process_index < process_count,
+        "process_index",
+        f"must be in [0, {process_count}), got {process_index}",
+    )
+    check(
+        batch_size % process_count == 0,
+        "batch_size",
+        f"global batch {batch_size} is not divisible by the {process_count} hosts",
+    )
     return batch_size // process_count
 
 
@@ -61,7 +67,9 @@ def host_shard(split: Sequence[_T], process_index: int, process_count: int) -> S
     return split[process_index::process_count]
 
 
-def map_dataset(source: Any, *, shuffle_seed: int | None, repeat: bool, min_len: int = 0) -> grain.MapDataset:
+def map_dataset(
+    source: Any, *, shuffle_seed: int | None, repeat: bool, min_len: int = 0
+) -> grain.MapDataset:
     """A grain ``MapDataset`` over ``source``: shuffled (if a seed is given), then repeated.
 
     Args:
@@ -84,7 +92,9 @@ def map_dataset(source: Any, *, shuffle_seed: int | None, repeat: bool, min_len:
     return ds
 
 
-def to_iter_dataset(ds: grain.MapDataset, read_options: grain.ReadOptions, num_workers: int) -> grain.IterDataset:
+def to_iter_dataset(
+    ds: grain.MapDataset, read_options: grain.ReadOptions, num_workers: int
+) -> grain.IterDataset:
     """``ds`` as an ``IterDataset``, its elements computed in ``num_workers`` processes if > 0.
 
     Args:

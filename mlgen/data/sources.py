@@ -33,12 +33,15 @@ if TYPE_CHECKING:  # text.py imports this module; the config class lives there.
     from mlgen.data.text import TextDataConfig
 
 # Directories of the standard library that are not part of the default corpus.
-_STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
+_STDLIB_SKIP_DIRS = frozenset(
+    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Document:
-    """A reference to one document: ``offset`` is -1 for a whole file, else a jsonl line's byte offset."""
+    """A reference to one document: ``offset`` is -1 for a whole file,
+    else a jsonl line's byte offset."""
 
     id: str
     path: str
@@ -98,8 +101,11 @@ def _unit_hash(salt: str, doc_id: str) -> float:
     return int.from_bytes(h, "big") / 2.0**64
 
 
-def split_documents(cfg: TextDataConfig, split: Literal["train", "validation"],
-                    docs: Sequence[Document] | None = None) -> list[Document]:
+def split_documents(
+    cfg: TextDataConfig,
+    split: Literal["train", "validation"],
+    docs: Sequence[Document] | None = None,
+) -> list[Document]:
     """The documents of one split, sorted by id; the same on every host and every run.
 
     A document is in validation when the hash of its id falls below ``val_fraction``;
@@ -114,7 +120,9 @@ def split_documents(cfg: TextDataConfig, split: Literal["train", "validation"],
     Returns:
       The split's documents, sorted by id.
     """
-    check(split in ("train", "validation"), "split", f"must be 'train' or 'validation', got {split!r}")
+    check(
+        split in ("train", "validation"), "split", f"must be 'train' or 'validation', got {split!r}"
+    )
     docs = list_documents(cfg) if docs is None else list(docs)
     if cfg.max_docs and len(docs) > cfg.max_docs:
         keep = sorted(docs, key=lambda d: _unit_hash("subset", d.id))[: cfg.max_docs]

@@ -37,8 +37,16 @@ from mlgen.data.sources import Document, list_documents, read_document, split_do
 from mlgen.data.tokenizer import ByteTokenizer, Tokenizer
 
 __all__ = [
-    "TOKENIZER_FILENAME", "Document", "LMBatchIterator", "TextDataConfig", "get_tokenizer",
-    "list_documents", "make_lm_data", "read_document", "split_documents", "stdlib_root",
+    "TOKENIZER_FILENAME",
+    "Document",
+    "LMBatchIterator",
+    "TextDataConfig",
+    "get_tokenizer",
+    "list_documents",
+    "make_lm_data",
+    "read_document",
+    "split_documents",
+    "stdlib_root",
 ]
 
 TOKENIZER_FILENAME = "tokenizer.model"
@@ -75,35 +83,65 @@ class TextDataConfig:
     shuffle: bool = True
 
     def validate(self) -> None:
-        check(self.source in ("stdlib", "files", "jsonl"), "source",
-              f"must be 'stdlib', 'files' or 'jsonl', got {self.source!r}")
+        check(
+            self.source in ("stdlib", "files", "jsonl"),
+            "source",
+            f"must be 'stdlib', 'files' or 'jsonl', got {self.source!r}",
+        )
         if self.source == "stdlib":
             check(not self.paths, "paths", "only used with source='files' or 'jsonl'")
         else:
             check(len(self.paths) > 0, "paths", f"source={self.source!r} needs at least one glob")
-            check(all(isinstance(p, str) and p for p in self.paths), "paths", "must be non-empty strings")
-            check(not any(is_remote(p) and "**" in p for p in self.paths), "paths",
-                  "'**' is not supported for remote paths (use '*' per directory)")
+            check(
+                all(isinstance(p, str) and p for p in self.paths),
+                "paths",
+                "must be non-empty strings",
+            )
+            check(
+                not any(is_remote(p) and "**" in p for p in self.paths),
+                "paths",
+                "'**' is not supported for remote paths (use '*' per directory)",
+            )
         if self.source == "jsonl":
             check(bool(self.text_field), "text_field", "must be non-empty for source='jsonl'")
-        check(self.tokenizer in ("byte", "bpe", "unigram"), "tokenizer",
-              f"must be 'byte', 'bpe' or 'unigram', got {self.tokenizer!r}")
+        check(
+            self.tokenizer in ("byte", "bpe", "unigram"),
+            "tokenizer",
+            f"must be 'byte', 'bpe' or 'unigram', got {self.tokenizer!r}",
+        )
         if self.tokenizer == "byte":
-            check(self.vocab_size in (256, 259), "vocab_size",
-                  f"the byte tokenizer has 256 or 259 ids, got {self.vocab_size}")
-            check(not self.tokenizer_path, "tokenizer_path", "only used with tokenizer='bpe' or 'unigram'")
+            check(
+                self.vocab_size in (256, 259),
+                "vocab_size",
+                f"the byte tokenizer has 256 or 259 ids, got {self.vocab_size}",
+            )
+            check(
+                not self.tokenizer_path,
+                "tokenizer_path",
+                "only used with tokenizer='bpe' or 'unigram'",
+            )
         else:
-            check(self.vocab_size >= 263, "vocab_size",
-                  f"a sentencepiece vocabulary needs >= 263 ids (256 bytes + specials), got {self.vocab_size}")
-            check(not self.tokenizer_path or epath.Path(self.tokenizer_path).is_file(), "tokenizer_path",
-                  f"no such file {self.tokenizer_path!r}")
+            check(
+                self.vocab_size >= 263,
+                "vocab_size",
+                "a sentencepiece vocabulary needs >= 263 ids (256 bytes + specials), "
+                f"got {self.vocab_size}",
+            )
+            check(
+                not self.tokenizer_path or epath.Path(self.tokenizer_path).is_file(),
+                "tokenizer_path",
+                f"no such file {self.tokenizer_path!r}",
+            )
         check(self.seq_len > 0, "seq_len", f"must be > 0, got {self.seq_len}")
         check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
-        check(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        check(
+            0.0 < self.val_fraction < 1.0,
+            "val_fraction",
+            f"must be in (0, 1), got {self.val_fraction}",
+        )
         check(self.max_docs >= 0, "max_docs", f"must be >= 0 (0 = all), got {self.max_docs}")
         check(self.max_docs != 1, "max_docs", "must be >= 2 (one document for each split), got 1")
         check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
-
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -135,18 +173,28 @@ def get_tokenizer(cfg: TextDataConfig, workdir: str | None = None) -> Tokenizer:
     elif workdir:
         tok = _trained_once(cfg, str(epath.Path(workdir) / TOKENIZER_FILENAME))
     else:
-        check(jax.process_count() == 1, "workdir",
-              f"the {jax.process_count()} processes need a shared workdir for the trained tokenizer")
+        check(
+            jax.process_count() == 1,
+            "workdir",
+            f"the {jax.process_count()} processes need a shared workdir for the trained tokenizer",
+        )
         tok = _train(cfg, os.path.join(tempfile.mkdtemp(prefix="mlgen_tok_"), TOKENIZER_FILENAME))
-    check(tok.vocab_size <= cfg.vocab_size, "vocab_size",
-          f"the tokenizer has {tok.vocab_size} ids but vocab_size is {cfg.vocab_size}")
+    check(
+        tok.vocab_size <= cfg.vocab_size,
+        "vocab_size",
+        f"the tokenizer has {tok.vocab_size} ids but vocab_size is {cfg.vocab_size}",
+    )
     return tok
 
 
 def _train(cfg: TextDataConfig, path: str) -> Tokenizer:
     docs = split_documents(cfg, "train")
-    return Tokenizer.train((read_document(d, cfg.text_field) for d in docs),
-                           vocab_size=cfg.vocab_size, model_type=cfg.tokenizer, out_path=path)
+    return Tokenizer.train(
+        (read_document(d, cfg.text_field) for d in docs),
+        vocab_size=cfg.vocab_size,
+        model_type=cfg.tokenizer,
+        out_path=path,
+    )
 
 
 def _trained_once(cfg: TextDataConfig, path: str) -> Tokenizer:
@@ -167,8 +215,10 @@ def _trained_once(cfg: TextDataConfig, path: str) -> Tokenizer:
     if trained is not None:
         return trained
     if not epath.Path(path).is_file():
-        raise ConfigError(f"workdir: process {jax.process_index()} finds no {path} after process 0 trained it "
-                          "(the workdir must be shared by all hosts; see process 0 for an error)")
+        raise ConfigError(
+            f"workdir: process {jax.process_index()} finds no {path} after process 0 trained it "
+            "(the workdir must be shared by all hosts; see process 0 for an error)"
+        )
     return Tokenizer.load(path)
 
 
@@ -183,15 +233,26 @@ class _Tokenize:
 
     def __call__(self, doc: Document) -> np.ndarray:
         ids = self.tokenizer.encode_array(read_document(doc, self.text_field))
-        parts = ([np.array([self.tokenizer.bos_id], np.int32)] if self.add_bos else []) + [ids] + (
-            [np.array([self.tokenizer.eos_id], np.int32)] if self.add_eos else [])
+        parts = (
+            ([np.array([self.tokenizer.bos_id], np.int32)] if self.add_bos else [])
+            + [ids]
+            + ([np.array([self.tokenizer.eos_id], np.int32)] if self.add_eos else [])
+        )
         return np.concatenate(parts).astype(np.int32, copy=False)
 
 
 # ----------------------------------------------------------------------------- pipeline
-def make_lm_data(cfg: TextDataConfig, *, split: Literal["train", "validation"], seed: int,
-                 workdir: str | None = None, process_index: int = 0, process_count: int = 1,
-                 repeat: bool | None = None, tokenizer: Tokenizer | None = None) -> LMBatchIterator:
+def make_lm_data(
+    cfg: TextDataConfig,
+    *,
+    split: Literal["train", "validation"],
+    seed: int,
+    workdir: str | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    repeat: bool | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> LMBatchIterator:
     """This host's batches of one split, as a resumable iterator.
 
     Args:
@@ -216,9 +277,13 @@ def make_lm_data(cfg: TextDataConfig, *, split: Literal["train", "validation"], 
     tok = tokenizer if tokenizer is not None else get_tokenizer(cfg, workdir)
     docs = host_shard(split_documents(cfg, split), process_index, process_count)
     if not docs:
-        raise ConfigError(f"paths: the {split} split has fewer documents than the {process_count} hosts")
+        raise ConfigError(
+            f"paths: the {split} split has fewer documents than the {process_count} hosts"
+        )
 
-    ds = map_dataset(docs, shuffle_seed=seed if split == "train" and cfg.shuffle else None, repeat=repeat)
+    ds = map_dataset(
+        docs, shuffle_seed=seed if split == "train" and cfg.shuffle else None, repeat=repeat
+    )
     ds = ds.map(_Tokenize(tok, cfg.text_field, cfg.add_bos, cfg.add_eos))
     if cfg.num_workers == 0:  # tokenize in background threads
         read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(8, 2 * rows))
@@ -228,5 +293,15 @@ def make_lm_data(cfg: TextDataConfig, *, split: Literal["train", "validation"], 
     # Train rows come from `rows` independent lanes (decorrelated rows); validation fills the
     # rows of a batch one after another from a single lane (no half-empty batches).
     lanes = rows if split == "train" else 1
-    return track(LMBatchIterator(iter(stream), ds, rows=rows, lanes=lanes, seq_len=cfg.seq_len,
-                                 pack=cfg.pack, pad_id=tok.pad_id, epoch_size=len(docs) if repeat else 0))
+    return track(
+        LMBatchIterator(
+            iter(stream),
+            ds,
+            rows=rows,
+            lanes=lanes,
+            seq_len=cfg.seq_len,
+            pack=cfg.pack,
+            pad_id=tok.pad_id,
+            epoch_size=len(docs) if repeat else 0,
+        )
+    )

@@ -108,9 +108,15 @@ class Tokenizer(abc.ABC):
             raise ValueError(f"model_type: must be 'bpe' or 'unigram', got {model_type!r}")
         min_vocab = 256 + 4 + 2 + 1
         if vocab_size < min_vocab:
-            raise ValueError(f"vocab_size: must be >= {min_vocab} (256 byte pieces + specials), got {vocab_size}")
+            raise ValueError(
+                f"vocab_size: must be >= {min_vocab} (256 byte pieces + specials), got {vocab_size}"
+            )
         if isinstance(files_or_iterator, (str, list, tuple)):
-            pats = [files_or_iterator] if isinstance(files_or_iterator, str) else list(files_or_iterator)
+            pats = (
+                [files_or_iterator]
+                if isinstance(files_or_iterator, str)
+                else list(files_or_iterator)
+            )
             paths = expand_globs(pats)
             if not paths:
                 raise ValueError(f"files_or_iterator: no files match {pats}")
@@ -134,7 +140,10 @@ class Tokenizer(abc.ABC):
             byte_fallback=True,
             user_defined_symbols=["\n", "\t"],
             max_sentence_length=_MAX_LINE_BYTES,
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
             num_threads=max(1, min(16, os.cpu_count() or 1)),
             minloglevel=2,
         )
@@ -144,7 +153,8 @@ class Tokenizer(abc.ABC):
 
     @staticmethod
     def load(path: str) -> Tokenizer:
-        """Loads a sentencepiece ``.model`` file (local or remote); ``"byte"`` gives the byte tokenizer."""
+        """Loads a sentencepiece ``.model`` file (local or remote);
+        ``"byte"`` gives the byte tokenizer."""
         if path == "byte":
             return ByteTokenizer()
         return SentencePieceTokenizer(read_bytes(path))
@@ -204,8 +214,10 @@ class SentencePieceTokenizer(Tokenizer):
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
         got = (self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id())
         if got != (PAD_ID, BOS_ID, EOS_ID):
-            raise ValueError(f"sentencepiece model has (pad, bos, eos) ids {got}; mlgen expects "
-                             f"{(PAD_ID, BOS_ID, EOS_ID)} (train it with Tokenizer.train)")
+            raise ValueError(
+                f"sentencepiece model has (pad, bos, eos) ids {got}; mlgen expects "
+                f"{(PAD_ID, BOS_ID, EOS_ID)} (train it with Tokenizer.train)"
+            )
 
     def __getstate__(self):
         return {"proto": self._proto}
@@ -250,10 +262,14 @@ def _lines(docs: Iterable[str], max_lines: int) -> Iterator[str]:
 # ----------------------------------------------------------------------------- CLI
 def tokenizer_main(argv: list[str]) -> int:
     """``mlgen tokenizer train --input GLOB... --vocab-size N --model-type bpe --out PATH``."""
-    parser = argparse.ArgumentParser(prog="mlgen tokenizer", description="Train or try a sentencepiece tokenizer.")
+    parser = argparse.ArgumentParser(
+        prog="mlgen tokenizer", description="Train or try a sentencepiece tokenizer."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train a sentencepiece model on text files")
-    tr.add_argument("--input", nargs="+", required=True, metavar="GLOB", help="text files (globs, ** allowed)")
+    tr.add_argument(
+        "--input", nargs="+", required=True, metavar="GLOB", help="text files (globs, ** allowed)"
+    )
     tr.add_argument("--vocab-size", type=int, required=True)
     tr.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     tr.add_argument("--out", required=True, metavar="PATH", help="output .model file")
@@ -269,12 +285,19 @@ def tokenizer_main(argv: list[str]) -> int:
             print(f"mlgen tokenizer: --input matched no files: {args.input}", file=sys.stderr)
             return 2
         try:
-            tok = Tokenizer.train(paths, vocab_size=args.vocab_size, model_type=args.model_type,
-                                  out_path=args.out, max_lines=args.max_lines)
+            tok = Tokenizer.train(
+                paths,
+                vocab_size=args.vocab_size,
+                model_type=args.model_type,
+                out_path=args.out,
+                max_lines=args.max_lines,
+            )
         except ValueError as e:
             print(f"mlgen tokenizer: {e}", file=sys.stderr)
             return 2
-        print(f"wrote {args.out}: {args.model_type}, vocab {tok.vocab_size}, from {len(paths)} files")
+        print(
+            f"wrote {args.out}: {args.model_type}, vocab {tok.vocab_size}, from {len(paths)} files"
+        )
         return 0
     tok = Tokenizer.load(args.model)
     ids = tok.encode(args.text)

@@ -75,8 +75,11 @@ class DigitScorer:
         """Scores samples ``[n, H, W, 1]`` in [-1, 1] (and the labels they were asked for)."""
         images = np.clip(np.asarray(images, np.float32), -1.0, 1.0)
         p = self.probabilities(images)
-        out = {"num_samples": len(images), "confidence": float(p.max(1).mean()),
-               "classifier_accuracy": self.classifier_accuracy}
+        out = {
+            "num_samples": len(images),
+            "confidence": float(p.max(1).mean()),
+            "classifier_accuracy": self.classifier_accuracy,
+        }
         if labels is not None:
             out["accuracy"] = float((p.argmax(1) == np.asarray(labels)).mean())
         real = self.features(self.val_x)

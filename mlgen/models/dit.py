@@ -65,18 +65,29 @@ class DiTConfig:
 
     def validate(self) -> None:
         check(self.patch_size >= 1, "patch_size", f"must be >= 1, got {self.patch_size}")
-        check(self.image_size % self.patch_size == 0, "image_size",
-              f"{self.image_size} is not divisible by patch_size={self.patch_size}")
+        check(
+            self.image_size % self.patch_size == 0,
+            "image_size",
+            f"{self.image_size} is not divisible by patch_size={self.patch_size}",
+        )
         check(self.in_channels > 0, "in_channels", f"must be > 0, got {self.in_channels}")
         check(self.num_layers >= 1, "num_layers", f"must be >= 1, got {self.num_layers}")
-        check(self.num_heads >= 1 and self.d_model % self.num_heads == 0, "num_heads",
-              f"{self.num_heads} does not divide d_model={self.d_model}")
-        check((self.d_model // max(self.num_heads, 1)) % 2 == 0 and self.d_model % 4 == 0, "d_model",
-              f"{self.d_model} must be a multiple of 4 with an even head size")
+        check(
+            self.num_heads >= 1 and self.d_model % self.num_heads == 0,
+            "num_heads",
+            f"{self.num_heads} does not divide d_model={self.d_model}",
+        )
+        check(
+            (self.d_model // max(self.num_heads, 1)) % 2 == 0 and self.d_model % 4 == 0,
+            "d_model",
+            f"{self.d_model} must be a multiple of 4 with an even head size",
+        )
         check(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.num_classes >= 0, "num_classes", f"must be >= 0, got {self.num_classes}")
-        check(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        check(
+            self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}"
+        )
         prefixed("attention", self.attention.validate)
 
     @property
@@ -90,20 +101,27 @@ class DiTConfig:
 
 PRESETS: dict[str, DiTConfig] = {
     "dit-digits": DiTConfig(patch_size=2, d_model=128, num_layers=4, num_heads=4, num_classes=10),
-    "dit-S/2": DiTConfig(image_size=32, in_channels=4, patch_size=2, d_model=384, num_layers=12, num_heads=6),
-    "dit-B/2": DiTConfig(image_size=32, in_channels=4, patch_size=2, d_model=768, num_layers=12, num_heads=12),
+    "dit-S/2": DiTConfig(
+        image_size=32, in_channels=4, patch_size=2, d_model=384, num_layers=12, num_heads=6
+    ),
+    "dit-B/2": DiTConfig(
+        image_size=32, in_channels=4, patch_size=2, d_model=768, num_layers=12, num_heads=12
+    ),
     "dit-tiny": DiTConfig(image_size=8, patch_size=2, d_model=32, num_layers=2, num_heads=2),
 }
 
 
 def sincos_2d(grid: int, dim: int) -> np.ndarray:
     """Fixed 2-D sin-cos position table ``[grid * grid, dim]`` (MAE / DiT)."""
+
     def one_d(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    gh, gw = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    gh, gw = np.meshgrid(
+        np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij"
+    )
     return np.concatenate([one_d(dim // 2, gh), one_d(dim // 2, gw)], axis=1).astype(np.float32)
 
 
@@ -118,13 +136,30 @@ class DiTBlock(nnx.Module):
         dt = _DTYPES[cfg.dtype]
         d = cfg.d_model
         self.norm1 = LayerNorm(d, eps=1e-6, use_bias=False, use_scale=False)
-        self.attn = SelfAttention(d, cfg.num_heads, cfg.num_heads, d // cfg.num_heads, use_bias=True, rope_theta=None,
-                                  attention=cfg.attention, dtype=dt, rngs=rngs)
+        self.attn = SelfAttention(
+            d,
+            cfg.num_heads,
+            cfg.num_heads,
+            d // cfg.num_heads,
+            use_bias=True,
+            rope_theta=None,
+            attention=cfg.attention,
+            dtype=dt,
+            rngs=rngs,
+        )
         self.norm2 = LayerNorm(d, eps=1e-6, use_bias=False, use_scale=False)
         self.mlp = MLP(d, int(d * cfg.mlp_ratio), kind="gelu", use_bias=True, dtype=dt, rngs=rngs)
         # The modulation outputs stay replicated: "embed" is already the input's (fsdp) axis.
-        self.ada = Linear(d, (6, d), in_names=("embed",), out_names=(None, None), use_bias=True, init=zeros_init,
-                          dtype=dt, rngs=rngs)
+        self.ada = Linear(
+            d,
+            (6, d),
+            in_names=("embed",),
+            out_names=(None, None),
+            use_bias=True,
+            init=zeros_init,
+            dtype=dt,
+            rngs=rngs,
+        )
         self.dropout = cfg.dropout
 
     def __call__(self, x, c, rng=None):
@@ -143,8 +178,15 @@ class DiT(nnx.Module):
         self.cfg = cfg
         dt = _DTYPES[cfg.dtype]
         p, d = cfg.patch_size, cfg.d_model
-        self.patch = Linear((p, p, cfg.in_channels), d, in_names=("kernel", "kernel", "channels_in"),
-                            out_names=("embed",), use_bias=True, dtype=dt, rngs=rngs)
+        self.patch = Linear(
+            (p, p, cfg.in_channels),
+            d,
+            in_names=("kernel", "kernel", "channels_in"),
+            out_names=("embed",),
+            use_bias=True,
+            dtype=dt,
+            rngs=rngs,
+        )
         self.time = TimeEmbedding(256, d, num_classes=cfg.num_classes, rngs=rngs)
 
         @nnx.split_rngs(splits=cfg.num_layers)
@@ -154,26 +196,59 @@ class DiT(nnx.Module):
 
         self.blocks = make_blocks(rngs)
         self.final_norm = LayerNorm(d, eps=1e-6, use_bias=False, use_scale=False)
-        self.final_ada = Linear(d, (2, d), in_names=("embed",), out_names=(None, None), use_bias=True,
-                                init=zeros_init, dtype=dt, rngs=rngs)
-        self.out = Linear(d, (p, p, cfg.out_channels), in_names=("embed",), out_names=(None, None, None),
-                          use_bias=True, init=zeros_init, dtype=dt, rngs=rngs)
+        self.final_ada = Linear(
+            d,
+            (2, d),
+            in_names=("embed",),
+            out_names=(None, None),
+            use_bias=True,
+            init=zeros_init,
+            dtype=dt,
+            rngs=rngs,
+        )
+        self.out = Linear(
+            d,
+            (p, p, cfg.out_channels),
+            in_names=("embed",),
+            out_names=(None, None, None),
+            use_bias=True,
+            init=zeros_init,
+            dtype=dt,
+            rngs=rngs,
+        )
 
-    def __call__(self, x: Float[Array, "B H W C"], time: Float[Array, " B"], labels: Int[Array, " B"] | None = None,
-                 *, rng: jax.Array | None = None) -> Float[Array, "B H W C"]:
+    def __call__(
+        self,
+        x: Float[Array, "B H W C"],
+        time: Float[Array, " B"],
+        labels: Int[Array, " B"] | None = None,
+        *,
+        rng: jax.Array | None = None,
+    ) -> Float[Array, "B H W C"]:
         cfg = self.cfg
         dt = _DTYPES[cfg.dtype]
         B, H, W, C = x.shape
         p = cfg.patch_size
         g = H // p
-        tokens = x.astype(dt).reshape(B, g, p, g, p, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, g * g, p, p, C)
+        tokens = (
+            x.astype(dt)
+            .reshape(B, g, p, g, p, C)
+            .transpose(0, 1, 3, 2, 4, 5)
+            .reshape(B, g * g, p, p, C)
+        )
         h = self.patch(tokens) + jnp.asarray(sincos_2d(g, cfg.d_model), dt)[None]
         h = constrain(h, _ACT)
         c = self.time(time, labels).astype(dt)
-        layer_rngs = jax.random.split(rng, cfg.num_layers) if rng is not None and cfg.dropout > 0 else None
+        layer_rngs = (
+            jax.random.split(rng, cfg.num_layers) if rng is not None and cfg.dropout > 0 else None
+        )
 
-        @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, unroll=1 if cfg.scan_layers else True,
-                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+        @nnx.scan(
+            in_axes=(0, nnx.Carry, 0),
+            out_axes=nnx.Carry,
+            unroll=1 if cfg.scan_layers else True,
+            transform_metadata={nnx.PARTITION_NAME: "layers"},
+        )
         def run(block, h, r):
             return block(h, c, r)
 
@@ -187,22 +262,48 @@ class DiT(nnx.Module):
 
 def _check_mesh(cfg: DiTConfig, shards) -> None:
     n = shards("length")
-    check(cfg.num_tokens % n == 0, "patch_size",
-          f"{cfg.num_tokens} patch tokens ((image_size / patch_size)^2) do not split into the {n} shards of the "
-          "length axis")
+    check(
+        cfg.num_tokens % n == 0,
+        "patch_size",
+        f"{cfg.num_tokens} patch tokens ((image_size / patch_size)^2) do not split into the "
+        f"{n} shards of the length axis",
+    )
     n = shards("heads")
-    check(cfg.num_heads % n == 0, "num_heads", f"{cfg.num_heads} is not divisible by the {n} shards of the heads axis")
+    check(
+        cfg.num_heads % n == 0,
+        "num_heads",
+        f"{cfg.num_heads} is not divisible by the {n} shards of the heads axis",
+    )
 
 
-FAMILY = register(Family(
-    name="dit",
-    config=DiTConfig,
-    kind="denoiser",
-    build=lambda cfg, rngs: DiT(cfg, rngs=rngs),
-    batch_axes={"labels": ("batch",)},
-    logical_axes=frozenset({"layers", "embed", "heads", "kv_heads", "head_dim", "mlp", "kernel", "channels",
-                            "channels_in", "vocab", "batch", "length", "act_embed", "act_heads", "act_kv_heads",
-                            "act_mlp"}),
-    check=_check_mesh,
-    renamed={"attention_backend": "attention.backend"},
-))
+FAMILY = register(
+    Family(
+        name="dit",
+        config=DiTConfig,
+        kind="denoiser",
+        build=lambda cfg, rngs: DiT(cfg, rngs=rngs),
+        batch_axes={"labels": ("batch",)},
+        logical_axes=frozenset(
+            {
+                "layers",
+                "embed",
+                "heads",
+                "kv_heads",
+                "head_dim",
+                "mlp",
+                "kernel",
+                "channels",
+                "channels_in",
+                "vocab",
+                "batch",
+                "length",
+                "act_embed",
+                "act_heads",
+                "act_kv_heads",
+                "act_mlp",
+            }
+        ),
+        check=_check_mesh,
+        renamed={"attention_backend": "attention.backend"},
+    )
+)

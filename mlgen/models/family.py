@@ -64,7 +64,9 @@ _FAMILIES: dict[type, Family] = {}
 def register(family: Family) -> Family:
     """Registers ``family`` (and names its config class); returns it."""
     if _FAMILIES.get(family.config, family) is not family:
-        raise ValueError(f"register: {family.config.__qualname__} already belongs to another family")
+        raise ValueError(
+            f"register: {family.config.__qualname__} already belongs to another family"
+        )
     config_lib.register(family.name, renamed=dict(family.renamed))(family.config)
     register_axes(family.new_axes)
     _FAMILIES[family.config] = family
@@ -75,8 +77,10 @@ def family_of(model_config: Any) -> Family:
     """The family of a model config (a ConfigError naming ``model`` if none is registered)."""
     family = _FAMILIES.get(type(model_config))
     if family is None:
-        raise ConfigError(f"model: {type(model_config).__qualname__} belongs to no registered model family; "
-                          f"known: {sorted(f.name for f in _FAMILIES.values())}")
+        raise ConfigError(
+            f"model: {type(model_config).__qualname__} belongs to no registered model family; "
+            f"known: {sorted(f.name for f in _FAMILIES.values())}"
+        )
     return family
 
 

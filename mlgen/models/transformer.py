@@ -85,18 +85,35 @@ class TransformerConfig:
     def validate(self) -> None:
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "max_len"):
             check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
-        check(self.flavour in ("llama", "gpt2"), "flavour", f"must be 'llama' or 'gpt2', got {self.flavour!r}")
+        check(
+            self.flavour in ("llama", "gpt2"),
+            "flavour",
+            f"must be 'llama' or 'gpt2', got {self.flavour!r}",
+        )
         if not self.head_dim:
-            check(self.d_model % self.num_heads == 0, "num_heads",
-                  f"{self.num_heads} does not divide d_model={self.d_model} (or set head_dim)")
+            check(
+                self.d_model % self.num_heads == 0,
+                "num_heads",
+                f"{self.num_heads} does not divide d_model={self.d_model} (or set head_dim)",
+            )
         check(self.num_kv_heads >= 0, "num_kv_heads", f"must be >= 0, got {self.num_kv_heads}")
-        check(self.num_heads % self.kv_heads == 0, "num_kv_heads",
-              f"{self.kv_heads} does not divide num_heads={self.num_heads}")
-        check(self.head_size % 2 == 0 or self.flavour == "gpt2", "head_dim",
-              f"RoPE needs an even head dim, got {self.head_size}")
+        check(
+            self.num_heads % self.kv_heads == 0,
+            "num_kv_heads",
+            f"{self.kv_heads} does not divide num_heads={self.num_heads}",
+        )
+        check(
+            self.head_size % 2 == 0 or self.flavour == "gpt2",
+            "head_dim",
+            f"RoPE needs an even head dim, got {self.head_size}",
+        )
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
-        check(self.remat in REMAT_POLICIES, "remat", f"must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
+        check(
+            self.remat in REMAT_POLICIES,
+            "remat",
+            f"must be one of {list(REMAT_POLICIES)}, got {self.remat!r}",
+        )
         prefixed("attention", self.attention.validate)
 
     @property
@@ -117,12 +134,28 @@ class Block(nnx.Module):
         gpt2 = cfg.flavour == "gpt2"
         Norm = LayerNorm if gpt2 else RMSNorm
         self.attn_norm = Norm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdtype, rngs=rngs)
-        self.attn = SelfAttention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size, use_bias=gpt2,
-                                  rope_theta=None if gpt2 else cfg.rope_theta, attention=cfg.attention,
-                                  dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.attn = SelfAttention(
+            cfg.d_model,
+            cfg.num_heads,
+            cfg.kv_heads,
+            cfg.head_size,
+            use_bias=gpt2,
+            rope_theta=None if gpt2 else cfg.rope_theta,
+            attention=cfg.attention,
+            dtype=dtype,
+            param_dtype=pdtype,
+            rngs=rngs,
+        )
         self.mlp_norm = Norm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdtype, rngs=rngs)
-        self.mlp = MLP(cfg.d_model, cfg.hidden, kind="gelu" if gpt2 else "swiglu", use_bias=gpt2,
-                       dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.mlp = MLP(
+            cfg.d_model,
+            cfg.hidden,
+            kind="gelu" if gpt2 else "swiglu",
+            use_bias=gpt2,
+            dtype=dtype,
+            param_dtype=pdtype,
+            rngs=rngs,
+        )
         self.dropout = cfg.dropout
 
     def __call__(self, x, *, positions, segment_ids, rng=None):
@@ -152,8 +185,11 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
         self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype, rngs=rngs)
-        self.pos_embed = (param(rngs, normal_init(0.01), (cfg.max_len, cfg.d_model), ("pos", "embed"), pdtype)
-                          if cfg.flavour == "gpt2" else None)
+        self.pos_embed = (
+            param(rngs, normal_init(0.01), (cfg.max_len, cfg.d_model), ("pos", "embed"), pdtype)
+            if cfg.flavour == "gpt2"
+            else None
+        )
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -163,9 +199,20 @@ class Transformer(nnx.Module):
         self.blocks = make_blocks(rngs)
         Norm = LayerNorm if cfg.flavour == "gpt2" else RMSNorm
         self.final_norm = Norm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdtype, rngs=rngs)
-        self.head = (None if cfg.tied else
-                     Linear(cfg.d_model, cfg.vocab_size, in_names=("embed",), out_names=("vocab",),
-                            init=normal_init(0.02), dtype=dtype, param_dtype=pdtype, rngs=rngs))
+        self.head = (
+            None
+            if cfg.tied
+            else Linear(
+                cfg.d_model,
+                cfg.vocab_size,
+                in_names=("embed",),
+                out_names=("vocab",),
+                init=normal_init(0.02),
+                dtype=dtype,
+                param_dtype=pdtype,
+                rngs=rngs,
+            )
+        )
 
     def _embed(self, tokens, positions):
         x = self.embed(tokens)
@@ -173,10 +220,17 @@ class Transformer(nnx.Module):
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
         return constrain(x, _ACT)
 
-    def __call__(self, tokens: Int[Array, "B T"], *, positions: Int[Array, "B T"] | None = None,
-                 segment_ids: Int[Array, "B T"] | None = None, rng: jax.Array | None = None,
-                 return_hidden: bool = False):
-        """Returns logits ``[B, T, V]`` (or final hidden states ``[B, T, D]`` with ``return_hidden``).
+    def __call__(
+        self,
+        tokens: Int[Array, "B T"],
+        *,
+        positions: Int[Array, "B T"] | None = None,
+        segment_ids: Int[Array, "B T"] | None = None,
+        rng: jax.Array | None = None,
+        return_hidden: bool = False,
+    ):
+        """Returns logits ``[B, T, V]`` (or final hidden states ``[B, T, D]``
+        with ``return_hidden``).
 
         ``rng`` enables dropout (training); ``positions`` default to ``0..T-1``.
         """
@@ -185,7 +239,9 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x = self._embed(tokens, positions)
-        layer_rngs = (jax.random.split(rng, cfg.num_layers) if rng is not None and cfg.dropout > 0 else None)
+        layer_rngs = (
+            jax.random.split(rng, cfg.num_layers) if rng is not None and cfg.dropout > 0 else None
+        )
 
         def body(block: Block, x, lrng):
             return block(x, positions=positions, segment_ids=segment_ids, rng=lrng)
@@ -193,7 +249,11 @@ class Transformer(nnx.Module):
         if cfg.remat != "none":
             body = nnx.remat(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
 
-        @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        @nnx.scan(
+            in_axes=(0, nnx.Carry, 0),
+            out_axes=nnx.Carry,
+            transform_metadata={nnx.PARTITION_NAME: "layers"},
+        )
         def run(block, x, lrng):
             return body(block, x, lrng)
 
@@ -214,8 +274,9 @@ class Transformer(nnx.Module):
         """One empty KV cache per layer (each made by its layer's attention)."""
         return tuple(block.init_cache(batch, max_len) for block in self._layers())
 
-    def decode(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], cache: tuple[KVCache, ...]
-               ) -> tuple[Float[Array, "B V"], tuple[KVCache, ...]]:
+    def decode(
+        self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], cache: tuple[KVCache, ...]
+    ) -> tuple[Float[Array, "B V"], tuple[KVCache, ...]]:
         """Runs T new tokens per row through every layer, writing them to ``cache``.
 
         ``positions`` ``[B, T]`` are each token's position in its row; a negative position
@@ -253,33 +314,65 @@ class Transformer(nnx.Module):
         if isinstance(self.blocks, nnx.List):
             return list(self.blocks)
         block_def, stacked = nnx.split(self.blocks)
-        return [nnx.merge(block_def, jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(self.cfg.num_layers)]
+        return [
+            nnx.merge(block_def, jax.tree.map(lambda a, i=i: a[i], stacked))
+            for i in range(self.cfg.num_layers)
+        ]
 
 
 # Named size presets.
 PRESETS = {
-    "lm-tiny": TransformerConfig(flavour="llama", vocab_size=256, num_layers=4, d_model=256, num_heads=4,
-                                 num_kv_heads=2),
-    "gpt2-bench": TransformerConfig(flavour="gpt2", vocab_size=512, num_layers=6, d_model=384, num_heads=6,
-                                    max_len=256),
+    "lm-tiny": TransformerConfig(
+        flavour="llama", vocab_size=256, num_layers=4, d_model=256, num_heads=4, num_kv_heads=2
+    ),
+    "gpt2-bench": TransformerConfig(
+        flavour="gpt2", vocab_size=512, num_layers=6, d_model=384, num_heads=6, max_len=256
+    ),
 }
 
 
 def _check_mesh(cfg: TransformerConfig, shards) -> None:
     n = shards("heads")
-    check(cfg.num_heads % n == 0, "num_heads", f"{cfg.num_heads} is not divisible by the {n} shards of the heads axis")
+    check(
+        cfg.num_heads % n == 0,
+        "num_heads",
+        f"{cfg.num_heads} is not divisible by the {n} shards of the heads axis",
+    )
 
 
 _TOKENS = ("batch", "length")
 
-FAMILY = register(Family(
-    name="transformer",
-    config=TransformerConfig,
-    kind="decoder",
-    build=lambda cfg, rngs: Transformer(cfg, rngs=rngs),
-    batch_axes={k: _TOKENS for k in ("inputs", "segment_ids", "positions")},
-    logical_axes=frozenset({"layers", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "norm", "pos",
-                            "batch", "length", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab"}),
-    check=_check_mesh,
-    renamed={"attention_backend": "attention.backend", "attention_interpret": "attention.interpret"},
-))
+FAMILY = register(
+    Family(
+        name="transformer",
+        config=TransformerConfig,
+        kind="decoder",
+        build=lambda cfg, rngs: Transformer(cfg, rngs=rngs),
+        batch_axes={k: _TOKENS for k in ("inputs", "segment_ids", "positions")},
+        logical_axes=frozenset(
+            {
+                "layers",
+                "embed",
+                "heads",
+                "kv_heads",
+                "head_dim",
+                "mlp",
+                "vocab",
+                "norm",
+                "pos",
+                "batch",
+                "length",
+                "act_embed",
+                "act_heads",
+                "act_kv_heads",
+                "act_mlp",
+                "act_vocab",
+            }
+        ),
+        check=_check_mesh,
+        renamed={
+            "attention_backend": "attention.backend",
+            "attention_interpret": "attention.interpret",
+        },
+    )
+)

@@ -25,7 +25,15 @@ from flax import nnx
 
 from mlgen.config import check, prefixed
 from mlgen.models.family import Family, register
-from mlgen.nn.conv import AttentionBlock, Conv2d, Downsample, GroupNorm, ResBlock, TimeEmbedding, Upsample
+from mlgen.nn.conv import (
+    AttentionBlock,
+    Conv2d,
+    Downsample,
+    GroupNorm,
+    ResBlock,
+    TimeEmbedding,
+    Upsample,
+)
 from mlgen.ops.attention import AttentionConfig
 from mlgen.sharding import constrain
 from mlgen.typing import Array, Float, Int
@@ -58,25 +66,50 @@ class UNetConfig:
     def validate(self) -> None:
         check(len(self.channels) >= 1, "channels", "needs at least one level")
         for c in self.channels:
-            check(c > 0 and c % self.num_groups == 0, "channels",
-                  f"every level's width must be a positive multiple of num_groups={self.num_groups}, got {self.channels}")
-            check(c % self.head_dim == 0 or not self.attention_levels, "head_dim",
-                  f"{self.head_dim} does not divide level width {c}")
-        check(self.image_size % (2 ** (len(self.channels) - 1)) == 0, "image_size",
-              f"{self.image_size} is not divisible by 2**{len(self.channels) - 1} (one halving per extra level)")
+            check(
+                c > 0 and c % self.num_groups == 0,
+                "channels",
+                "every level's width must be a positive multiple of "
+                f"num_groups={self.num_groups}, got {self.channels}",
+            )
+            check(
+                c % self.head_dim == 0 or not self.attention_levels,
+                "head_dim",
+                f"{self.head_dim} does not divide level width {c}",
+            )
+        check(
+            self.image_size % (2 ** (len(self.channels) - 1)) == 0,
+            "image_size",
+            f"{self.image_size} is not divisible by 2**{len(self.channels) - 1} "
+            "(one halving per extra level)",
+        )
         check(self.in_channels > 0, "in_channels", f"must be > 0, got {self.in_channels}")
         check(self.out_channels >= 0, "out_channels", f"must be >= 0, got {self.out_channels}")
-        check(self.blocks_per_level >= 1, "blocks_per_level", f"must be >= 1, got {self.blocks_per_level}")
+        check(
+            self.blocks_per_level >= 1,
+            "blocks_per_level",
+            f"must be >= 1, got {self.blocks_per_level}",
+        )
         for lv in self.attention_levels:
-            check(0 <= lv < len(self.channels), "attention_levels",
-                  f"level {lv} out of range for {len(self.channels)} levels")
+            check(
+                0 <= lv < len(self.channels),
+                "attention_levels",
+                f"level {lv} out of range for {len(self.channels)} levels",
+            )
         check(self.head_dim > 0, "head_dim", f"must be > 0, got {self.head_dim}")
-        check(self.time_embed_dim >= 0, "time_embed_dim", f"must be >= 0, got {self.time_embed_dim}")
+        check(
+            self.time_embed_dim >= 0, "time_embed_dim", f"must be >= 0, got {self.time_embed_dim}"
+        )
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.num_classes >= 0, "num_classes", f"must be >= 0, got {self.num_classes}")
-        check(self.conv_impl in ("auto", "xla", "im2col"), "conv_impl",
-              f"must be auto, xla or im2col, got {self.conv_impl!r}")
-        check(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        check(
+            self.conv_impl in ("auto", "xla", "im2col"),
+            "conv_impl",
+            f"must be auto, xla or im2col, got {self.conv_impl!r}",
+        )
+        check(
+            self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}"
+        )
         prefixed("attention", self.attention.validate)
 
     @property
@@ -86,13 +119,27 @@ class UNetConfig:
 
 PRESETS: dict[str, UNetConfig] = {
     # The digits config: 16x16x1, 10 classes, about 0.76 M parameters.
-    "unet-digits": UNetConfig(channels=(32, 64), blocks_per_level=1, attention_levels=(1,), head_dim=32,
-                              num_groups=8, num_classes=10),
+    "unet-digits": UNetConfig(
+        channels=(32, 64),
+        blocks_per_level=1,
+        attention_levels=(1,),
+        head_dim=32,
+        num_groups=8,
+        num_classes=10,
+    ),
     # The peers' benchmark shape (diffusers UNet2DModel defaults at 16x16x1, channels (64, 128)).
-    "unet-bench": UNetConfig(channels=(64, 128), blocks_per_level=2, attention_levels=(1,), head_dim=8),
+    "unet-bench": UNetConfig(
+        channels=(64, 128), blocks_per_level=2, attention_levels=(1,), head_dim=8
+    ),
     # Tests.
-    "unet-tiny": UNetConfig(channels=(8, 16), blocks_per_level=1, attention_levels=(1,), head_dim=8, num_groups=4,
-                            image_size=8),
+    "unet-tiny": UNetConfig(
+        channels=(8, 16),
+        blocks_per_level=1,
+        attention_levels=(1,),
+        head_dim=8,
+        num_groups=4,
+        image_size=8,
+    ),
 }
 
 
@@ -105,7 +152,13 @@ class UNet(nnx.Module):
         emb = cfg.time_embed_dim or 4 * c0
         conv = dict(conv_impl=cfg.conv_impl, dtype=dt, rngs=rngs)
         res = dict(num_groups=cfg.num_groups, dropout=cfg.dropout, **conv)
-        attn = dict(head_dim=cfg.head_dim, num_groups=cfg.num_groups, attention=cfg.attention, dtype=dt, rngs=rngs)
+        attn = dict(
+            head_dim=cfg.head_dim,
+            num_groups=cfg.num_groups,
+            attention=cfg.attention,
+            dtype=dt,
+            rngs=rngs,
+        )
         self.time = TimeEmbedding(c0, emb, num_classes=cfg.num_classes, rngs=rngs)
         self.conv_in = Conv2d(cfg.in_channels, c0, 3, impl=cfg.conv_impl, dtype=dt, rngs=rngs)
 
@@ -122,9 +175,11 @@ class UNet(nnx.Module):
                 down.append(Downsample(ch, **conv))
                 skip_ch.append(ch)
         self.down = nnx.List(down)
-        self.mid = nnx.List([ResBlock(ch, ch, emb, **res)]
-                            + ([AttentionBlock(ch, **attn)] if cfg.mid_attention else [])
-                            + [ResBlock(ch, ch, emb, **res)])
+        self.mid = nnx.List(
+            [ResBlock(ch, ch, emb, **res)]
+            + ([AttentionBlock(ch, **attn)] if cfg.mid_attention else [])
+            + [ResBlock(ch, ch, emb, **res)]
+        )
         up = []
         for lv in reversed(range(len(cfg.channels))):
             width = cfg.channels[lv]
@@ -137,12 +192,20 @@ class UNet(nnx.Module):
                 up.append(Upsample(ch, **conv))
         self.up = nnx.List(up)
         self.norm_out = GroupNorm(ch, cfg.num_groups, rngs=rngs)
-        self.conv_out = Conv2d(ch, cfg.output_channels, 3, zero_init=True, impl=cfg.conv_impl,
-                               dtype=dt, rngs=rngs)
+        self.conv_out = Conv2d(
+            ch, cfg.output_channels, 3, zero_init=True, impl=cfg.conv_impl, dtype=dt, rngs=rngs
+        )
 
-    def __call__(self, x: Float[Array, "B H W C"], time: Float[Array, " B"], labels: Int[Array, " B"] | None = None,
-                 *, rng: jax.Array | None = None) -> Float[Array, "B H W C"]:
-        """Denoiser output for noisy images ``x`` at ``time`` (``[B]``, any scale; 0..1000 typical)."""
+    def __call__(
+        self,
+        x: Float[Array, "B H W C"],
+        time: Float[Array, " B"],
+        labels: Int[Array, " B"] | None = None,
+        *,
+        rng: jax.Array | None = None,
+    ) -> Float[Array, "B H W C"]:
+        """Denoiser output for noisy images ``x`` at ``time`` (``[B]``, any scale;
+        0..1000 typical)."""
         dt = _DTYPES[self.cfg.dtype]
         emb = self.time(time, labels).astype(dt)
         h = constrain(self.conv_in(x.astype(dt)), ("batch", "height", "width", None))
@@ -173,13 +236,27 @@ class UNet(nnx.Module):
         return self.conv_out(jax.nn.silu(self.norm_out(h))).astype(jnp.float32)
 
 
-FAMILY = register(Family(
-    name="unet",
-    config=UNetConfig,
-    kind="denoiser",
-    build=lambda cfg, rngs: UNet(cfg, rngs=rngs),
-    batch_axes={"labels": ("batch",)},
-    logical_axes=frozenset({"kernel", "channels_in", "channels", "norm", "heads", "head_dim", "vocab", "batch",
-                            "height", "width"}),
-    renamed={"attention_backend": "attention.backend"},
-))
+FAMILY = register(
+    Family(
+        name="unet",
+        config=UNetConfig,
+        kind="denoiser",
+        build=lambda cfg, rngs: UNet(cfg, rngs=rngs),
+        batch_axes={"labels": ("batch",)},
+        logical_axes=frozenset(
+            {
+                "kernel",
+                "channels_in",
+                "channels",
+                "norm",
+                "heads",
+                "head_dim",
+                "vocab",
+                "batch",
+                "height",
+                "width",
+            }
+        ),
+        renamed={"attention_backend": "attention.backend"},
+    )
+)

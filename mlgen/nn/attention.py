@@ -1,4 +1,5 @@
-"""Multi-head self-attention (GQA, optional RoPE) over ``mlgen.ops.attention``, with its own KV cache."""
+"""Multi-head self-attention (GQA, optional RoPE) over ``mlgen.ops.attention``,
+with its own KV cache."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ class KVCache(NamedTuple):
     index: jax.Array
 
     @staticmethod
-    def zeros(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
+    def zeros(
+        batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32
+    ) -> KVCache:
         z = jnp.zeros((batch, num_kv_heads, max_len, head_dim), dtype)
         return KVCache(z, z, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
@@ -44,17 +47,54 @@ class SelfAttention(nnx.Module):
     backend per ``attention``); decoding is :meth:`init_cache` + :meth:`decode`.
     """
 
-    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 use_bias: bool = False, rope_theta: float | None = 10000.0,
-                 attention: AttentionConfig | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        use_bias: bool = False,
+        rope_theta: float | None = 10000.0,
+        attention: AttentionConfig | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if num_heads % num_kv_heads:
-            raise ValueError(f"SelfAttention: num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+            raise ValueError(
+                f"SelfAttention: num_heads={num_heads} is not a multiple of "
+                f"num_kv_heads={num_kv_heads}"
+            )
         kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q = Linear(d_model, (num_heads, head_dim), in_names=("embed",), out_names=("heads", "head_dim"), **kw)
-        self.k = Linear(d_model, (num_kv_heads, head_dim), in_names=("embed",), out_names=("kv_heads", "head_dim"), **kw)
-        self.v = Linear(d_model, (num_kv_heads, head_dim), in_names=("embed",), out_names=("kv_heads", "head_dim"), **kw)
-        self.o = Linear((num_heads, head_dim), d_model, in_names=("heads", "head_dim"), out_names=("embed",), **kw)
+        self.q = Linear(
+            d_model,
+            (num_heads, head_dim),
+            in_names=("embed",),
+            out_names=("heads", "head_dim"),
+            **kw,
+        )
+        self.k = Linear(
+            d_model,
+            (num_kv_heads, head_dim),
+            in_names=("embed",),
+            out_names=("kv_heads", "head_dim"),
+            **kw,
+        )
+        self.v = Linear(
+            d_model,
+            (num_kv_heads, head_dim),
+            in_names=("embed",),
+            out_names=("kv_heads", "head_dim"),
+            **kw,
+        )
+        self.o = Linear(
+            (num_heads, head_dim),
+            d_model,
+            in_names=("heads", "head_dim"),
+            out_names=("embed",),
+            **kw,
+        )
         self.rope_theta = rope_theta
         self.attention = attention or AttentionConfig()
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
@@ -68,8 +108,14 @@ class SelfAttention(nnx.Module):
             k = apply_rope(k, positions, theta=self.rope_theta)
         return q, k, v
 
-    def __call__(self, x: Float[Array, "B T D"], *, positions: Int[Array, "B T"] | None,
-                 segment_ids: Int[Array, "B T"] | None = None, causal: bool = True) -> Float[Array, "B T D"]:
+    def __call__(
+        self,
+        x: Float[Array, "B T D"],
+        *,
+        positions: Int[Array, "B T"] | None,
+        segment_ids: Int[Array, "B T"] | None = None,
+        causal: bool = True,
+    ) -> Float[Array, "B T D"]:
         """x ``[B, T, D]``; positions ``[B, T]`` (RoPE; may be None without it)."""
         q, k, v = self._qkv(x, positions)
         out = ops.attention(q, k, v, causal=causal, segment_ids=segment_ids, config=self.attention)
@@ -79,8 +125,9 @@ class SelfAttention(nnx.Module):
         """An empty cache for ``batch`` rows of up to ``max_len`` tokens."""
         return KVCache.zeros(batch, max_len, self.num_kv_heads, self.head_dim, self.dtype)
 
-    def decode(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], cache: KVCache
-               ) -> tuple[Float[Array, "B T D"], KVCache]:
+    def decode(
+        self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], cache: KVCache
+    ) -> tuple[Float[Array, "B T D"], KVCache]:
         """Causal attention of T new tokens per row to themselves and every earlier real token.
 
         The new tokens are written at ``cache.index``; a negative position marks a padding
@@ -104,18 +151,29 @@ def _write(cache: KVCache, k, v, ids) -> KVCache:
 
 
 def _cached_attention(q, cache: KVCache):
-    """New queries at slots ``index - T .. index - 1`` attend to real cache slots up to their own."""
+    """New queries at slots ``index - T .. index - 1`` attend to real cache slots
+    up to their own."""
     B, T, N, H = q.shape
     K, S = cache.k.shape[1], cache.k.shape[2]
     q_slot = cache.index - T + jnp.arange(T)
-    visible = (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & (cache.kv_ids[:, None, :] != 0)  # [B, T, S]
+    visible = (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & (
+        cache.kv_ids[:, None, :] != 0
+    )  # [B, T, S]
     qg = q.reshape(B, T, K, N // K, H)
-    logits = jnp.einsum("btkgh,bksh->bkgts", qg, cache.k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * H ** -0.5
+    logits = (
+        jnp.einsum(
+            "btkgh,bksh->bkgts", qg, cache.k.astype(q.dtype), preferred_element_type=jnp.float32
+        )
+        * H**-0.5
+    )
     # A finite mask value, as jax.nn.dot_product_attention: a left-padding query sees no key and
     # must get a finite (unused) row, or its NaN K/V would poison real rows through 0 * NaN.
     logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bkgts,bksh->btkgh", p.astype(q.dtype), cache.v.astype(q.dtype),
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "bkgts,bksh->btkgh",
+        p.astype(q.dtype),
+        cache.v.astype(q.dtype),
+        preferred_element_type=jnp.float32,
+    )
     return out.reshape(B, T, N, H).astype(q.dtype)

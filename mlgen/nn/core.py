@@ -14,8 +14,13 @@ from mlgen.sharding.rules import check_names
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 
-def param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int], names: Sequence[str | None],
-          dtype=jnp.float32) -> nnx.Param:
+def param(
+    rngs: nnx.Rngs | None,
+    init: Initializer,
+    shape: Sequence[int],
+    names: Sequence[str | None],
+    dtype=jnp.float32,
+) -> nnx.Param:
     """An ``nnx.Param`` of ``shape`` with logical ``names`` (one per dimension)."""
     shape = tuple(int(s) for s in shape)
     names = check_names(tuple(names))
@@ -42,6 +47,7 @@ def ones_init(key, shape, dtype=jnp.float32):
 def normal_init(stddev: float) -> Initializer:
     def init(key, shape, dtype=jnp.float32):
         return stddev * jax.random.normal(key, shape, dtype)
+
     return init
 
 
@@ -65,30 +71,52 @@ class Linear(nnx.Module):
     without reshapes; ``in_names`` / ``out_names`` are their logical axis names.
     """
 
-    def __init__(self, in_features: int | Sequence[int], out_features: int | Sequence[int], *,
-                 in_names: Sequence[str | None], out_names: Sequence[str | None], use_bias: bool = False,
-                 init: Initializer | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int | Sequence[int],
+        out_features: int | Sequence[int],
+        *,
+        in_names: Sequence[str | None],
+        out_names: Sequence[str | None],
+        use_bias: bool = False,
+        init: Initializer | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.in_features = (in_features,) if isinstance(in_features, int) else tuple(in_features)
-        self.out_features = (out_features,) if isinstance(out_features, int) else tuple(out_features)
+        self.out_features = (
+            (out_features,) if isinstance(out_features, int) else tuple(out_features)
+        )
         fan_in = 1
         for f in self.in_features:
             fan_in *= f
         init = init or fan_in_init(fan_in)
-        self.kernel = param(rngs, init, self.in_features + self.out_features,
-                            tuple(in_names) + tuple(out_names), param_dtype)
-        self.bias = (param(rngs, zeros_init, self.out_features, tuple(out_names), param_dtype)
-                     if use_bias else None)
+        self.kernel = param(
+            rngs,
+            init,
+            self.in_features + self.out_features,
+            tuple(in_names) + tuple(out_names),
+            param_dtype,
+        )
+        self.bias = (
+            param(rngs, zeros_init, self.out_features, tuple(out_names), param_dtype)
+            if use_bias
+            else None
+        )
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in, n_out = len(self.in_features), len(self.out_features)
         letters = "abcdefghijklmnopqrstuvwxyz"
         batch = letters[: x.ndim - n_in]
-        ins = letters[x.ndim - n_in: x.ndim]
-        outs = letters[x.ndim: x.ndim + n_out]
-        y = jnp.einsum(f"{batch}{ins},{ins}{outs}->{batch}{outs}", x.astype(self.dtype),
-                       self.kernel[...].astype(self.dtype))
+        ins = letters[x.ndim - n_in : x.ndim]
+        outs = letters[x.ndim : x.ndim + n_out]
+        y = jnp.einsum(
+            f"{batch}{ins},{ins}{outs}->{batch}{outs}",
+            x.astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+        )
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -97,10 +125,20 @@ class Linear(nnx.Module):
 class Embed(nnx.Module):
     """Token embedding table ``[V, D]``; ``attend`` gives tied output logits."""
 
-    def __init__(self, num_embeddings: int, features: int, *, names=("vocab", "embed"),
-                 init: Initializer | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        self.embedding = param(rngs, init or normal_init(0.02), (num_embeddings, features), names, param_dtype)
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        names=("vocab", "embed"),
+        init: Initializer | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.embedding = param(
+            rngs, init or normal_init(0.02), (num_embeddings, features), names, param_dtype
+        )
         self.vocab_name = names[0]
         self.dtype = dtype
 
@@ -113,12 +151,21 @@ class Embed(nnx.Module):
         return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+        return jnp.einsum(
+            "...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype)
+        )
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, features: int, *, eps: float = 1e-6, names=("norm",), param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+    def __init__(
+        self,
+        features: int,
+        *,
+        eps: float = 1e-6,
+        names=("norm",),
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
         self.scale = param(rngs, ones_init, (features,), names, param_dtype)
         self.eps = eps
 
@@ -129,8 +176,17 @@ class RMSNorm(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-    def __init__(self, features: int, *, eps: float = 1e-5, use_bias: bool = True, use_scale: bool = True,
-                 names=("norm",), param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    def __init__(
+        self,
+        features: int,
+        *,
+        eps: float = 1e-5,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        names=("norm",),
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
         self.scale = param(rngs, ones_init, (features,), names, param_dtype) if use_scale else None
         self.bias = param(rngs, zeros_init, (features,), names, param_dtype) if use_bias else None
         self.eps = eps

@@ -11,19 +11,43 @@ from mlgen.sharding import constrain
 
 
 class MLP(nnx.Module):
-    """``kind="swiglu"``: ``down(silu(gate(x)) * up(x))``; ``kind="gelu"``: ``down(gelu(up(x)))``."""
+    """``kind="swiglu"``: ``down(silu(gate(x)) * up(x))``; ``kind="gelu"``:
+    ``down(gelu(up(x)))``."""
 
-    def __init__(self, d_model: int, mlp_dim: int, *, kind: Literal["swiglu", "gelu"] = "swiglu",
-                 use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        mlp_dim: int,
+        *,
+        kind: Literal["swiglu", "gelu"] = "swiglu",
+        use_bias: bool = False,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if kind not in ("swiglu", "gelu"):
             raise ValueError(f"MLP: kind must be 'swiglu' or 'gelu', got {kind!r}")
         self.kind = kind
-        kw = dict(in_names=("embed",), out_names=("mlp",), use_bias=use_bias, dtype=dtype,
-                  param_dtype=param_dtype, rngs=rngs)
+        kw = dict(
+            in_names=("embed",),
+            out_names=("mlp",),
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
         self.up = Linear(d_model, mlp_dim, **kw)
         self.gate = Linear(d_model, mlp_dim, **kw) if kind == "swiglu" else None
-        self.down = Linear(mlp_dim, d_model, in_names=("mlp",), out_names=("embed",), use_bias=use_bias,
-                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.down = Linear(
+            mlp_dim,
+            d_model,
+            in_names=("mlp",),
+            out_names=("embed",),
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.kind == "swiglu":

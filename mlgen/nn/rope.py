@@ -1,13 +1,13 @@
 """Rotary position embeddings (rotate-half / NeoX layout, as Llama)."""
 
-import jax
 import jax.numpy as jnp
 
 from mlgen.typing import Array, Float, Int
 
 
-def apply_rope(x: Float[Array, "B T N H"], positions: Int[Array, "B T"], *, theta: float = 10000.0
-               ) -> Float[Array, "B T N H"]:
+def apply_rope(
+    x: Float[Array, "B T N H"], positions: Int[Array, "B T"], *, theta: float = 10000.0
+) -> Float[Array, "B T N H"]:
     """Rotates pairs (i, i + H/2) of ``x`` by ``positions * theta^(-2i/H)``."""
     H = x.shape[-1]
     if H % 2:

@@ -11,7 +11,8 @@ and predicts one of
 :func:`to_x0_eps` converts any of them to the pair ``(x0, eps)`` exactly (for any path
 ``alpha, sigma``), which is what the samplers use. ``loss_weighting="min_snr"`` weights each
 example so that its loss, measured in x0 space, is weighted by ``min(SNR, gamma)``
-(Hang et al. 2023): for eps that is ``min(SNR, gamma) / SNR``, for v ``min(SNR, gamma) / (SNR + 1)``.
+(Hang et al. 2023): for eps that is ``min(SNR, gamma) / SNR``, for v
+``min(SNR, gamma) / (SNR + 1)``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,16 @@ from flax import nnx
 from mlgen.config import check, prefixed, register
 from mlgen.objectives import bind, schedules, state_after
 
-__all__ = ["DiffusionObjectiveConfig", "PREDICTIONS", "SAMPLERS", "SamplerConfig", "from_x0_eps", "make_loss", "to_x0_eps", "x0_error_scale"]
+__all__ = [
+    "DiffusionObjectiveConfig",
+    "PREDICTIONS",
+    "SAMPLERS",
+    "SamplerConfig",
+    "from_x0_eps",
+    "make_loss",
+    "to_x0_eps",
+    "x0_error_scale",
+]
 
 PREDICTIONS = ("eps", "x0", "v", "flow")
 SAMPLERS = ("ddpm", "ddim", "euler", "heun")
@@ -57,8 +67,16 @@ class SamplerConfig:
     use_ema: bool = True
 
     def validate(self) -> None:
-        check(self.sampler in SAMPLERS, "sampler", f"unknown sampler {self.sampler!r}; choose from {list(SAMPLERS)}")
-        check(1 <= self.steps <= self.max_steps, "steps", f"must be in [1, max_steps={self.max_steps}], got {self.steps}")
+        check(
+            self.sampler in SAMPLERS,
+            "sampler",
+            f"unknown sampler {self.sampler!r}; choose from {list(SAMPLERS)}",
+        )
+        check(
+            1 <= self.steps <= self.max_steps,
+            "steps",
+            f"must be in [1, max_steps={self.max_steps}], got {self.steps}",
+        )
         check(self.guidance >= 0, "guidance", f"must be >= 0, got {self.guidance}")
         check(0.0 <= self.eta <= 1.0, "eta", f"must be in [0, 1], got {self.eta}")
         check(self.per_class >= 1, "per_class", f"must be >= 1, got {self.per_class}")
@@ -89,22 +107,46 @@ class DiffusionObjectiveConfig:
     sampling: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
 
     def validate(self) -> None:
-        check(self.schedule in schedules.NAMES, "schedule",
-              f"unknown schedule {self.schedule!r}; choose from {list(schedules.NAMES)}")
-        check(self.num_train_timesteps >= 2, "num_train_timesteps", f"must be >= 2, got {self.num_train_timesteps}")
-        check(self.prediction in PREDICTIONS, "prediction",
-              f"unknown prediction {self.prediction!r}; choose from {list(PREDICTIONS)}")
-        check(self.loss_weighting in ("uniform", "min_snr"), "loss_weighting",
-              f"must be 'uniform' or 'min_snr', got {self.loss_weighting!r}")
+        check(
+            self.schedule in schedules.NAMES,
+            "schedule",
+            f"unknown schedule {self.schedule!r}; choose from {list(schedules.NAMES)}",
+        )
+        check(
+            self.num_train_timesteps >= 2,
+            "num_train_timesteps",
+            f"must be >= 2, got {self.num_train_timesteps}",
+        )
+        check(
+            self.prediction in PREDICTIONS,
+            "prediction",
+            f"unknown prediction {self.prediction!r}; choose from {list(PREDICTIONS)}",
+        )
+        check(
+            self.loss_weighting in ("uniform", "min_snr"),
+            "loss_weighting",
+            f"must be 'uniform' or 'min_snr', got {self.loss_weighting!r}",
+        )
         check(self.min_snr_gamma > 0, "min_snr_gamma", f"must be > 0, got {self.min_snr_gamma}")
-        check(0.0 <= self.label_dropout < 1.0, "label_dropout", f"must be in [0, 1), got {self.label_dropout}")
+        check(
+            0.0 <= self.label_dropout < 1.0,
+            "label_dropout",
+            f"must be in [0, 1), got {self.label_dropout}",
+        )
         prefixed("sampling", self.sampling.validate)
         if self.schedule == "flow":
-            check(self.prediction != "eps", "prediction",
-                  "eps prediction cannot give x0 at t = 1 on the flow path (alpha = 0); use flow, v or x0")
+            check(
+                self.prediction != "eps",
+                "prediction",
+                "eps prediction cannot give x0 at t = 1 on the flow path (alpha = 0); "
+                "use flow, v or x0",
+            )
         else:
-            check(self.prediction != "flow", "prediction",
-                  f"flow prediction needs schedule='flow', got schedule={self.schedule!r}")
+            check(
+                self.prediction != "flow",
+                "prediction",
+                f"flow prediction needs schedule='flow', got schedule={self.schedule!r}",
+            )
 
     def make_schedule(self) -> schedules.Schedule:
         return schedules.make(self.schedule, self.num_train_timesteps)
@@ -169,12 +211,22 @@ def loss_weight(alpha, sigma, cfg: DiffusionObjectiveConfig):
     snr = (alpha * alpha) / jnp.maximum(sigma * sigma, 1e-20)
     c = x0_error_scale(alpha, sigma, cfg.prediction)
     # min(snr, g) * c^2 with c^2 * snr bounded; written to stay finite when alpha -> 0.
-    return jnp.where(snr < cfg.min_snr_gamma, (alpha * c) ** 2 / jnp.maximum(sigma * sigma, 1e-20),
-                     cfg.min_snr_gamma * c * c)
+    return jnp.where(
+        snr < cfg.min_snr_gamma,
+        (alpha * c) ** 2 / jnp.maximum(sigma * sigma, 1e-20),
+        cfg.min_snr_gamma * c * c,
+    )
 
 
-def make_loss(graphdef: nnx.GraphDef, cfg: DiffusionObjectiveConfig, *, num_classes: int = 0, train: bool = True):
-    """Returns ``loss(params, model_state, batch, rng) -> (loss, (metrics, model_state))`` for a denoiser.
+def make_loss(
+    graphdef: nnx.GraphDef,
+    cfg: DiffusionObjectiveConfig,
+    *,
+    num_classes: int = 0,
+    train: bool = True,
+):
+    """Returns ``loss(params, model_state, batch, rng) -> (loss, (metrics, model_state))``
+    for a denoiser.
 
     The denoiser is called as ``model(x_t, time, labels, rng=...)`` where ``time`` is
     ``schedule.model_time(t)`` ``[B]`` and ``labels`` ``[B]`` int (``num_classes`` = the null
@@ -202,7 +254,9 @@ def make_loss(graphdef: nnx.GraphDef, cfg: DiffusionObjectiveConfig, *, num_clas
             if train and cfg.label_dropout > 0:
                 drop = jax.random.bernoulli(k_drop, cfg.label_dropout, (b,))
                 labels = jnp.where(drop, num_classes, labels)
-        pred = model(x_t, schedule.model_time(t), labels, rng=k_model if train else None).astype(jnp.float32)
+        pred = model(x_t, schedule.model_time(t), labels, rng=k_model if train else None).astype(
+            jnp.float32
+        )
         target = from_x0_eps(x0, eps, alpha, sigma, cfg.prediction)
         per_example = jnp.mean(jnp.square(pred - target).reshape(b, -1), axis=1)
         weighted = jnp.mean(loss_weight(alpha, sigma, cfg) * per_example)

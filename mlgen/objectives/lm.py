@@ -26,7 +26,9 @@ class LMObjectiveConfig:
         check(self.loss_chunk >= 0, "loss_chunk", f"must be >= 0, got {self.loss_chunk}")
 
 
-def make_loss(graphdef: nnx.GraphDef, *, z_loss: float = 0.0, train: bool = True, loss_chunk: int = 0):
+def make_loss(
+    graphdef: nnx.GraphDef, *, z_loss: float = 0.0, train: bool = True, loss_chunk: int = 0
+):
     """Returns ``loss(params, model_state, batch, rng) -> (loss, (metrics, model_state))``.
 
     ``batch``: ``inputs``, ``targets`` ``[B, T]`` int; optional ``loss_mask`` ``[B, T]``,
@@ -37,13 +39,26 @@ def make_loss(graphdef: nnx.GraphDef, *, z_loss: float = 0.0, train: bool = True
 
     def loss(params, model_state, batch, rng):
         model = bind(graphdef, params, model_state)
-        out = model(batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-                    rng=rng if train else None, return_hidden=loss_chunk > 0)
+        out = model(
+            batch["inputs"],
+            positions=batch.get("positions"),
+            segment_ids=batch.get("segment_ids"),
+            rng=rng if train else None,
+            return_hidden=loss_chunk > 0,
+        )
         if loss_chunk > 0:
-            value, metrics = chunked_cross_entropy(out, model.logits, batch["targets"], batch.get("loss_mask"),
-                                                   z_loss=z_loss, chunk=loss_chunk)
+            value, metrics = chunked_cross_entropy(
+                out,
+                model.logits,
+                batch["targets"],
+                batch.get("loss_mask"),
+                z_loss=z_loss,
+                chunk=loss_chunk,
+            )
         else:
-            value, metrics = cross_entropy(out, batch["targets"], batch.get("loss_mask"), z_loss=z_loss)
+            value, metrics = cross_entropy(
+                out, batch["targets"], batch.get("loss_mask"), z_loss=z_loss
+            )
         return value, (metrics, state_after(model, model_state))
 
     return loss

@@ -11,7 +11,8 @@ Schedules (``make(name, num_train_steps)``):
   (diffusers ``"scaled_linear"``);
 - ``cosine``: improved DDPM, ``alpha_bar(t) = cos((t + s) / (1 + s) * pi / 2) ** 2`` with
   ``s = 0.008`` and betas capped at 0.999 (diffusers ``"squaredcos_cap_v2"``);
-- ``sigmoid``: betas ``sigmoid(linspace(-6, 6, N)) * (0.02 - 1e-4) + 1e-4`` (diffusers ``"sigmoid"``);
+- ``sigmoid``: betas ``sigmoid(linspace(-6, 6, N)) * (0.02 - 1e-4) + 1e-4``
+  (diffusers ``"sigmoid"``);
 - ``flow``: the rectified-flow path ``alpha = 1 - t``, ``sigma = t`` (continuous only).
 
 Discrete ("variance preserving") schedules have ``alpha^2 = alpha_bar`` and
@@ -40,13 +41,18 @@ _COSINE_S = 0.008
 
 
 def cosine_alpha_bar(t):
-    """The improved-DDPM closed form ``cos((t + s) / (1 + s) * pi / 2) ** 2`` (s = 0.008), unnormalised."""
+    """The improved-DDPM closed form ``cos((t + s) / (1 + s) * pi / 2) ** 2`` (s = 0.008),
+    unnormalised."""
     xp = jnp if isinstance(t, jax.Array) else np
     return xp.cos((t + _COSINE_S) / (1 + _COSINE_S) * math.pi / 2) ** 2
 
 
-def diffusers_betas(name: str, num_train_steps: int = 1000, beta_start: float | None = None,
-                    beta_end: float | None = None) -> np.ndarray:
+def diffusers_betas(
+    name: str,
+    num_train_steps: int = 1000,
+    beta_start: float | None = None,
+    beta_end: float | None = None,
+) -> np.ndarray:
     """The betas of a discrete schedule exactly as diffusers defines them (float32).
 
     diffusers computes in float32 (``torch.linspace(..., dtype=torch.float32)``); we compute
@@ -58,7 +64,7 @@ def diffusers_betas(name: str, num_train_steps: int = 1000, beta_start: float | 
         betas = np.linspace(b0, b1, n, dtype=np.float64)
     elif name == "scaled_linear":
         b0, b1 = beta_start or 0.00085, beta_end or 0.012
-        betas = np.linspace(b0 ** 0.5, b1 ** 0.5, n, dtype=np.float64) ** 2
+        betas = np.linspace(b0**0.5, b1**0.5, n, dtype=np.float64) ** 2
     elif name == "sigmoid":
         b0, b1 = beta_start or 1e-4, beta_end or 0.02
         betas = 1.0 / (1.0 + np.exp(-np.linspace(-6.0, 6.0, n, dtype=np.float64))) * (b1 - b0) + b0
@@ -100,8 +106,13 @@ class Schedule:
         # log alpha_bar on the grid t_k = k / N, k = 0..N (alpha_bar = 1 at k = 0).
         log_ab = np.concatenate([[0.0], np.log(self.alphas_cumprod.astype(np.float64))])
         xp = jnp if isinstance(t, jax.Array) else np
-        return xp.exp(xp.interp(t * self.num_train_steps, xp.arange(self.num_train_steps + 1.0),
-                                xp.asarray(log_ab, dtype=xp.result_type(t, np.float32))))
+        return xp.exp(
+            xp.interp(
+                t * self.num_train_steps,
+                xp.arange(self.num_train_steps + 1.0),
+                xp.asarray(log_ab, dtype=xp.result_type(t, np.float32)),
+            )
+        )
 
     def alpha(self, t):
         """Signal scale ``alpha(t)``."""
@@ -123,7 +134,8 @@ class Schedule:
         return 2.0 * (xp.log(self.alpha(t)) - xp.log(self.sigma(t)))
 
     def train_time(self, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        """Random training times: ``(i + 1) / N`` with ``i ~ U{0..N-1}`` (VP), ``U(0, 1)`` (flow)."""
+        """Random training times: ``(i + 1) / N`` with ``i ~ U{0..N-1}`` (VP),
+        ``U(0, 1)`` (flow)."""
         if self.kind == "flow":
             return jax.random.uniform(key, shape, jnp.float32)
         i = jax.random.randint(key, shape, 0, self.num_train_steps)
@@ -141,8 +153,12 @@ def make(name: str, num_train_steps: int = 1000) -> Schedule:
     if num_train_steps < 2:
         raise ValueError(f"schedules: num_train_steps must be >= 2, got {num_train_steps}")
     if name == "flow":
-        return Schedule(name=name, num_train_steps=num_train_steps, kind="flow", betas=None, alphas_cumprod=None)
+        return Schedule(
+            name=name, num_train_steps=num_train_steps, kind="flow", betas=None, alphas_cumprod=None
+        )
     betas = diffusers_betas(name, num_train_steps)
     # diffusers: torch.cumprod(1 - betas) in float32; float64 then rounding differs by < 1e-7.
     ac = np.cumprod(1.0 - betas.astype(np.float64)).astype(np.float32)
-    return Schedule(name=name, num_train_steps=num_train_steps, kind="vp", betas=betas, alphas_cumprod=ac)
+    return Schedule(
+        name=name, num_train_steps=num_train_steps, kind="vp", betas=betas, alphas_cumprod=ac
+    )

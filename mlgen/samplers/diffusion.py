@@ -61,9 +61,22 @@ def _guided(denoise: DenoiseFn, x, mt, labels, guidance, null_label: int):
     return jax.lax.cond(guidance == 1.0, cond_only, both, None)
 
 
-def sample_fn(denoise: DenoiseFn, schedule: schedules_lib.Schedule, *, prediction: str, sampler: str,
-              x_T: jax.Array, key: jax.Array, steps, labels=None, guidance=1.0, eta=0.0, null_label: int = 0,
-              clip: bool = True, max_steps: int = 1000) -> jax.Array:
+def sample_fn(
+    denoise: DenoiseFn,
+    schedule: schedules_lib.Schedule,
+    *,
+    prediction: str,
+    sampler: str,
+    x_T: jax.Array,
+    key: jax.Array,
+    steps,
+    labels=None,
+    guidance=1.0,
+    eta=0.0,
+    null_label: int = 0,
+    clip: bool = True,
+    max_steps: int = 1000,
+) -> jax.Array:
     """Runs a sampler from ``x_T`` (noise at t = 1) to t = 0. Traceable; one ``lax.scan``.
 
     Args:
@@ -86,7 +99,9 @@ def sample_fn(denoise: DenoiseFn, schedule: schedules_lib.Schedule, *, predictio
         raise ValueError(f"sample: unknown sampler {sampler!r}; choose from {SAMPLERS}")
     steps = jnp.clip(jnp.asarray(steps, jnp.int32), 1, max_steps)
     guidance = jnp.asarray(guidance, jnp.float32)
-    eta = jnp.asarray(1.0 if sampler == "ddpm" else (eta if sampler == "ddim" else 0.0), jnp.float32)
+    eta = jnp.asarray(
+        1.0 if sampler == "ddpm" else (eta if sampler == "ddim" else 0.0), jnp.float32
+    )
     B = x_T.shape[0]
     flow = schedule.kind == "flow"
 
@@ -102,16 +117,26 @@ def sample_fn(denoise: DenoiseFn, schedule: schedules_lib.Schedule, *, predictio
 
     def ddim_step(x, t, s_, k):
         x0, eps = predict(x, t)
-        a_t, s_t, a_s, s_s = schedule.alpha(t), schedule.sigma(t), schedule.alpha(s_), schedule.sigma(s_)
+        a_t, s_t, a_s, s_s = (
+            schedule.alpha(t),
+            schedule.sigma(t),
+            schedule.alpha(s_),
+            schedule.sigma(s_),
+        )
         # DDPM posterior std of x_s given (x_t, x0), times eta (Song et al.'s sigma_eta).
-        var_ts = jnp.maximum(s_t ** 2 - (a_t / jnp.maximum(a_s, 1e-12)) ** 2 * s_s ** 2, 0.0)
+        var_ts = jnp.maximum(s_t**2 - (a_t / jnp.maximum(a_s, 1e-12)) ** 2 * s_s**2, 0.0)
         std = eta * jnp.sqrt(var_ts) * s_s / jnp.maximum(s_t, 1e-12)
         noise = jax.random.normal(k, x.shape, x.dtype)
-        return a_s * x0 + jnp.sqrt(jnp.maximum(s_s ** 2 - std ** 2, 0.0)) * eps + std * noise
+        return a_s * x0 + jnp.sqrt(jnp.maximum(s_s**2 - std**2, 0.0)) * eps + std * noise
 
     def heun_step(x, t, s_, is_last):
         x0, e1 = predict(x, t)
-        a_t, s_t, a_s, s_s = schedule.alpha(t), schedule.sigma(t), schedule.alpha(s_), schedule.sigma(s_)
+        a_t, s_t, a_s, s_s = (
+            schedule.alpha(t),
+            schedule.sigma(t),
+            schedule.alpha(s_),
+            schedule.sigma(s_),
+        )
         x_euler = a_s * x0 + s_s * e1
 
         def correct(_):
@@ -140,25 +165,69 @@ def sample_fn(denoise: DenoiseFn, schedule: schedules_lib.Schedule, *, predictio
     return x
 
 
-# Incremented each time the jitted sampler is traced (tests check that steps / guidance do not retrace).
+# Incremented each time the jitted sampler is traced
+# (tests check that steps / guidance do not retrace).
 TRACE_COUNT = {"sample": 0}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "schedule_name", "num_train_steps", "prediction",
-                                             "sampler", "shape", "clip", "max_steps", "null_label"))
-def _sample_jit(params, model_state, key, labels, steps, guidance, eta, *, graphdef, schedule_name, num_train_steps,
-                prediction, sampler, shape, clip, max_steps, null_label):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "graphdef",
+        "schedule_name",
+        "num_train_steps",
+        "prediction",
+        "sampler",
+        "shape",
+        "clip",
+        "max_steps",
+        "null_label",
+    ),
+)
+def _sample_jit(
+    params,
+    model_state,
+    key,
+    labels,
+    steps,
+    guidance,
+    eta,
+    *,
+    graphdef,
+    schedule_name,
+    num_train_steps,
+    prediction,
+    sampler,
+    shape,
+    clip,
+    max_steps,
+    null_label,
+):
     TRACE_COUNT["sample"] += 1
     schedule = _schedule(schedule_name, num_train_steps)
     k_noise, k_sample = jax.random.split(key)
     x_T = jax.random.normal(k_noise, shape, jnp.float32)
 
-    def denoise(x, t, y):  # merged inside the scan / cond trace: NNX transforms (DiT's scan) need that
+    def denoise(
+        x, t, y
+    ):  # merged inside the scan / cond trace: NNX transforms (DiT's scan) need that
         return bind(graphdef, params, model_state)(x, t, y)
 
-    return sample_fn(denoise, schedule, prediction=prediction, sampler=sampler, x_T=x_T,
-                     key=k_sample, steps=steps, labels=labels, guidance=guidance, eta=eta, null_label=null_label,
-                     clip=clip, max_steps=max_steps)
+    return sample_fn(
+        denoise,
+        schedule,
+        prediction=prediction,
+        sampler=sampler,
+        x_T=x_T,
+        key=k_sample,
+        steps=steps,
+        labels=labels,
+        guidance=guidance,
+        eta=eta,
+        null_label=null_label,
+        clip=clip,
+        max_steps=max_steps,
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,10 +235,25 @@ def _schedule(name: str, n: int) -> schedules_lib.Schedule:
     return schedules_lib.make(name, n)
 
 
-def sample(graphdef: nnx.GraphDef, params, *, schedule: str, num_train_timesteps: int = 1000, prediction: str,
-           shape: tuple[int, ...], key: jax.Array, labels=None, num_classes: int = 0, sampler: str = "ddim",
-           steps: int = 50, guidance: float = 1.0, eta: float = 0.0, clip: bool = True,
-           max_steps: int = 1000, model_state=None) -> Float[Array, "B H W C"]:
+def sample(
+    graphdef: nnx.GraphDef,
+    params,
+    *,
+    schedule: str,
+    num_train_timesteps: int = 1000,
+    prediction: str,
+    shape: tuple[int, ...],
+    key: jax.Array,
+    labels=None,
+    num_classes: int = 0,
+    sampler: str = "ddim",
+    steps: int = 50,
+    guidance: float = 1.0,
+    eta: float = 0.0,
+    clip: bool = True,
+    max_steps: int = 1000,
+    model_state=None,
+) -> Float[Array, "B H W C"]:
     """Samples images from a denoiser given explicitly as ``(graphdef, params[, model_state])``.
 
     ``shape`` is ``(B, H, W, C)``; ``labels`` ``[B]`` ints for a class-conditional model
@@ -179,24 +263,64 @@ def sample(graphdef: nnx.GraphDef, params, *, schedule: str, num_train_timesteps
     """
     if labels is not None:
         labels = jnp.asarray(labels, jnp.int32)
-    return _sample_jit(params, model_state or {}, key, labels, jnp.int32(steps), jnp.float32(guidance),
-                       jnp.float32(eta),
-                       graphdef=graphdef, schedule_name=schedule, num_train_steps=num_train_timesteps,
-                       prediction=prediction, sampler=sampler, shape=tuple(shape), clip=clip, max_steps=max_steps,
-                       null_label=num_classes)
+    return _sample_jit(
+        params,
+        model_state or {},
+        key,
+        labels,
+        jnp.int32(steps),
+        jnp.float32(guidance),
+        jnp.float32(eta),
+        graphdef=graphdef,
+        schedule_name=schedule,
+        num_train_steps=num_train_timesteps,
+        prediction=prediction,
+        sampler=sampler,
+        shape=tuple(shape),
+        clip=clip,
+        max_steps=max_steps,
+        null_label=num_classes,
+    )
 
 
-def sample_model(graphdef, params, objective, model_cfg, sampler_cfg: SamplerConfig, *, num: int, key: jax.Array,
-                 labels=None, model_state=None, **overrides):
+def sample_model(
+    graphdef,
+    params,
+    objective,
+    model_cfg,
+    sampler_cfg: SamplerConfig,
+    *,
+    num: int,
+    key: jax.Array,
+    labels=None,
+    model_state=None,
+    **overrides,
+):
     """:func:`sample` with the settings of a run's objective, sampler and denoiser configs
     (``model_cfg``: ``image_size``, ``in_channels``, ``num_classes``)."""
-    kw = dict(sampler=sampler_cfg.sampler, steps=sampler_cfg.steps, guidance=sampler_cfg.guidance,
-              eta=sampler_cfg.eta, clip=sampler_cfg.clip, max_steps=sampler_cfg.max_steps)
+    kw = dict(
+        sampler=sampler_cfg.sampler,
+        steps=sampler_cfg.steps,
+        guidance=sampler_cfg.guidance,
+        eta=sampler_cfg.eta,
+        clip=sampler_cfg.clip,
+        max_steps=sampler_cfg.max_steps,
+    )
     kw.update(overrides)
     size = model_cfg.image_size
-    return sample(graphdef, params, schedule=objective.schedule, num_train_timesteps=objective.num_train_timesteps,
-                  prediction=objective.prediction, shape=(num, size, size, model_cfg.in_channels), key=key,
-                  labels=labels, num_classes=model_cfg.num_classes, model_state=model_state, **kw)
+    return sample(
+        graphdef,
+        params,
+        schedule=objective.schedule,
+        num_train_timesteps=objective.num_train_timesteps,
+        prediction=objective.prediction,
+        shape=(num, size, size, model_cfg.in_channels),
+        key=key,
+        labels=labels,
+        num_classes=model_cfg.num_classes,
+        model_state=model_state,
+        **kw,
+    )
 
 
 def grid_labels(num_classes: int, per_class: int) -> np.ndarray:

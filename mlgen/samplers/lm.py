@@ -38,8 +38,22 @@ from flax import nnx
 from mlgen.sharding import constrain
 from mlgen.typing import Array, Float, Int
 
-__all__ = ["Candidate", "Chain", "Decoder", "Generation", "Greedy", "Sampling", "SamplingMethod", "Temperature",
-           "TopK", "TopP", "best_of_n", "candidates", "generate", "max_length"]
+__all__ = [
+    "Candidate",
+    "Chain",
+    "Decoder",
+    "Generation",
+    "Greedy",
+    "Sampling",
+    "SamplingMethod",
+    "Temperature",
+    "TopK",
+    "TopP",
+    "best_of_n",
+    "candidates",
+    "generate",
+    "max_length",
+]
 
 _NEG_INF = -jnp.inf
 
@@ -83,7 +97,9 @@ class Temperature(SamplingMethod):
 
     def __post_init__(self):
         if not self.temperature > 0:
-            raise ValueError(f"Temperature: temperature must be > 0 (use Greedy for 0), got {self.temperature}")
+            raise ValueError(
+                f"Temperature: temperature must be > 0 (use Greedy for 0), got {self.temperature}"
+            )
 
     def filter(self, logits):
         return logits / jnp.asarray(self.temperature, logits.dtype)
@@ -134,7 +150,8 @@ class TopP(SamplingMethod):
 
 @dataclasses.dataclass(frozen=True)
 class Chain(SamplingMethod):
-    """Applies the filters of ``methods`` in order, then samples (e.g. temperature, top-k, top-p)."""
+    """Applies the filters of ``methods`` in order, then samples (e.g. temperature,
+    top-k, top-p)."""
 
     methods: tuple[SamplingMethod, ...]
 
@@ -180,13 +197,15 @@ class Decoder(Protocol):
     def init_cache(self, batch: int, max_len: int) -> Any:
         """An empty cache (a pytree) for ``batch`` rows of up to ``max_len`` tokens."""
 
-    def decode(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], cache: Any
-               ) -> tuple[Float[Array, "B V"], Any]:
+    def decode(
+        self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], cache: Any
+    ) -> tuple[Float[Array, "B V"], Any]:
         """Runs ``T`` new tokens per row; returns the next-token logits after the last one and
         the updated cache (``T`` is the prompt length for the prefill, then 1)."""
 
     def for_decoding(self) -> "Decoder":
-        """The module the decoding loop carries (e.g. with per-layer weights sliced once); often self."""
+        """The module the decoding loop carries
+        (e.g. with per-layer weights sliced once); often self."""
 
 
 # ----------------------------------------------------------------------------- generation
@@ -217,15 +236,15 @@ class Generation:
 class _Loop:
     """The decoding loop's carry."""
 
-    i: jax.Array                # tokens emitted so far (the next output column)
-    token: jax.Array            # [B] the last token of each row
-    position: jax.Array         # [B] the position that token takes
+    i: jax.Array  # tokens emitted so far (the next output column)
+    token: jax.Array  # [B] the last token of each row
+    position: jax.Array  # [B] the position that token takes
     cache: Any
-    tokens: jax.Array           # [B, max_new_tokens]
-    logprobs: jax.Array         # [B, max_new_tokens]
-    lengths: jax.Array          # [B]
-    done: jax.Array             # [B]
-    model: Any                  # the decoder's state (merged at the loop's trace level)
+    tokens: jax.Array  # [B, max_new_tokens]
+    logprobs: jax.Array  # [B, max_new_tokens]
+    lengths: jax.Array  # [B]
+    done: jax.Array  # [B]
+    model: Any  # the decoder's state (merged at the loop's trace level)
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
@@ -245,13 +264,26 @@ def _merge(graphdef, state):
 
 
 def prefill_positions(seg: Int[Array, "B P"]) -> Int[Array, "B P"]:
-    """Positions of left-padded rows (``seg`` 0 = padding): 0.. on the first real token, -1 on padding."""
+    """Positions of left-padded rows (``seg`` 0 = padding): 0.. on the first real token,
+    -1 on padding."""
     return jnp.where(seg != 0, jnp.cumsum(seg != 0, axis=1) - 1, -1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_new_tokens"))
-def _generate(state, tokens, seg, key, stops, pad_id, *, graphdef, sampling: SamplingMethod, max_new_tokens: int):
-    """tokens/seg ``[B, P]`` left-padded -> (tokens, logprobs ``[B, max_new_tokens]``, lengths ``[B]``).
+def _generate(
+    state,
+    tokens,
+    seg,
+    key,
+    stops,
+    pad_id,
+    *,
+    graphdef,
+    sampling: SamplingMethod,
+    max_new_tokens: int,
+):
+    """tokens/seg ``[B, P]`` left-padded -> (tokens, logprobs ``[B, max_new_tokens]``,
+    lengths ``[B]``).
 
     ``stops`` ``[S]`` holds the stop ids padded with -1 and ``pad_id`` is a scalar: both are
     traced, so changing them does not recompile.
@@ -267,32 +299,55 @@ def _generate(state, tokens, seg, key, stops, pad_id, *, graphdef, sampling: Sam
         lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
         tok = jnp.where(c.done, pad_id, tok)
         lp = jnp.where(c.done, 0.0, lp)
-        return c.replace(i=c.i + 1, token=tok, lengths=c.lengths + (~c.done).astype(jnp.int32),
-                         tokens=jax.lax.dynamic_update_slice(c.tokens, tok[:, None], (0, c.i)),
-                         logprobs=jax.lax.dynamic_update_slice(c.logprobs, lp[:, None], (0, c.i)),
-                         done=c.done | jnp.any(tok[:, None] == stops[None, :], axis=-1))
+        return c.replace(
+            i=c.i + 1,
+            token=tok,
+            lengths=c.lengths + (~c.done).astype(jnp.int32),
+            tokens=jax.lax.dynamic_update_slice(c.tokens, tok[:, None], (0, c.i)),
+            logprobs=jax.lax.dynamic_update_slice(c.logprobs, lp[:, None], (0, c.i)),
+            done=c.done | jnp.any(tok[:, None] == stops[None, :], axis=-1),
+        )
 
     def cond(c: _Loop):
         return (c.i < max_new_tokens) & ~jnp.all(c.done)
 
     def body(c: _Loop) -> _Loop:
-        logits, cache = nnx.merge(loop_def, c.model).decode(c.token[:, None], c.position[:, None], c.cache)
+        logits, cache = nnx.merge(loop_def, c.model).decode(
+            c.token[:, None], c.position[:, None], c.cache
+        )
         return emit(c.replace(position=c.position + 1, cache=cache), logits)
 
     # The decoder's state rides in the carry (unchanged) so that the module is merged at the
     # loop's trace level (NNX modules may not cross trace levels).
-    start = _Loop(i=jnp.int32(0), token=jnp.zeros((B,), jnp.int32), position=positions[:, -1] + 1, cache=cache,
-                  tokens=jnp.full((B, max_new_tokens), pad_id, jnp.int32),
-                  logprobs=jnp.zeros((B, max_new_tokens), jnp.float32), lengths=jnp.zeros((B,), jnp.int32),
-                  done=jnp.zeros((B,), bool), model=loop_state)
+    start = _Loop(
+        i=jnp.int32(0),
+        token=jnp.zeros((B,), jnp.int32),
+        position=positions[:, -1] + 1,
+        cache=cache,
+        tokens=jnp.full((B, max_new_tokens), pad_id, jnp.int32),
+        logprobs=jnp.zeros((B, max_new_tokens), jnp.float32),
+        lengths=jnp.zeros((B,), jnp.int32),
+        done=jnp.zeros((B,), bool),
+        model=loop_state,
+    )
     end = jax.lax.while_loop(cond, body, emit(start, logits))
     rep = lambda x: constrain(x, (None,) * x.ndim)  # noqa: E731  (whole on every host)
     return rep(end.tokens), rep(end.logprobs), rep(end.lengths)
 
 
-def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             sampling: SamplingMethod | None = None, eos_id: int | None = None, stop_ids: Sequence[int] = (),
-             pad_id: int = 0, seed: int = 0, num_samples: int = 1, prompt_bucket: int | None = 16) -> Generation:
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingMethod | None = None,
+    eos_id: int | None = None,
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    seed: int = 0,
+    num_samples: int = 1,
+    prompt_bucket: int | None = 16,
+) -> Generation:
     """Samples continuations of ``prompts`` with a cache.
 
     Args:
@@ -323,19 +378,30 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     P = longest if prompt_bucket is None else _bucket(longest, prompt_bucket)
     max_len = _max_length(graphdef, state)
     if max_len is not None and longest + max_new_tokens > max_len:
-        raise ValueError(f"generate: prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"max_length={max_len}")
+        raise ValueError(
+            f"generate: prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"max_length={max_len}"
+        )
     rows = [list(p) for p in prompts for _ in range(num_samples)]
     tokens = np.full((len(rows), P), pad_id, np.int32)
     seg = np.zeros((len(rows), P), np.int32)
     for r, p in enumerate(rows):
-        tokens[r, P - len(p):] = p
-        seg[r, P - len(p):] = 1
+        tokens[r, P - len(p) :] = p
+        seg[r, P - len(p) :] = 1
     stop_set = sorted({int(s) for s in stop_ids} | ({int(eos_id)} if eos_id is not None else set()))
     stops = np.full(max(4, 1 << max(len(stop_set) - 1, 0).bit_length()), -1, np.int32)
-    stops[:len(stop_set)] = stop_set
-    out = _generate(state, tokens, seg, jax.random.key(seed), stops, np.int32(pad_id), graphdef=graphdef,
-                    sampling=sampling, max_new_tokens=int(max_new_tokens))
+    stops[: len(stop_set)] = stop_set
+    out = _generate(
+        state,
+        tokens,
+        seg,
+        jax.random.key(seed),
+        stops,
+        np.int32(pad_id),
+        graphdef=graphdef,
+        sampling=sampling,
+        max_new_tokens=int(max_new_tokens),
+    )
     tok, lp, lengths = (np.asarray(x) for x in jax.device_get(out))
     return Generation(tok, lp, lengths, num_samples)
 
@@ -364,9 +430,17 @@ class Candidate:
         return float(np.mean(self.logprobs)) if self.logprobs else 0.0
 
 
-def best_of_n(model, prompts: Sequence[Sequence[int]], n: int, *, max_new_tokens: int,
-              sampling: SamplingMethod | None = None, score: Callable[[Any], float] | None = None,
-              decode: Callable[[list[int]], str] | None = None, **kw) -> list[list[Candidate]]:
+def best_of_n(
+    model,
+    prompts: Sequence[Sequence[int]],
+    n: int,
+    *,
+    max_new_tokens: int,
+    sampling: SamplingMethod | None = None,
+    score: Callable[[Any], float] | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+    **kw,
+) -> list[list[Candidate]]:
     """Draws ``n`` samples per prompt and ranks them, best first.
 
     Args:
@@ -381,11 +455,17 @@ def best_of_n(model, prompts: Sequence[Sequence[int]], n: int, *, max_new_tokens
     """
     if sampling is None:
         sampling = Temperature(1.0)
-    gen = generate(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, num_samples=n, **kw)
+    gen = generate(
+        model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, num_samples=n, **kw
+    )
     out = []
     for cands in candidates(gen, decode):
         for c in cands:
-            c.score = float(score(c.text if decode is not None else c.tokens)) if score is not None else c.mean_logprob
+            c.score = (
+                float(score(c.text if decode is not None else c.tokens))
+                if score is not None
+                else c.mean_logprob
+            )
         out.append(sorted(cands, key=lambda c: -c.score))
     return out
 
@@ -397,8 +477,8 @@ def candidates(gen: Generation, decode: Callable[[list[int]], str] | None) -> li
     for i in range(gen.tokens.shape[0] // n):
         cands = []
         for r in range(i * n, (i + 1) * n):
-            toks = gen.tokens[r, :gen.lengths[r]].tolist()
-            lps = gen.logprobs[r, :gen.lengths[r]].tolist()
+            toks = gen.tokens[r, : gen.lengths[r]].tolist()
+            lps = gen.logprobs[r, : gen.lengths[r]].tolist()
             c = Candidate(toks, lps, 0.0, decode(toks) if decode is not None else None)
             c.score = c.mean_logprob
             cands.append(c)

@@ -10,7 +10,8 @@ import flax
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mlgen.sharding.rules import Rules, check_names, get_rules
 
@@ -18,7 +19,8 @@ _RECORDING: list[set[str]] = []
 
 
 def resolve(mesh: Mesh, rules: str | Rules) -> Rules:
-    """Rules as (logical, mesh axes) pairs: a preset name, ``"auto"`` (derived from ``mesh``) or pairs."""
+    """Rules as (logical, mesh axes) pairs: a preset name,
+    ``"auto"`` (derived from ``mesh``) or pairs."""
     return get_rules(rules, dict(mesh.shape)) if isinstance(rules, str) else tuple(rules)
 
 
@@ -101,19 +103,27 @@ def fit_shardings(abstract: Any, shardings: Any) -> Any:
 def abstract_like(tree: Any, shardings: Any | None = None) -> Any:
     """ShapeDtypeStructs of ``tree`` (arrays or abstract values) with ``shardings``."""
     if shardings is None:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                            tree)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            tree,
+        )
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 def _split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     return nnx.split(model, nnx.Param, ...)
 
 
-def sharded_init(make: Callable[[], nnx.Module], mesh: Mesh, *,
-                 init: Callable[[Any, Any], Any] | None = None,
-                 init_shardings: Callable[[Any, Any, Any], Any] | None = None,
-                 abstract: bool = False) -> tuple[nnx.GraphDef, Any, Any]:
+def sharded_init(
+    make: Callable[[], nnx.Module],
+    mesh: Mesh,
+    *,
+    init: Callable[[Any, Any], Any] | None = None,
+    init_shardings: Callable[[Any, Any, Any], Any] | None = None,
+    abstract: bool = False,
+) -> tuple[nnx.GraphDef, Any, Any]:
     """Initialises a model (and what ``init`` builds from it) directly into its shardings.
 
     The model is never whole on one device: its shapes come from ``nnx.eval_shape``, its
@@ -138,7 +148,9 @@ def sharded_init(make: Callable[[], nnx.Module], mesh: Mesh, *,
     graphdef, abs_params, abs_rest = _split(nnx.eval_shape(make))
 
     def named(abs_state):
-        return fit_shardings(nnx.to_pure_dict(abs_state), nnx.to_pure_dict(nnx.get_named_sharding(abs_state, mesh)))
+        return fit_shardings(
+            nnx.to_pure_dict(abs_state), nnx.to_pure_dict(nnx.get_named_sharding(abs_state, mesh))
+        )
 
     param_sh, rest_sh = named(abs_params), named(abs_rest)
     if init is None:
@@ -165,7 +177,9 @@ def batch_sharding(mesh: Mesh, names: tuple[str | None, ...], rules: str | Rules
     return NamedSharding(mesh, spec(names, resolve(mesh, rules)))
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, axes: dict[str, tuple], rules) -> dict[str, jax.Array]:
+def put_batch(
+    batch: dict[str, np.ndarray], mesh: Mesh, axes: dict[str, tuple], rules
+) -> dict[str, jax.Array]:
     """Makes global arrays from this host's slice of a batch (multi-host safe).
 
     ``axes`` maps each key to its logical names (e.g. ``("batch", "length")``); keys not
@@ -175,5 +189,7 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, axes: dict[str, tuple], 
     out = {}
     for k, v in batch.items():
         names = axes.get(k, ("batch",) + (None,) * (np.ndim(v) - 1))
-        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec(names, pairs)), np.asarray(v))
+        out[k] = jax.make_array_from_process_local_data(
+            NamedSharding(mesh, spec(names, pairs)), np.asarray(v)
+        )
     return out

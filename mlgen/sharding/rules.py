@@ -39,17 +39,24 @@ PARAM_AXES = (
     "norm",  # per-feature scale / bias of norms
     "pos",  # positions of learned position tables
 )
-ACTIVATION_AXES = ("batch", "length", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab", "height",
-                   "width")
+ACTIVATION_AXES = (
+    "batch",
+    "length",
+    "act_embed",
+    "act_heads",
+    "act_kv_heads",
+    "act_mlp",
+    "act_vocab",
+    "height",
+    "width",
+)
 _AXES: set[str] = set(PARAM_AXES + ACTIVATION_AXES)
 
 _BATCH = ("data", "fsdp")
 
 PRESETS: dict[str, Rules] = {
     # Pure data parallel: parameters replicated, batch over every data-like axis.
-    "dp": (
-        ("batch", _BATCH),
-    ),
+    "dp": (("batch", _BATCH),),
     # ZeRO-3 style: parameters sharded on their width over fsdp, gathered per layer by XLA.
     "fsdp": (
         ("batch", _BATCH),
@@ -114,7 +121,9 @@ def get_rules(name: str, sizes: Mapping[str, int] | None = None, fragments: Rule
     elif name in PRESETS:
         mapped = PRESETS[name]
     else:
-        raise ConfigError(f"mesh.rules: unknown rules {name!r}; choose 'auto' or a preset from {sorted(PRESETS)}")
+        raise ConfigError(
+            f"mesh.rules: unknown rules {name!r}; choose 'auto' or a preset from {sorted(PRESETS)}"
+        )
     named = {n for n, _ in mapped}
     extra = tuple((n, a) for n, a in fragments if n not in named)
     named |= {n for n, _ in extra}
@@ -134,18 +143,28 @@ def shards_of(rules: Rules, name: str, sizes: Mapping[str, int]) -> int:
     return math.prod(sizes[a] for a in mesh_axes_of(rules, name))
 
 
-def check_mesh_use(rules_name: str, rules: Rules, sizes: Mapping[str, int], used: Iterable[str],
-                   what: str = "the model") -> None:
+def check_mesh_use(
+    rules_name: str,
+    rules: Rules,
+    sizes: Mapping[str, int],
+    used: Iterable[str],
+    what: str = "the model",
+) -> None:
     """Errors (naming ``mesh.rules``) on a mesh axis larger than 1 that no logical axis in
     ``used`` maps to: it would hold copies of the same work (``mesh.seq=8`` under rules that
     never shard the length runs every MLP on the whole sequence 8 times)."""
     used = set(used)
     for mesh_axis, size in sizes.items():
         if size > 1 and not any(mesh_axis in mesh_axes_of(rules, n) for n in used):
-            hint = ("use mesh.rules=auto" if rules_name != "auto" else
-                    f"{what} has no logical axis that mesh.{mesh_axis} shards")
-            raise ConfigError(f"mesh.rules: {rules_name!r} shards nothing of {what} over mesh.{mesh_axis}={size} "
-                              f"({hint}, or set mesh.{mesh_axis}=1)")
+            hint = (
+                "use mesh.rules=auto"
+                if rules_name != "auto"
+                else f"{what} has no logical axis that mesh.{mesh_axis} shards"
+            )
+            raise ConfigError(
+                f"mesh.rules: {rules_name!r} shards nothing of {what} over mesh.{mesh_axis}={size} "
+                f"({hint}, or set mesh.{mesh_axis}=1)"
+            )
 
 
 def check_names(names: tuple[str | None, ...]) -> tuple[str | None, ...]:

@@ -47,23 +47,39 @@ class TaskSpec:
     def check(self, cfg: Config, mesh: dict[str, int] | None) -> None:
         """Every check of ``cfg`` for this task (``mesh``: axis sizes, when devices are known)."""
         family = family_of(cfg.model)
-        check(family.kind in self.kinds, "model",
-              f"the {self.name} task trains {' or '.join(self.kinds)} models; {family.name} is a {family.kind}")
+        check(
+            family.kind in self.kinds,
+            "model",
+            f"the {self.name} task trains {' or '.join(self.kinds)} models; "
+            f"{family.name} is a {family.kind}",
+        )
         for section, want in (("objective", self.objective), ("data", self.data)):
             value = getattr(cfg, section)
             names = [c.__qualname__ for c in (want if isinstance(want, tuple) else (want,))]
-            check(isinstance(value, want), section,
-                  f"the {self.name} task takes {' or '.join(names)}, got {type(value).__qualname__}")
+            check(
+                isinstance(value, want),
+                section,
+                f"the {self.name} task takes {' or '.join(names)}, got {type(value).__qualname__}",
+            )
         rules = rules_for(cfg, family, mesh)
         if mesh is not None:
-            used = set(family.logical_axes) | {n for axes in self.batch_axes_of(family).values() for n in axes if n}
-            sharding.check_mesh_use(cfg.mesh.rules, rules, mesh, used, what=f"the {family.name} model")
+            used = set(family.logical_axes) | {
+                n for axes in self.batch_axes_of(family).values() for n in axes if n
+            }
+            sharding.check_mesh_use(
+                cfg.mesh.rules, rules, mesh, used, what=f"the {family.name} model"
+            )
             if family.check is not None:
+
                 def shards(name: str) -> int:
                     return sharding.shards_of(rules, name, mesh)
 
                 prefixed("model", family.check, cfg.model, shards)
-            check_batch(cfg.data.batch_size, cfg.optim.grad_accum_steps, sharding.shards_of(rules, "batch", mesh))
+            check_batch(
+                cfg.data.batch_size,
+                cfg.optim.grad_accum_steps,
+                sharding.shards_of(rules, "batch", mesh),
+            )
         self.checks(cfg, family, mesh)
 
     def batch_axes_of(self, family: Family) -> dict[str, tuple]:
@@ -82,17 +98,25 @@ def rules_for(cfg: Config, family: Family, mesh: dict[str, int] | None) -> shard
 def check_batch(batch_size: int, grad_accum_steps: int, shards: int) -> None:
     """The global batch splits over the mesh axes the batch is sharded on (``shards`` ways), so do
     the gradient-accumulation micro-batches, and so do the processes (each host loads its share)."""
-    check(batch_size % shards == 0, "data.batch_size",
-          f"{batch_size} is not divisible by the {shards} shards of the batch (mesh data*fsdp)")
-    check(batch_size % (grad_accum_steps * shards) == 0, "optim.grad_accum_steps",
-          f"{grad_accum_steps} micro-batches of data.batch_size={batch_size} do not split evenly over the "
-          f"{shards} shards of the batch")
-    check(batch_size % jax.process_count() == 0, "data.batch_size",
-          f"{batch_size} is not divisible by the process count {jax.process_count()}")
+    check(
+        batch_size % shards == 0,
+        "data.batch_size",
+        f"{batch_size} is not divisible by the {shards} shards of the batch (mesh data*fsdp)",
+    )
+    check(
+        batch_size % (grad_accum_steps * shards) == 0,
+        "optim.grad_accum_steps",
+        f"{grad_accum_steps} micro-batches of data.batch_size={batch_size} do not split evenly "
+        f"over the {shards} shards of the batch",
+    )
+    check(
+        batch_size % jax.process_count() == 0,
+        "data.batch_size",
+        f"{batch_size} is not divisible by the process count {jax.process_count()}",
+    )
 
 
 def register(spec: TaskSpec) -> TaskSpec:
     """Registers ``spec`` under ``spec.name``; returns it."""
     config_lib.register_task(spec)
     return spec
-

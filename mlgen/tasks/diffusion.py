@@ -35,15 +35,29 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 def _checks(cfg: Config, family: Family, mesh: dict[str, int] | None) -> None:
     del family, mesh
     m, d = cfg.model, cfg.data
-    check(m.image_size == d.image_size, "model.image_size",
-          f"{m.image_size} differs from data.image_size={d.image_size}")
-    check(m.in_channels == d.channels, "model.in_channels", f"{m.in_channels} differs from data.channels={d.channels}")
+    check(
+        m.image_size == d.image_size,
+        "model.image_size",
+        f"{m.image_size} differs from data.image_size={d.image_size}",
+    )
+    check(
+        m.in_channels == d.channels,
+        "model.in_channels",
+        f"{m.in_channels} differs from data.channels={d.channels}",
+    )
     if m.num_classes:
         n = num_classes(d)
-        check(m.num_classes == n, "model.num_classes", f"{m.num_classes} but the data has {n} classes (or set 0)")
-    check(m.output_channels == m.in_channels, "model",
-          f"the denoiser outputs {m.output_channels} channels for {m.in_channels}-channel images; the diffusion "
-          "objective trains no variance (set learn_sigma=false / out_channels=0)")
+        check(
+            m.num_classes == n,
+            "model.num_classes",
+            f"{m.num_classes} but the data has {n} classes (or set 0)",
+        )
+    check(
+        m.output_channels == m.in_channels,
+        "model",
+        f"the denoiser outputs {m.output_channels} channels for {m.in_channels}-channel images; "
+        "the diffusion objective trains no variance (set learn_sigma=false / out_channels=0)",
+    )
 
 
 def _build(cfg: Config, family: Family, mesh: Mesh, rules: sharding.Rules) -> Task:
@@ -56,8 +70,12 @@ def _build(cfg: Config, family: Family, mesh: Mesh, rules: sharding.Rules) -> Ta
         make_model=lambda: family.build(cfg.model, nnx.Rngs(params=cfg.seed)),
         make_loss=lambda gd: make_loss(gd, obj, num_classes=classes, train=True),
         make_eval_loss=lambda gd: make_loss(gd, obj, num_classes=classes, train=False),
-        train_data=lambda: make_image_data(d, split="train", seed=cfg.seed, process_index=pi, process_count=pc),
-        eval_data=lambda: make_image_data(d, split="validation", seed=cfg.seed, process_index=pi, process_count=pc),
+        train_data=lambda: make_image_data(
+            d, split="train", seed=cfg.seed, process_index=pi, process_count=pc
+        ),
+        eval_data=lambda: make_image_data(
+            d, split="validation", seed=cfg.seed, process_index=pi, process_count=pc
+        ),
         batch_axes=DIFFUSION.batch_axes_of(family),
         hooks=(SampleGridHook(cfg), loss_plot_hook),
     )
@@ -79,10 +97,23 @@ class SampleGridHook:
         params = state["ema"] if (scfg.use_ema and "ema" in state) else state["params"]
         labels = grid_labels(m.num_classes, scfg.per_class) if m.num_classes else None
         n = len(labels) if labels is not None else 10 * scfg.per_class
-        x = sample_model(graphdef, params, obj, m, scfg, num=n, key=jax.random.key(self.cfg.seed + 1), labels=labels,
-                         model_state=state.get("model_state"))
+        x = sample_model(
+            graphdef,
+            params,
+            obj,
+            m,
+            scfg,
+            num=n,
+            key=jax.random.key(self.cfg.seed + 1),
+            labels=labels,
+            model_state=state.get("model_state"),
+        )
         if jax.process_index() == 0:
-            save_grid(np.asarray(jax.device_get(x)), workdir / "samples" / f"step_{step:06d}.png", ncol=scfg.per_class)
+            save_grid(
+                np.asarray(jax.device_get(x)),
+                workdir / "samples" / f"step_{step:06d}.png",
+                ncol=scfg.per_class,
+            )
 
 
 def loss_plot_hook(step: int, state: dict, graphdef: nnx.GraphDef, workdir: epath.Path) -> None:
@@ -118,12 +149,14 @@ def plot_losses(workdir) -> epath.Path | None:
     return out
 
 
-DIFFUSION = register(TaskSpec(
-    name="diffusion",
-    kinds=("denoiser",),
-    objective=DiffusionObjectiveConfig,
-    data=ImageDataConfig,
-    checks=_checks,
-    build=_build,
-    batch_axes={"images": ("batch", None, None, None), "labels": ("batch",)},
-))
+DIFFUSION = register(
+    TaskSpec(
+        name="diffusion",
+        kinds=("denoiser",),
+        objective=DiffusionObjectiveConfig,
+        data=ImageDataConfig,
+        checks=_checks,
+        build=_build,
+        batch_axes={"images": ("batch", None, None, None), "labels": ("batch",)},
+    )
+)

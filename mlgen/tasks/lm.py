@@ -19,20 +19,39 @@ _TOKENS = ("batch", "length")
 
 def _checks(cfg: Config, family: Family, mesh: dict[str, int] | None) -> None:
     m, d = cfg.model, cfg.data
-    check(m.vocab_size >= d.vocab_size, "model.vocab_size",
-          f"{m.vocab_size} is smaller than the tokenizer's data.vocab_size={d.vocab_size}")
+    check(
+        m.vocab_size >= d.vocab_size,
+        "model.vocab_size",
+        f"{m.vocab_size} is smaller than the tokenizer's data.vocab_size={d.vocab_size}",
+    )
     if m.max_length is not None:
-        check(d.seq_len <= m.max_length, "data.seq_len", f"{d.seq_len} exceeds model.max_len={m.max_length}")
+        check(
+            d.seq_len <= m.max_length,
+            "data.seq_len",
+            f"{d.seq_len} exceeds model.max_len={m.max_length}",
+        )
     if mesh is None:
         return
     length = sharding.shards_of(rules_for(cfg, family, mesh), "length", mesh)
-    check(d.seq_len % length == 0, "data.seq_len",
-          f"{d.seq_len} is not divisible by the {length} shards of the length axis (mesh.seq={mesh['seq']})")
+    check(
+        d.seq_len % length == 0,
+        "data.seq_len",
+        f"{d.seq_len} is not divisible by the {length} shards of the length axis "
+        f"(mesh.seq={mesh['seq']})",
+    )
     chunk = cfg.objective.loss_chunk
     if chunk:
-        check(d.seq_len % chunk == 0, "objective.loss_chunk", f"{chunk} does not divide data.seq_len={d.seq_len}")
-        check(length == 1, "objective.loss_chunk",
-              f"chunks the length axis, which mesh.seq={mesh['seq']} already shards; use 0 with sequence parallelism")
+        check(
+            d.seq_len % chunk == 0,
+            "objective.loss_chunk",
+            f"{chunk} does not divide data.seq_len={d.seq_len}",
+        )
+        check(
+            length == 1,
+            "objective.loss_chunk",
+            f"chunks the length axis, which mesh.seq={mesh['seq']} already shards; "
+            "use 0 with sequence parallelism",
+        )
 
 
 def _build(cfg: Config, family: Family, mesh: Mesh, rules: sharding.Rules) -> Task:
@@ -45,21 +64,32 @@ def _build(cfg: Config, family: Family, mesh: Mesh, rules: sharding.Rules) -> Ta
         make_model=lambda: family.build(cfg.model, nnx.Rngs(params=cfg.seed)),
         make_loss=lambda gd: make_loss(gd, train=True, **objective),
         make_eval_loss=lambda gd: make_loss(gd, train=False, **objective),
-        train_data=lambda: make_lm_data(d, split="train", seed=cfg.seed, workdir=cfg.workdir,
-                                        process_index=pi, process_count=pc),
-        eval_data=lambda: make_lm_data(d, split="validation", seed=cfg.seed, workdir=cfg.workdir,
-                                       process_index=pi, process_count=pc),
+        train_data=lambda: make_lm_data(
+            d, split="train", seed=cfg.seed, workdir=cfg.workdir, process_index=pi, process_count=pc
+        ),
+        eval_data=lambda: make_lm_data(
+            d,
+            split="validation",
+            seed=cfg.seed,
+            workdir=cfg.workdir,
+            process_index=pi,
+            process_count=pc,
+        ),
         batch_axes=LM.batch_axes_of(family),
         tokens_per_example=d.seq_len,
     )
 
 
-LM = register(TaskSpec(
-    name="lm",
-    kinds=("decoder",),
-    objective=LMObjectiveConfig,
-    data=TextDataConfig,
-    checks=_checks,
-    build=_build,
-    batch_axes={k: _TOKENS for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")},
-))
+LM = register(
+    TaskSpec(
+        name="lm",
+        kinds=("decoder",),
+        objective=LMObjectiveConfig,
+        data=TextDataConfig,
+        checks=_checks,
+        build=_build,
+        batch_axes={
+            k: _TOKENS for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+        },
+    )
+)

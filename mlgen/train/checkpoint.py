@@ -20,7 +20,8 @@ from mlgen.config import Config, from_dict, to_dict
 
 
 def workdir_path(workdir: str | os.PathLike) -> epath.Path:
-    """``workdir`` as an ``epath.Path``: remote paths (``gs://...``) as given, local ones absolute."""
+    """``workdir`` as an ``epath.Path``: remote paths (``gs://...``) as given,
+    local ones absolute."""
     text = os.fspath(workdir)
     path = epath.Path(text)
     return path if "://" in text else path.absolute()
@@ -42,15 +43,23 @@ class Checkpointer:
         self.directory = workdir_path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                                 create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            ),
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, *, config: Config | None = None, data_state: dict | None = None,
-             force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        config: Config | None = None,
+        data_state: dict | None = None,
+        force: bool = False,
+    ) -> bool:
         stored = {k: v for k, v in state.items() if not _empty(v)}
         args = {"state": ocp.args.StandardSave(stored)}
         if config is not None:
@@ -65,7 +74,11 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {self.directory}")
         empty = {k: v for k, v in abstract_state.items() if _empty(v)}
-        args = {"state": ocp.args.StandardRestore({k: v for k, v in abstract_state.items() if k not in empty})}
+        args = {
+            "state": ocp.args.StandardRestore(
+                {k: v for k, v in abstract_state.items() if k not in empty}
+            )
+        }
         data_key = f"data_{jax.process_index()}"
         has_data = with_data and (self.directory / str(step) / data_key).exists()
         if has_data:

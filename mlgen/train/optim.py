@@ -36,12 +36,22 @@ def decay_mask(params: Any, no_decay: tuple[str, ...]) -> Any:
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(cfg: OptimConfig, num_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+def make_optimizer(
+    cfg: OptimConfig, num_steps: int
+) -> tuple[optax.GradientTransformation, Callable]:
     """Returns ``(tx, schedule)``."""
     sched = lr_schedule(cfg, num_steps)
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             mask=lambda p: decay_mask(p, cfg.no_decay)))
+    parts.append(
+        optax.adamw(
+            sched,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=lambda p: decay_mask(p, cfg.no_decay),
+        )
+    )
     return optax.chain(*parts), sched

@@ -16,32 +16,44 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mlgen.train.task import LossFn, TrainStep
 
 TrainState = dict[str, Any]
 
 
-def init_state(params, optimizer: optax.GradientTransformation, *, model_state: Any = None,
-               ema: bool = False) -> TrainState:
-    state = {"step": jnp.zeros((), jnp.int32), "params": params,
-             "model_state": {} if model_state is None else model_state, "opt_state": optimizer.init(params)}
+def init_state(
+    params, optimizer: optax.GradientTransformation, *, model_state: Any = None, ema: bool = False
+) -> TrainState:
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "model_state": {} if model_state is None else model_state,
+        "opt_state": optimizer.init(params),
+    }
     if ema:
         state["ema"] = jax.tree.map(jnp.copy, params)
     return state
 
 
-def state_shardings(optimizer: optax.GradientTransformation, abstract: TrainState, param_sh, model_state_sh,
-                    mesh) -> dict:
+def state_shardings(
+    optimizer: optax.GradientTransformation, abstract: TrainState, param_sh, model_state_sh, mesh
+) -> dict:
     """Shardings of :func:`init_state`'s dict: optimizer moments where their parameters live."""
     replicated = NamedSharding(mesh, P())
     out = {
         "step": replicated,
         "params": param_sh,
         "model_state": model_state_sh,
-        "opt_state": optax.tree_map_params(optimizer, lambda _, s: s, abstract["opt_state"], param_sh,
-                                           transform_non_params=lambda _: replicated),
+        "opt_state": optax.tree_map_params(
+            optimizer,
+            lambda _, s: s,
+            abstract["opt_state"],
+            param_sh,
+            transform_non_params=lambda _: replicated,
+        ),
     }
     if "ema" in abstract:
         out["ema"] = param_sh
@@ -57,8 +69,15 @@ def ema_decay_at(step, decay: float, warmup: int):
     return jnp.where(step < warmup, ramp, decay)
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
-                    lr_schedule: Callable | None = None, ema_decay: float = 0.0, ema_warmup: int = 0):
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    grad_accum_steps: int = 1,
+    lr_schedule: Callable | None = None,
+    ema_decay: float = 0.0,
+    ema_warmup: int = 0,
+):
     """Returns the pure ``step(state, batch, rng) -> (state, metrics)``.
 
     ``rng`` is the run's base key; the step folds in its own step number, so a resumed run
@@ -74,8 +93,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
             (loss, (metrics, model_state)), grads = grad_fn(params, model_state, batch, rng)
             return loss, metrics, grads, model_state
 
-        micro = jax.tree.map(lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]),
-                             batch)
+        micro = jax.tree.map(
+            lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]),
+            batch,
+        )
 
         def body(carry, xs):
             acc, ms = carry
@@ -84,23 +105,39 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
             return (jax.tree.map(jnp.add, acc, (loss, metrics, grads)), ms), None
 
         first = jax.tree.map(lambda x: x[0], micro)
-        (loss, (metrics, _)), grads = jax.eval_shape(lambda: grad_fn(params, model_state, first, rng))
+        (loss, (metrics, _)), grads = jax.eval_shape(
+            lambda: grad_fn(params, model_state, first, rng)
+        )
         zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (loss, metrics, grads))
-        ((loss, metrics, grads), model_state), _ = jax.lax.scan(body, (zeros, model_state),
-                                                                 (jnp.arange(grad_accum_steps), micro))
+        ((loss, metrics, grads), model_state), _ = jax.lax.scan(
+            body, (zeros, model_state), (jnp.arange(grad_accum_steps), micro)
+        )
         scale = 1.0 / grad_accum_steps
-        return (loss * scale, jax.tree.map(lambda m: m * scale, metrics), jax.tree.map(lambda g: g * scale, grads),
-                model_state)
+        return (
+            loss * scale,
+            jax.tree.map(lambda m: m * scale, metrics),
+            jax.tree.map(lambda g: g * scale, grads),
+            model_state,
+        )
 
     def step(state: TrainState, batch, rng) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(rng, state["step"])
-        loss, metrics, grads, model_state = compute_grads(state["params"], state["model_state"], batch, rng)
+        loss, metrics, grads, model_state = compute_grads(
+            state["params"], state["model_state"], batch, rng
+        )
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        new = {"step": state["step"] + 1, "params": params, "model_state": model_state, "opt_state": opt_state}
+        new = {
+            "step": state["step"] + 1,
+            "params": params,
+            "model_state": model_state,
+            "opt_state": opt_state,
+        }
         if "ema" in state:
             d = ema_decay_at(state["step"], ema_decay, ema_warmup)
-            new["ema"] = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state["ema"], params)
+            new["ema"] = jax.tree.map(
+                lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state["ema"], params
+            )
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(state["step"])
@@ -109,16 +146,33 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     return step
 
 
-def default_step(make_loss: Callable[[Any], LossFn], optimizer: optax.GradientTransformation, *,
-                 grad_accum_steps: int = 1, lr_schedule: Callable | None = None, ema_decay: float = 0.0,
-                 ema_warmup: int = 0) -> TrainStep:
-    """The :class:`TrainStep` of one optax optimizer over ``make_loss(graphdef)`` (every built-in task)."""
+def default_step(
+    make_loss: Callable[[Any], LossFn],
+    optimizer: optax.GradientTransformation,
+    *,
+    grad_accum_steps: int = 1,
+    lr_schedule: Callable | None = None,
+    ema_decay: float = 0.0,
+    ema_warmup: int = 0,
+) -> TrainStep:
+    """The :class:`TrainStep` of one optax optimizer over ``make_loss(graphdef)``
+    (every built-in task)."""
     ema = ema_decay > 0
     return TrainStep(
-        init=lambda params, model_state: init_state(params, optimizer, model_state=model_state, ema=ema),
-        shardings=lambda abstract, p_sh, s_sh, mesh: state_shardings(optimizer, abstract, p_sh, s_sh, mesh),
-        make=lambda graphdef: make_train_step(make_loss(graphdef), optimizer, grad_accum_steps=grad_accum_steps,
-                                              lr_schedule=lr_schedule, ema_decay=ema_decay, ema_warmup=ema_warmup),
+        init=lambda params, model_state: init_state(
+            params, optimizer, model_state=model_state, ema=ema
+        ),
+        shardings=lambda abstract, p_sh, s_sh, mesh: state_shardings(
+            optimizer, abstract, p_sh, s_sh, mesh
+        ),
+        make=lambda graphdef: make_train_step(
+            make_loss(graphdef),
+            optimizer,
+            grad_accum_steps=grad_accum_steps,
+            lr_schedule=lr_schedule,
+            ema_decay=ema_decay,
+            ema_warmup=ema_warmup,
+        ),
     )
 
 

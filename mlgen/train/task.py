@@ -16,8 +16,11 @@ from mlgen.typing import Batch, Metrics, Params
 
 
 class LossFn(Protocol):
-    def __call__(self, params: Params, model_state: Any, batch: Batch, rng) -> tuple[Any, tuple[Metrics, Any]]:
-        """``(loss, (metrics, new model_state))``; ``model_state`` holds the non-parameter variables."""
+    def __call__(
+        self, params: Params, model_state: Any, batch: Batch, rng
+    ) -> tuple[Any, tuple[Metrics, Any]]:
+        """``(loss, (metrics, new model_state))``; ``model_state`` holds the non-parameter
+        variables."""
 
 
 class DataIterator(Protocol):

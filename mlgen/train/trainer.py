@@ -56,7 +56,11 @@ class TrainResult:
     def model(self, *, ema: bool = True) -> nnx.Module:
         params = self.state["ema"] if ema and "ema" in self.state else self.state["params"]
         model_state = self.state.get("model_state")
-        return nnx.merge(self.graphdef, params, model_state) if model_state else nnx.merge(self.graphdef, params)
+        return (
+            nnx.merge(self.graphdef, params, model_state)
+            if model_state
+            else nnx.merge(self.graphdef, params)
+        )
 
 
 @dataclasses.dataclass
@@ -75,18 +79,29 @@ class Setup:
     schedule: Any
 
 
-def prepare(cfg: config_lib.Config, mesh: Mesh, rules: sharding.Rules, task: Task, *,
-            abstract: bool = False) -> Setup:
-    """The optimizer and train step of ``task`` and its train state, sharded (abstract: shapes only)."""
+def prepare(
+    cfg: config_lib.Config, mesh: Mesh, rules: sharding.Rules, task: Task, *, abstract: bool = False
+) -> Setup:
+    """The optimizer and train step of ``task`` and its train state, sharded
+    (abstract: shapes only)."""
     tx, sched = make_optimizer(cfg.optim, cfg.train.num_steps)
     tc = cfg.train
     train_step = task.train_step or default_step(
-        task.make_loss, tx, grad_accum_steps=cfg.optim.grad_accum_steps, lr_schedule=sched,
-        ema_decay=tc.ema_decay, ema_warmup=tc.ema_warmup)
+        task.make_loss,
+        tx,
+        grad_accum_steps=cfg.optim.grad_accum_steps,
+        lr_schedule=sched,
+        ema_decay=tc.ema_decay,
+        ema_warmup=tc.ema_warmup,
+    )
     with sharding.use(mesh, rules):
         graphdef, state, shardings = sharding.sharded_init(
-            task.make_model, mesh, init=train_step.init,
-            init_shardings=lambda a, p, s: train_step.shardings(a, p, s, mesh), abstract=abstract)
+            task.make_model,
+            mesh,
+            init=train_step.init,
+            init_shardings=lambda a, p, s: train_step.shardings(a, p, s, mesh),
+            abstract=abstract,
+        )
     return Setup(cfg, mesh, rules, task, graphdef, state, shardings, train_step, tx, sched)
 
 
@@ -98,7 +113,14 @@ class _Logger:
     ``remote_flush_s`` seconds and at the end.
     """
 
-    def __init__(self, workdir: epath.Path, start: int, total: int, progress: bool, remote_flush_s: float = 30.0):
+    def __init__(
+        self,
+        workdir: epath.Path,
+        start: int,
+        total: int,
+        progress: bool,
+        remote_flush_s: float = 30.0,
+    ):
         self.enabled = jax.process_index() == 0
         self.path = workdir / "metrics.jsonl"
         self.remote = "://" in str(workdir)
@@ -107,13 +129,25 @@ class _Logger:
         self.writer = self.bar = None
         if not self.enabled:
             return
-        if self.path.exists():  # drop lines past the restored step (written after the last checkpoint)
-            self.lines = [ln for ln in self.path.read_text().splitlines()
-                          if ln.strip() and json.loads(ln)["step"] <= start]
+        if (
+            self.path.exists()
+        ):  # drop lines past the restored step (written after the last checkpoint)
+            self.lines = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln)["step"] <= start
+            ]
             self._rewrite()
-        if self.remote and str(workdir).startswith("gs://") and not _has_module("google.cloud.storage"):
-            log.warning("TensorBoard logging to %s needs google-cloud-storage (pip install google-cloud-storage); "
-                        "metrics.jsonl is written", workdir)
+        if (
+            self.remote
+            and str(workdir).startswith("gs://")
+            and not _has_module("google.cloud.storage")
+        ):
+            log.warning(
+                "TensorBoard logging to %s needs google-cloud-storage "
+                "(pip install google-cloud-storage); metrics.jsonl is written",
+                workdir,
+            )
         else:
             self.writer = SummaryWriter(str(workdir / "tb"))
         if progress:
@@ -140,7 +174,11 @@ class _Logger:
                     self.writer.add_scalar(k, v, step)
             self.writer.flush()
         if self.bar is not None:
-            shown = {k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "eval_loss", "lr", "tokens_per_s")}
+            shown = {
+                k: f"{v:.4g}"
+                for k, v in record.items()
+                if k in ("loss", "eval_loss", "lr", "tokens_per_s")
+            }
             self.bar.set_postfix(shown, refresh=False)
 
     def advance(self, n: int) -> None:
@@ -169,15 +207,22 @@ def _mean_metrics(items: list[dict]) -> dict[str, float]:
 
 
 def evaluate(s: Setup, state: dict, eval_fn, steps: int) -> dict[str, float]:
-    """Mean metrics over ``steps`` validation batches (a fresh pass each time), ``eval_`` prefixed."""
+    """Mean metrics over ``steps`` validation batches (a fresh pass each time),
+    ``eval_`` prefixed."""
     if s.task.eval_data is None or steps == 0:
         return {}
     out = []
     for i, batch in enumerate(s.task.eval_data()):
         if i >= steps:
             break
-        out.append(eval_fn(state["params"], state["model_state"],
-                           sharding.put_batch(batch, s.mesh, s.task.batch_axes, s.rules), jax.random.key(i)))
+        out.append(
+            eval_fn(
+                state["params"],
+                state["model_state"],
+                sharding.put_batch(batch, s.mesh, s.task.batch_axes, s.rules),
+                jax.random.key(i),
+            )
+        )
     if not out:
         return {}
     return {f"eval_{k}": v for k, v in _mean_metrics(out).items()}
@@ -205,7 +250,11 @@ def fit(s: Setup) -> TrainResult:
     logger = _Logger(workdir, start, tc.num_steps, tc.progress_bar)
     attention = ""
     with sharding.use(s.mesh, s.rules):
-        jstep = jax.jit(s.train_step.make(s.graphdef), out_shardings=(s.state_shardings, None), donate_argnums=(0,))
+        jstep = jax.jit(
+            s.train_step.make(s.graphdef),
+            out_shardings=(s.state_shardings, None),
+            donate_argnums=(0,),
+        )
         jeval = jax.jit(make_eval_step(eval_loss))
         pending: list[dict] = []
         t_last, steps_since = time.perf_counter(), 0
@@ -219,7 +268,12 @@ def fit(s: Setup) -> TrainResult:
                 with recording() as calls:
                     state, metrics = jstep(state, batch, base_rng)
                 attention = describe(calls)
-                log.info("%s on mesh %s: attention %s", s.task.name or cfg.task, dict(s.mesh.shape), attention)
+                log.info(
+                    "%s on mesh %s: attention %s",
+                    s.task.name or cfg.task,
+                    dict(s.mesh.shape),
+                    attention,
+                )
             else:
                 state, metrics = jstep(state, batch, base_rng)
             pending.append(metrics)

@@ -1,4 +1,5 @@
-"""``mlgen bench NAME``: every benchmark runs end to end at tiny shapes and reports what it measured.
+"""``mlgen bench NAME``: every benchmark runs end to end at tiny shapes and reports what
+it measured.
 
 These check that the benchmarks work (argument parsing, the real train / sample / attention
 paths, the JSON a user compares against a peer); they assert no speed. Timings are taken on
@@ -18,10 +19,28 @@ def _json_lines(out: str) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-@pytest.mark.parametrize("extra", [[], ["--model", "dit", "--dtype", "bfloat16"]], ids=["unet", "dit_bf16"])
+@pytest.mark.parametrize(
+    "extra", [[], ["--model", "dit", "--dtype", "bfloat16"]], ids=["unet", "dit_bf16"]
+)
 def test_diffusion(capsys, extra):
-    run("diffusion", ["--size", "8", "--channels", "32", "--layers-per-block", "1", "--batch", "8",
-                      "--steps", "1", "--warmup", "1", *extra])
+    run(
+        "diffusion",
+        [
+            "--size",
+            "8",
+            "--channels",
+            "32",
+            "--layers-per-block",
+            "1",
+            "--batch",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            *extra,
+        ],
+    )
     (r,) = _json_lines(capsys.readouterr().out)
     assert r["bench"] == "mlgen-diffusion" and r["devices"] == 8
     assert r["model"] == ("dit" if "dit" in extra else "unet")
@@ -31,32 +50,102 @@ def test_diffusion(capsys, extra):
 
 
 def test_train(capsys):
-    run("train", ["--layers", "1", "--width", "32", "--heads", "2", "--seq", "16", "--batch", "8", "--steps", "1",
-                  "--warmup", "1", "--loss-chunk", "8"])
+    run(
+        "train",
+        [
+            "--layers",
+            "1",
+            "--width",
+            "32",
+            "--heads",
+            "2",
+            "--seq",
+            "16",
+            "--batch",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--loss-chunk",
+            "8",
+        ],
+    )
     (r,) = _json_lines(capsys.readouterr().out)
     assert r["bench"] == "mlgen-train" and r["tokens_per_s"] > 0 and r["loss_chunk"] == 8
     assert abs(r["tokens_per_s"] * r["step_s"] - 8 * 16) < 1e-6
 
 
 def test_generate(capsys):
-    run("generate", ["--layers", "1", "--width", "32", "--heads", "2", "--vocab", "64", "--batch", "8",
-                     "--prompt", "4", "--new", "3", "--repeats", "1"])
+    run(
+        "generate",
+        [
+            "--layers",
+            "1",
+            "--width",
+            "32",
+            "--heads",
+            "2",
+            "--vocab",
+            "64",
+            "--batch",
+            "8",
+            "--prompt",
+            "4",
+            "--new",
+            "3",
+            "--repeats",
+            "1",
+        ],
+    )
     (r,) = _json_lines(capsys.readouterr().out)
     assert r["bench"] == "mlgen-generate" and r["new_tokens_per_s"] > 0
 
 
 def test_attention(capsys, tmp_path):
     png = tmp_path / "att.png"
-    run("attention", ["--lengths", "16,40", "--backends", "xla,blockwise", "--heads", "2", "--head-dim", "16",
-                      "--repeats", "1", "--png", str(png)])
+    run(
+        "attention",
+        [
+            "--lengths",
+            "16,40",
+            "--backends",
+            "xla,blockwise",
+            "--heads",
+            "2",
+            "--head-dim",
+            "16",
+            "--repeats",
+            "1",
+            "--png",
+            str(png),
+        ],
+    )
     out = capsys.readouterr().out
     assert "T=40: blockwise speed / xla speed" in out
     assert png.stat().st_size > 0
 
 
 def test_ring(capsys):
-    run("ring", ["--T", "16", "--devices", "1,2", "--heads", "2", "--kv-heads", "1", "--head-dim", "16",
-                 "--steps", "1", "--warmup", "1"])
+    run(
+        "ring",
+        [
+            "--T",
+            "16",
+            "--devices",
+            "1,2",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--head-dim",
+            "16",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+        ],
+    )
     rows = _json_lines(capsys.readouterr().out)
     assert [r["devices"] for r in rows] == [1, 2] and [r["context"] for r in rows] == [16, 32]
     assert all(r["step_s"] > 0 for r in rows)

@@ -25,7 +25,7 @@ class FakeGCS(MemoryFileSystem):
         path = fsspec.utils.stringify_path(path)
         for prefix in ("gs://", "gcs://"):
             if path.startswith(prefix):
-                path = path[len(prefix):]
+                path = path[len(prefix) :]
         return path.rstrip("/")
 
     def upload(self, local_path: str, remote: str) -> None:
@@ -38,5 +38,7 @@ class FakeGCS(MemoryFileSystem):
 def install(monkeypatch) -> FakeGCS:
     fs = FakeGCS()
     fs.store, fs.pseudo_dirs = {}, [""]  # per instance, not the class's
-    monkeypatch.setattr(type(epath_backend.fsspec_backend), "_get_filesystem", lambda self, name: fs)
+    monkeypatch.setattr(
+        type(epath_backend.fsspec_backend), "_get_filesystem", lambda self, name: fs
+    )
     return fs

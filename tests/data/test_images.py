@@ -25,18 +25,18 @@ def test_digits_batches_and_resume():
         np.testing.assert_array_equal(got["labels"], w["labels"])
 
 
-
 def test_digits_splits_are_disjoint_and_hosts_split_batches():
     cfg = ImageDataConfig(batch_size=8)
     tr, _ = load_arrays(cfg, "train")
     va, _ = load_arrays(cfg, "validation")
     assert len(tr) + len(va) == 1797 and len(va) == 180
     flat = {x.tobytes() for x in tr}
-    assert sum(x.tobytes() in flat for x in va) <= 2  # a few digits are exact duplicates in the source
+    assert (
+        sum(x.tobytes() in flat for x in va) <= 2
+    )  # a few digits are exact duplicates in the source
     h0 = next(make_image_data(cfg, split="validation", seed=0, process_index=0, process_count=2))
     h1 = next(make_image_data(cfg, split="validation", seed=0, process_index=1, process_count=2))
     assert h0["images"].shape[0] == 4 and not np.array_equal(h0["images"], h1["images"])
-
 
 
 def test_png_folder_source(tmp_path):
@@ -44,9 +44,18 @@ def test_png_folder_source(tmp_path):
     for cls in ("cats", "dogs"):
         (tmp_path / cls).mkdir()
         for i in range(5):
-            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
-    cfg = ImageDataConfig(source="folder", path=str(tmp_path), image_size=8, channels=3, batch_size=4,
-                          val_fraction=0.2, hflip=True)
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+                tmp_path / cls / f"{i}.png"
+            )
+    cfg = ImageDataConfig(
+        source="folder",
+        path=str(tmp_path),
+        image_size=8,
+        channels=3,
+        batch_size=4,
+        val_fraction=0.2,
+        hflip=True,
+    )
     b = next(make_image_data(cfg, split="train", seed=0))
     assert b["images"].shape == (4, 8, 8, 3) and set(b["labels"].tolist()) <= {0, 1}
     assert b["images"].min() >= -1.0 and b["images"].max() <= 1.0
@@ -54,7 +63,6 @@ def test_png_folder_source(tmp_path):
     assert v["images"].shape == (4, 8, 8, 3)
     with pytest.raises(ConfigError, match="^path:"):
         ImageDataConfig(source="folder", path=str(tmp_path / "nope")).validate()
-
 
 
 def test_save_grid(tmp_path):

@@ -40,7 +40,8 @@ out = {"process": jax.process_index(), "devices": jax.device_count(), "trained":
        "pieces": [tok.id_to_piece(i) for i in range(tok.vocab_size)]}
 cases = {  # every process fails (none hangs at the barrier) when it cannot get the model
     "unshared": (cfg, f"{workdir}_{pid}"),  # process 1 cannot see what process 0 wrote
-    "failed": (dataclasses.replace(cfg, paths=(glob + ".none",)), workdir + "_failed"),  # process 0 raises
+    # process 0 raises
+    "failed": (dataclasses.replace(cfg, paths=(glob + ".none",)), workdir + "_failed"),
 }
 for name, (c, w) in cases.items():
     try:
@@ -62,8 +63,11 @@ def _free_port() -> int:
 def test_two_processes_train_the_tokenizer_once(tmp_path):
     corpus.write_files(str(tmp_path), 40)
     workdir = tmp_path / "run"
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(_REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([str(_REPO), os.environ.get("PYTHONPATH", "")]),
+    )
     env.pop("XLA_FLAGS", None)  # the test session's 8 simulated devices; each child has 4
     port = _free_port()
     (tmp_path / "logs").mkdir()
@@ -74,9 +78,23 @@ def test_two_processes_train_the_tokenizer_once(tmp_path):
         for i, (out, err) in enumerate(logs):
             # Files, not pipes: a child blocked on a full pipe would stall the other at a barrier.
             with open(out, "w") as fo, open(err, "w") as fe:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-c", _CHILD, str(port), str(i), str(tmp_path / "*.txt"), str(workdir)],
-                    env=env, cwd=str(tmp_path), stdout=fo, stderr=fe))
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-c",
+                            _CHILD,
+                            str(port),
+                            str(i),
+                            str(tmp_path / "*.txt"),
+                            str(workdir),
+                        ],
+                        env=env,
+                        cwd=str(tmp_path),
+                        stdout=fo,
+                        stderr=fe,
+                    )
+                )
         for p, (_, err) in zip(procs, logs):
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
             assert p.returncode == 0, err.read_text()[-3000:]
@@ -92,4 +110,6 @@ def test_two_processes_train_the_tokenizer_once(tmp_path):
     assert [p.name for p in workdir.iterdir()] == ["tokenizer.model"]  # no temporary file left
     no_model = "workdir: process 1 finds no "
     assert outs[0]["unshared"] == "ok" and outs[1]["unshared"].startswith(no_model)
-    assert outs[0]["failed"].startswith("paths: no files match") and outs[1]["failed"].startswith(no_model)
+    assert outs[0]["failed"].startswith("paths: no files match") and outs[1]["failed"].startswith(
+        no_model
+    )

@@ -5,9 +5,7 @@ import pickle
 
 import pytest
 
-from mlgen.data import tokenizer as tokenizer_lib
 from mlgen.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer, tokenizer_main
-
 from tests.data import data_corpus as corpus
 
 ROUND_TRIP = [
@@ -29,9 +27,13 @@ ROUND_TRIP = [
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("tok")
-    docs = [corpus.CODE * 3] + [open(p, encoding="utf-8").read() for p in corpus.write_files(str(root), 12)]
+    docs = [corpus.CODE * 3] + [
+        open(p, encoding="utf-8").read() for p in corpus.write_files(str(root), 12)
+    ]
     return {
-        kind: Tokenizer.train(iter(docs), vocab_size=320, model_type=kind, out_path=str(root / f"{kind}.model"))
+        kind: Tokenizer.train(
+            iter(docs), vocab_size=320, model_type=kind, out_path=str(root / f"{kind}.model")
+        )
         for kind in ("bpe", "unigram")
     }
 
@@ -72,7 +74,9 @@ def test_sentencepiece_specials_and_pickle(trained):
     tok = trained["bpe"]
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 2, 3)
     assert 263 <= tok.vocab_size <= 320
-    assert tok.decode([tok.bos_id] + tok.encode("def f():") + [tok.eos_id, tok.pad_id]) == "def f():"
+    assert (
+        tok.decode([tok.bos_id] + tok.encode("def f():") + [tok.eos_id, tok.pad_id]) == "def f():"
+    )
     again = pickle.loads(pickle.dumps(tok))
     assert again.encode(corpus.CODE) == tok.encode(corpus.CODE)
     # Newlines and tabs are pieces of their own; indentation is compressed.
@@ -83,7 +87,9 @@ def test_sentencepiece_specials_and_pickle(trained):
 def test_load_and_train_from_files(tmp_path):
     corpus.write_files(str(tmp_path), 10)
     out = tmp_path / "m" / "tok.model"
-    tok = Tokenizer.train(str(tmp_path / "*.txt"), vocab_size=300, model_type="unigram", out_path=str(out))
+    tok = Tokenizer.train(
+        str(tmp_path / "*.txt"), vocab_size=300, model_type="unigram", out_path=str(out)
+    )
     loaded = Tokenizer.load(str(out))
     assert isinstance(loaded, SentencePieceTokenizer)
     assert loaded.encode(corpus.CODE) == tok.encode(corpus.CODE)
@@ -91,19 +97,43 @@ def test_load_and_train_from_files(tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         Tokenizer.train(iter(["abc"]), vocab_size=100, out_path=str(tmp_path / "x.model"))
     with pytest.raises(ValueError, match="no files"):
-        Tokenizer.train(str(tmp_path / "*.nothing"), vocab_size=300, out_path=str(tmp_path / "x.model"))
+        Tokenizer.train(
+            str(tmp_path / "*.nothing"), vocab_size=300, out_path=str(tmp_path / "x.model")
+        )
 
 
 def test_cli_train(tmp_path, capsys):
     corpus.write_files(str(tmp_path), 10)
     out = str(tmp_path / "cli.model")
-    rc = tokenizer_main(["train", "--input", str(tmp_path / "doc00*.txt"), str(tmp_path / "doc01*.txt"),
-                         "--vocab-size", "300", "--model-type", "bpe", "--out", out])
+    rc = tokenizer_main(
+        [
+            "train",
+            "--input",
+            str(tmp_path / "doc00*.txt"),
+            str(tmp_path / "doc01*.txt"),
+            "--vocab-size",
+            "300",
+            "--model-type",
+            "bpe",
+            "--out",
+            out,
+        ]
+    )
     assert rc == 0 and os.path.isfile(out)
     assert "vocab" in capsys.readouterr().out
     assert Tokenizer.load(out).decode(Tokenizer.load(out).encode(corpus.CODE)) == corpus.CODE
     assert tokenizer_main(["encode", "--model", out, "def f():"]) == 0
-    assert tokenizer_main(["train", "--input", str(tmp_path / "none*"), "--vocab-size", "300", "--out", out]) == 2
-    assert tokenizer_main(["train", "--input", str(tmp_path / "*.txt"), "--vocab-size", "10", "--out", out]) == 2
+    assert (
+        tokenizer_main(
+            ["train", "--input", str(tmp_path / "none*"), "--vocab-size", "300", "--out", out]
+        )
+        == 2
+    )
+    assert (
+        tokenizer_main(
+            ["train", "--input", str(tmp_path / "*.txt"), "--vocab-size", "10", "--out", out]
+        )
+        == 2
+    )
     with pytest.raises(SystemExit):
         tokenizer_main(["train", "--vocab-size", "300"])

@@ -19,7 +19,9 @@ from mlgen.models.unet import PRESETS as UNETS
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
-_LM = TransformerConfig(vocab_size=32, num_layers=2, d_model=16, num_heads=2, num_kv_heads=1, max_len=8)
+_LM = TransformerConfig(
+    vocab_size=32, num_layers=2, d_model=16, num_heads=2, num_kv_heads=1, max_len=8
+)
 TINY = {  # per family, configs that between them use every feature
     "transformer": (_LM, dataclasses.replace(_LM, flavour="gpt2")),
     "unet": (dataclasses.replace(UNETS["unet-tiny"], num_classes=3),),
@@ -59,8 +61,10 @@ def test_declared_logical_axes_are_the_ones_the_model_uses(name):
             jax.eval_shape(lambda: _forward(name, family.build(cfg, nnx.Rngs(0))))  # noqa: B023
         used |= names
     used |= {n for axes in family.batch_axes.values() for n in axes if n is not None}
-    assert used == set(family.logical_axes), (sorted(used - family.logical_axes),
-                                              sorted(family.logical_axes - used))
+    assert used == set(family.logical_axes), (
+        sorted(used - family.logical_axes),
+        sorted(family.logical_axes - used),
+    )
     assert set(family.logical_axes) <= sharding.axes()
 
 
@@ -72,7 +76,9 @@ def test_an_unregistered_model_config_is_one_line_naming_model():
         def validate(self):
             pass
 
-    with pytest.raises(ConfigError, match=r"^model: \S*Mystery belongs to no registered model family"):
+    with pytest.raises(
+        ConfigError, match=r"^model: \S*Mystery belongs to no registered model family"
+    ):
         family_of(Mystery())
     cfg = config_lib.load("configs/lm/tiny.py", ["workdir=/tmp/x"])
     with pytest.raises(ConfigError, match=r"^model: .*Mystery is not a registered config class"):
@@ -82,7 +88,11 @@ def test_an_unregistered_model_config_is_one_line_naming_model():
 def test_saved_configs_store_names_and_old_ones_still_load():
     cfg = config_lib.load("configs/lm/tiny.py", ["workdir=/tmp/x"])
     d = config_lib.to_dict(cfg)
-    assert (d["model"]["__class__"], d["data"]["__class__"], d["objective"]["__class__"]) == ("transformer", "text", "lm")
+    assert (d["model"]["__class__"], d["data"]["__class__"], d["objective"]["__class__"]) == (
+        "transformer",
+        "text",
+        "lm",
+    )
     assert "__class__" not in d["mesh"] and "__class__" not in d["model"]["attention"]
     assert config_lib.from_dict(json.loads(json.dumps(d))) == cfg
     # Written by mlgen before families had names: import paths, flat attention fields.
@@ -96,6 +106,8 @@ def test_saved_configs_store_names_and_old_ones_still_load():
 
 
 def test_old_field_names_work_as_overrides():
-    cfg = config_lib.load("configs/lm/tiny.py", ["workdir=/tmp/x", "model.attention_backend=blockwise",
-                                                  "model.attention_interpret=true"])
+    cfg = config_lib.load(
+        "configs/lm/tiny.py",
+        ["workdir=/tmp/x", "model.attention_backend=blockwise", "model.attention_interpret=true"],
+    )
     assert cfg.model.attention.backend == "blockwise" and cfg.model.attention.interpret is True

@@ -12,8 +12,19 @@ from mlgen.ops.losses import cross_entropy
 
 
 def _model(**kw):
-    cfg = TransformerConfig(**{**dict(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
-                                      attention=AttentionConfig(backend="reference")), **kw})
+    cfg = TransformerConfig(
+        **{
+            **dict(
+                vocab_size=64,
+                num_layers=2,
+                d_model=32,
+                num_heads=4,
+                num_kv_heads=2,
+                attention=AttentionConfig(backend="reference"),
+            ),
+            **kw,
+        }
+    )
     return Transformer(cfg, rngs=nnx.Rngs(params=0))
 
 
@@ -46,20 +57,26 @@ def test_packed_row_equals_documents_run_separately():
     seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lens)])[None].astype(np.int32)
     pos = np.concatenate([np.arange(n) for n in lens])[None].astype(np.int32)
     packed = _fwd(m, jnp.asarray(inputs), jnp.asarray(pos), jnp.asarray(seg))
-    packed_nll = jax.nn.logsumexp(packed, -1) - jnp.take_along_axis(packed, targets[..., None], -1)[..., 0]
+    packed_nll = (
+        jax.nn.logsumexp(packed, -1) - jnp.take_along_axis(packed, targets[..., None], -1)[..., 0]
+    )
     start = 0
     for d, n in zip(docs, lens):
         alone = _fwd(m, jnp.asarray(d[None, :-1]))
-        nll = jax.nn.logsumexp(alone, -1) - jnp.take_along_axis(alone, d[None, 1:, None], -1)[..., 0]
-        np.testing.assert_allclose(packed_nll[0, start:start + n], nll[0], atol=1e-5)
+        nll = (
+            jax.nn.logsumexp(alone, -1) - jnp.take_along_axis(alone, d[None, 1:, None], -1)[..., 0]
+        )
+        np.testing.assert_allclose(packed_nll[0, start : start + n], nll[0], atol=1e-5)
         start += n
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_changes_nothing_numerically(remat):
     tok = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 10)))
+
     def loss(m):
         return cross_entropy(m(tok[:, :-1]), tok[:, 1:])[0]
+
     base, ckpt = _model(), _model(remat=remat)
     grad = nnx.jit(nnx.grad(loss))
     gb = grad(base)
@@ -80,7 +97,7 @@ def test_kv_cache_decoding_matches_full_forward(flavour):
     out, cache = run(m, tok[:, :6], pos[:, :6], m.init_cache(2, 16))
     steps = [out]
     for t in range(6, 14):
-        o, cache = run(m, tok[:, t:t + 1], pos[:, t:t + 1], cache)
+        o, cache = run(m, tok[:, t : t + 1], pos[:, t : t + 1], cache)
         steps.append(o)
     np.testing.assert_allclose(jnp.stack(steps, 1), full[:, 5:], atol=1e-5)
     assert len(cache) == m.cfg.num_layers and int(cache[0].index) == 14  # one cache per layer

@@ -19,7 +19,6 @@ def test_im2col_conv_matches_xla(stride):
     np.testing.assert_allclose(g(w, "im2col"), g(w, "xla"), rtol=1e-4, atol=1e-3)
 
 
-
 def test_group_norm():
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8)) * 3 + 1
     y = GroupNorm(8, 4)(x)
@@ -31,6 +30,8 @@ def test_group_norm():
     gn.scale[...] = jnp.linspace(0.5, 2.0, 8)
     gn.bias[...] = jnp.linspace(-1.0, 1.0, 8)
     xr = np.asarray(x).reshape(2, 16, 4, 2)
-    ref = (xr - xr.mean(axis=(1, 3), keepdims=True)) / np.sqrt(xr.var(axis=(1, 3), keepdims=True) + 1e-5)
+    ref = (xr - xr.mean(axis=(1, 3), keepdims=True)) / np.sqrt(
+        xr.var(axis=(1, 3), keepdims=True) + 1e-5
+    )
     ref = ref.reshape(2, 4, 4, 8) * np.linspace(0.5, 2.0, 8) + np.linspace(-1.0, 1.0, 8)
     np.testing.assert_allclose(gn(x), ref, rtol=1e-5, atol=1e-5)

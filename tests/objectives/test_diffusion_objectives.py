@@ -9,8 +9,14 @@ import pytest
 
 from mlgen.config import ConfigError
 from mlgen.objectives import schedules
-from mlgen.objectives.diffusion import (PREDICTIONS, DiffusionObjectiveConfig, SamplerConfig, from_x0_eps,
-                                        loss_weight, to_x0_eps)
+from mlgen.objectives.diffusion import (
+    PREDICTIONS,
+    DiffusionObjectiveConfig,
+    SamplerConfig,
+    from_x0_eps,
+    loss_weight,
+    to_x0_eps,
+)
 
 
 # diffusers' definitions, written out (diffusers.schedulers.scheduling_ddpm, float32 torch).
@@ -18,9 +24,12 @@ def _diffusers_betas(name, n=1000):
     if name == "linear":
         return np.linspace(1e-4, 0.02, n, dtype=np.float32)
     if name == "scaled_linear":
-        return np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, n, dtype=np.float32) ** 2
+        return np.linspace(0.00085**0.5, 0.012**0.5, n, dtype=np.float32) ** 2
     if name == "squaredcos_cap_v2":
-        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        def f(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
         return np.array([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], np.float32)
     raise ValueError(name)
 
@@ -48,7 +57,9 @@ def test_tables_equal_diffusers(theirs):
     betas = _diffusers_betas(theirs)
     np.testing.assert_allclose(s.betas, betas, atol=1e-6, rtol=0)
     np.testing.assert_allclose(s.alphas_cumprod, _cumprod_f32(betas), atol=1e-6, rtol=0)
-    np.testing.assert_allclose(s.alphas_cumprod[[0, 99, 499, 998, 999]], GOLDEN[theirs], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        s.alphas_cumprod[[0, 99, 499, 998, 999]], GOLDEN[theirs], atol=1e-6, rtol=0
+    )
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "scaled_linear", "sigmoid"])
@@ -57,7 +68,9 @@ def test_continuous_functions_pass_through_the_table(name):
     t = np.arange(1, 1001) / 1000
     np.testing.assert_allclose(s.alpha_bar(t), s.alphas_cumprod, rtol=1e-6)
     tj = jnp.asarray(t, jnp.float32)
-    np.testing.assert_allclose(np.asarray(s.alpha(tj)) ** 2 + np.asarray(s.sigma(tj)) ** 2, 1.0, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(s.alpha(tj)) ** 2 + np.asarray(s.sigma(tj)) ** 2, 1.0, atol=1e-6
+    )
     ls = np.asarray(s.log_snr(jnp.linspace(0.001, 1.0, 500)))
     assert np.all(np.diff(ls) < 0)  # strictly decreasing
     assert s.alpha_bar(0.0) == pytest.approx(1.0)
@@ -103,10 +116,12 @@ def test_min_snr_weights():
     s = cfg.make_schedule()
     t = jnp.linspace(0.001, 1.0, 200)
     a, sg = s.alpha(t), s.sigma(t)
-    snr = a ** 2 / sg ** 2
+    snr = a**2 / sg**2
     np.testing.assert_allclose(loss_weight(a, sg, cfg), jnp.minimum(snr, 5.0) / snr, rtol=1e-5)
     cfg_v = DiffusionObjectiveConfig(prediction="v", loss_weighting="min_snr", min_snr_gamma=5.0)
-    np.testing.assert_allclose(loss_weight(a, sg, cfg_v), jnp.minimum(snr, 5.0) / (snr + 1), rtol=1e-5)
+    np.testing.assert_allclose(
+        loss_weight(a, sg, cfg_v), jnp.minimum(snr, 5.0) / (snr + 1), rtol=1e-5
+    )
     cfg_x0 = DiffusionObjectiveConfig(prediction="x0", loss_weighting="min_snr", min_snr_gamma=5.0)
     np.testing.assert_allclose(loss_weight(a, sg, cfg_x0), jnp.minimum(snr, 5.0), rtol=1e-5)
     assert np.all(np.isfinite(loss_weight(a, sg, cfg)))

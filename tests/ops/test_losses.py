@@ -54,7 +54,7 @@ def test_chunked_peak_memory_is_a_chunk_of_logits():
 
     whole = temp(lambda h, w: cross_entropy(h @ w, y, mask))
     chunked = temp(lambda h, w: chunked_cross_entropy(h, lambda x: x @ w, y, mask, chunk=chunk))
-    assert whole >= logits_bytes, (whole, logits_bytes)   # [B, T, V] float32 lives in the plain loss
+    assert whole >= logits_bytes, (whole, logits_bytes)  # [B, T, V] float32 lives in the plain loss
     # One chunk's logits are 1/8 of them; with the softmax gradient and the [D, V] weight
     # gradient the chunked program plans ~5.4 MB here against ~17+ MB.
     assert chunked < whole / 3, (chunked, whole)
@@ -72,7 +72,9 @@ def _lm_loss(cfg):
     with sharding.use(s.mesh, cfg.mesh.rules):
         b = sharding.put_batch(batch, s.mesh, s.task.batch_axes, cfg.mesh.rules)
         f = jax.jit(jax.value_and_grad(s.task.make_loss(s.graphdef), has_aux=True))
-        (loss, (metrics, _)), grads = f(s.state["params"], s.state["model_state"], b, jax.random.key(0))
+        (loss, (metrics, _)), grads = f(
+            s.state["params"], s.state["model_state"], b, jax.random.key(0)
+        )
     return float(loss), metrics, grads
 
 
@@ -81,7 +83,9 @@ def test_lm_task_loss_chunk_matches_whole(flavour):
     cfg = tiny_lm_config(flavour=flavour)
     cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, z_loss=1e-3))
     l0, m0, g0 = _lm_loss(cfg)
-    l1, m1, g1 = _lm_loss(dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, loss_chunk=8)))
+    l1, m1, g1 = _lm_loss(
+        dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, loss_chunk=8))
+    )
     assert abs(l1 - l0) <= 1e-5 * abs(l0), (l1, l0)
     np.testing.assert_allclose(m1["accuracy"], m0["accuracy"], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
@@ -91,9 +95,13 @@ def test_lm_task_loss_chunk_matches_whole(flavour):
 def test_loss_chunk_config_errors_name_the_field():
     cfg = tiny_lm_config()
     bad = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, loss_chunk=5))
-    with pytest.raises(ConfigError, match=r"objective\.loss_chunk: 5 does not divide data\.seq_len=32"):
+    with pytest.raises(
+        ConfigError, match=r"objective\.loss_chunk: 5 does not divide data\.seq_len=32"
+    ):
         setup(bad)
-    sp = dataclasses.replace(tiny_lm_config(mesh=MeshConfig(data=-1, seq=2, rules="fsdp_sp")),
-                             objective=dataclasses.replace(cfg.objective, loss_chunk=8))
+    sp = dataclasses.replace(
+        tiny_lm_config(mesh=MeshConfig(data=-1, seq=2, rules="fsdp_sp")),
+        objective=dataclasses.replace(cfg.objective, loss_chunk=8),
+    )
     with pytest.raises(ConfigError, match=r"objective\.loss_chunk: chunks the length axis"):
         setup(sp)

@@ -5,10 +5,10 @@ multiples of the local block size (8).
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mlgen import ops
 from mlgen.ops.attention import BlockSizes, reference
@@ -19,7 +19,7 @@ BS = BlockSizes(block_q=8, block_k=8, block_q_bwd=8, block_k_bwd=8)
 
 
 def _mesh(n: int, data: int = 1) -> Mesh:
-    devs = np.asarray(jax.devices()[:n * data]).reshape(data, n)
+    devs = np.asarray(jax.devices()[: n * data]).reshape(data, n)
     return Mesh(devs, ("data", "seq"), axis_types=(AxisType.Auto,) * 2)
 
 
@@ -39,7 +39,13 @@ def _run(mesh, q, k, v, do, *, kv_sharded=True, **kw):
     q, do = jax.device_put(q, sh), jax.device_put(do, sh)
     k, v = jax.device_put(k, kv_sh), jax.device_put(v, kv_sh)
     with jax.set_mesh(mesh):
-        return fwd_and_grads(lambda q, k, v: ring_attention(q, k, v, segment_ids=ids, block_sizes=BS, **kw), q, k, v, do)
+        return fwd_and_grads(
+            lambda q, k, v: ring_attention(q, k, v, segment_ids=ids, block_sizes=BS, **kw),
+            q,
+            k,
+            v,
+            do,
+        )
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
@@ -47,10 +53,12 @@ def _run(mesh, q, k, v, do, *, kv_sharded=True, **kw):
 def test_matches_reference_segments_gqa(n, causal):
     data = 2 if n < 8 else 1
     q, k, v, do, seg = make_inputs(B=2, T=12 * n, S=12 * n, N=4, K=2, H=8, segments="docs", seed=n)
-    want = fwd_and_grads(lambda q, k, v: reference.attention(q, k, v, causal=causal, segment_ids=seg), q, k, v, do)
+    want = fwd_and_grads(
+        lambda q, k, v: reference.attention(q, k, v, causal=causal, segment_ids=seg), q, k, v, do
+    )
     got = _run(_mesh(n, data), q, k, v, do, causal=causal, segment_ids=seg)
     _check(want, got)
-    assert got[0].sharding.spec[:2] == ("data", "seq")   # batch and length stay sharded
+    assert got[0].sharding.spec[:2] == ("data", "seq")  # batch and length stay sharded
 
 
 def test_load_balanced_equals_unbalanced_and_reference():
@@ -59,22 +67,38 @@ def test_load_balanced_equals_unbalanced_and_reference():
     lb = _run(mesh, q, k, v, do, causal=True, load_balance=True)
     flat = _run(mesh, q, k, v, do, causal=True, load_balance=False)
     _check(flat, lb, tol=1e-6)
-    _check(fwd_and_grads(lambda q, k, v: reference.attention(q, k, v, causal=True), q, k, v, do), lb)
+    _check(
+        fwd_and_grads(lambda q, k, v: reference.attention(q, k, v, causal=True), q, k, v, do), lb
+    )
 
 
 def test_zigzag_gives_every_device_equal_work():
-    """Unmasked (query chunk, key chunk) pairs per device per step: equal with zigzag, not without."""
+    """Unmasked (query chunk, key chunk) pairs per device per step: equal with zigzag,
+    not without."""
     for n in (2, 4, 8):
         for chunks, want_equal in ((2, True), (1, False)):
-            cfg = _Ring(axis="seq", n=n, chunks=chunks, chunk=1, causal=True, window=None, scale=1.0,
-                        local="blockwise", block_sizes=None)
+            cfg = _Ring(
+                axis="seq",
+                n=n,
+                chunks=chunks,
+                chunk=1,
+                causal=True,
+                window=None,
+                scale=1.0,
+                local="blockwise",
+                block_sizes=None,
+            )
             work = np.zeros((n, n), int)
             for d in range(n):
                 for s in range(n):
                     src = (d - s) % n
                     ids_q, ids_k = cfg.chunk_ids(d), cfg.chunk_ids(src)
-                    seen = {(a, b) for a in range(chunks) for b in range(chunks) if ids_q[a] >= ids_k[b]}
-                    assert seen <= set(cfg.pairs())   # the pair left out of the program is never needed
+                    seen = {
+                        (a, b) for a in range(chunks) for b in range(chunks) if ids_q[a] >= ids_k[b]
+                    }
+                    assert seen <= set(
+                        cfg.pairs()
+                    )  # the pair left out of the program is never needed
                     work[d, s] = len(seen)
             assert (work.sum(1) == work.sum(1)[0]).all() == want_equal, (n, chunks, work)
 
@@ -90,7 +114,9 @@ def test_causal_odd_chunks_falls_back_and_sliding_window():
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_cross_attention_with_replicated_kv(causal):
     # Queries sharded over seq, K/V replicated (T != S): queries are the last T of S positions.
-    q, k, v, do, seg = make_inputs(B=2, T=16, S=24, N=4, K=2, H=8, segments=None if causal else "pair", seed=5)
+    q, k, v, do, seg = make_inputs(
+        B=2, T=16, S=24, N=4, K=2, H=8, segments=None if causal else "pair", seed=5
+    )
     kw = dict(causal=causal, segment_ids=seg)
     want = fwd_and_grads(lambda q, k, v: reference.attention(q, k, v, **kw), q, k, v, do)
     _check(want, _run(_mesh(4, 2), q, k, v, do, kv_sharded=False, **kw))
@@ -98,10 +124,17 @@ def test_cross_attention_with_replicated_kv(causal):
 
 def test_attention_backend_ring_and_errors():
     q, k, v, do, seg = make_inputs(B=1, T=32, S=32, N=2, K=1, H=8, segments="docs", seed=6)
-    want = fwd_and_grads(lambda q, k, v: reference.attention(q, k, v, causal=True, segment_ids=seg), q, k, v, do)
+    want = fwd_and_grads(
+        lambda q, k, v: reference.attention(q, k, v, causal=True, segment_ids=seg), q, k, v, do
+    )
     with jax.set_mesh(_mesh(8)):
-        got = fwd_and_grads(lambda q, k, v: ops.attention(q, k, v, causal=True, segment_ids=seg, backend="ring"),
-                            q, k, v, do)
+        got = fwd_and_grads(
+            lambda q, k, v: ops.attention(q, k, v, causal=True, segment_ids=seg, backend="ring"),
+            q,
+            k,
+            v,
+            do,
+        )
         with pytest.raises(ValueError, match="not divisible"):
             ops.attention(q[:, :30], k[:, :30], v[:, :30], backend="ring")
     _check(want, got)
@@ -111,8 +144,11 @@ def test_attention_backend_ring_and_errors():
         ring_attention(q, k, v, mesh=_mesh(2), local_backend="xla")
 
 
-@pytest.mark.parametrize("causal,zigzag", [(True, True), (True, False), (False, False)],
-                         ids=["causal-zigzag", "causal-contiguous", "bidir"])
+@pytest.mark.parametrize(
+    "causal,zigzag",
+    [(True, True), (True, False), (False, False)],
+    ids=["causal-zigzag", "causal-contiguous", "bidir"],
+)
 def test_pallas_tpu_kernels_as_the_local_backend(causal, zigzag):
     """The ring around our Mosaic kernels, run in the Mosaic interpreter on CPU.
 
@@ -125,23 +161,48 @@ def test_pallas_tpu_kernels_as_the_local_backend(causal, zigzag):
     n = 2
     T = 32
     q, k, v, do, seg = make_inputs(B=1, T=T, S=T, N=4, K=2, H=8, segments="docs", seed=n)
-    want = fwd_and_grads(lambda q, k, v: reference.attention(q, k, v, causal=causal, segment_ids=seg), q, k, v, do)
+    want = fwd_and_grads(
+        lambda q, k, v: reference.attention(q, k, v, causal=causal, segment_ids=seg), q, k, v, do
+    )
     # The interpreter runs host callbacks, which need every mesh axis manual: a 'seq'-only mesh.
     mesh = Mesh(np.asarray(jax.devices()[:n]), ("seq",), axis_types=(AxisType.Auto,))
     sh = NamedSharding(mesh, P(None, "seq"))
     q, k, v, do = (jax.device_put(x, sh) for x in (q, k, v, do))
     with jax.set_mesh(mesh):
         # zigzag: chunks of 8 (two per device); contiguous: one block of 16 per device.
-        got = fwd_and_grads(lambda q, k, v: ring_attention(q, k, v, causal=causal, segment_ids=seg, block_sizes=BS,
-                                                           local_backend="pallas_tpu", interpret=True,
-                                                           load_balance=zigzag), q, k, v, do)
+        got = fwd_and_grads(
+            lambda q, k, v: ring_attention(
+                q,
+                k,
+                v,
+                causal=causal,
+                segment_ids=seg,
+                block_sizes=BS,
+                local_backend="pallas_tpu",
+                interpret=True,
+                load_balance=zigzag,
+            ),
+            q,
+            k,
+            v,
+            do,
+        )
     _check(want, got)
 
 
 def test_pallas_tpu_local_backend_refuses_what_it_cannot_run():
     q, k, v, *_ = make_inputs(B=1, T=16, S=16, N=2, K=1, H=8)
     with pytest.raises(ValueError, match="local_backend='pallas_tpu' takes no sliding_window"):
-        ring_attention(q, k, v, mesh=_mesh(2), causal=True, sliding_window=4, local_backend="pallas_tpu")
+        ring_attention(
+            q, k, v, mesh=_mesh(2), causal=True, sliding_window=4, local_backend="pallas_tpu"
+        )
     with pytest.raises(ValueError, match="takes no causal cross-attention"):
-        ring_attention(q, k[:, :8], v[:, :8], mesh=_mesh(2), causal=True, kv_sharded=False,
-                       local_backend="pallas_tpu")
+        ring_attention(
+            q,
+            k[:, :8],
+            v[:, :8],
+            mesh=_mesh(2),
+            causal=True,
+            kv_sharded=False,
+            local_backend="pallas_tpu",
+        )

@@ -1,4 +1,5 @@
-"""Samplers with the exact denoiser of Gaussian data; CFG limits; no recompiles for steps / guidance."""
+"""Samplers with the exact denoiser of Gaussian data; CFG limits;
+no recompiles for steps / guidance."""
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,9 @@ def gaussian_denoiser(schedule, prediction):
         xf = x.reshape(x.shape[0], D)
         # E[x0|x] = mu + a cov (a^2 cov + s^2 I)^-1 (x - a mu), per example
         m = a[:, :, None] ** 2 * cov + s[:, :, None] ** 2 * jnp.eye(D)
-        x0 = mu + a * jnp.einsum("ij,bj->bi", cov, jnp.linalg.solve(m, (xf - a * mu)[..., None])[..., 0])
+        x0 = mu + a * jnp.einsum(
+            "ij,bj->bi", cov, jnp.linalg.solve(m, (xf - a * mu)[..., None])[..., 0]
+        )
         eps = (xf - a * x0) / jnp.maximum(s, 1e-12)
         out = from_x0_eps(x0, eps, a[:, 0], s[:, 0], prediction)
         return out.reshape(x.shape)
@@ -53,9 +56,19 @@ def test_exact_denoiser_reproduces_gaussian(schedule, prediction, sampler, steps
     s = schedules.make(schedule)
     n = 4000
     x_T = jax.random.normal(jax.random.key(1), (n, 1, D, 1))
-    run = jax.jit(lambda xt, k: sd.sample_fn(gaussian_denoiser(s, prediction), s, prediction=prediction,
-                                             sampler=sampler, x_T=xt, key=k, steps=steps, clip=False,
-                                             max_steps=1000))
+    run = jax.jit(
+        lambda xt, k: sd.sample_fn(
+            gaussian_denoiser(s, prediction),
+            s,
+            prediction=prediction,
+            sampler=sampler,
+            x_T=xt,
+            key=k,
+            steps=steps,
+            clip=False,
+            max_steps=1000,
+        )
+    )
     x = np.asarray(run(x_T, jax.random.key(2))).reshape(n, D)
     np.testing.assert_allclose(x.mean(0), MU, atol=0.04)
     np.testing.assert_allclose(np.cov(x.T), COV, atol=0.04)
@@ -72,10 +85,19 @@ def test_guidance_zero_and_one(sampler):
     s = schedules.make("cosine")
     x_T = jax.random.normal(jax.random.key(0), (4, 2, 2, 1))
     labels = jnp.array([0, 3, 5, 9])
-    kw = dict(prediction="eps", sampler=sampler, x_T=x_T, key=jax.random.key(1), steps=10, null_label=10,
-              max_steps=16)
+    kw = dict(
+        prediction="eps",
+        sampler=sampler,
+        x_T=x_T,
+        key=jax.random.key(1),
+        steps=10,
+        null_label=10,
+        max_steps=16,
+    )
     cond_only = sd.sample_fn(lambda x, t, y: _toy_conditional(x, t, labels), s, **kw)
-    uncond_only = sd.sample_fn(lambda x, t, y: _toy_conditional(x, t, jnp.full_like(labels, 10)), s, **kw)
+    uncond_only = sd.sample_fn(
+        lambda x, t, y: _toy_conditional(x, t, jnp.full_like(labels, 10)), s, **kw
+    )
     g1 = sd.sample_fn(_toy_conditional, s, labels=labels, guidance=1.0, **kw)
     g0 = sd.sample_fn(_toy_conditional, s, labels=labels, guidance=0.0, **kw)
     g3 = sd.sample_fn(_toy_conditional, s, labels=labels, guidance=3.0, **kw)
@@ -84,15 +106,25 @@ def test_guidance_zero_and_one(sampler):
     assert not np.allclose(g3, g1, atol=1e-3)
 
 
-@pytest.mark.parametrize("model_cls,cfg", [(UNet, PRESETS["unet-tiny"]), (DiT, DIT["dit-tiny"])], ids=["unet", "dit"])
+@pytest.mark.parametrize(
+    "model_cls,cfg", [(UNet, PRESETS["unet-tiny"]), (DiT, DIT["dit-tiny"])], ids=["unet", "dit"]
+)
 def test_steps_and_guidance_do_not_recompile(model_cls, cfg):
     import dataclasses
+
     cfg = dataclasses.replace(cfg, num_classes=3)
     model = model_cls(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
-    kw = dict(schedule="cosine", prediction="eps", shape=(3, 8, 8, 1), labels=[0, 1, 2], num_classes=3,
-              sampler="ddim", max_steps=6)
+    kw = dict(
+        schedule="cosine",
+        prediction="eps",
+        shape=(3, 8, 8, 1),
+        labels=[0, 1, 2],
+        num_classes=3,
+        sampler="ddim",
+        max_steps=6,
+    )
     before = sd.TRACE_COUNT["sample"]
     a = sd.sample(graphdef, params, key=jax.random.key(0), steps=2, guidance=1.0, **kw)
     b = sd.sample(graphdef, params, key=jax.random.key(1), steps=5, guidance=4.0, **kw)

@@ -1,4 +1,5 @@
-"""LM generation: cached decoding == full forward, strategies, stopping, best-of-N, seeds, sharding."""
+"""LM generation: cached decoding == full forward, strategies, stopping, best-of-N,
+seeds, sharding."""
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +11,17 @@ from mlgen import sharding
 from mlgen.config import MeshConfig
 from mlgen.models.transformer import Transformer, TransformerConfig
 from mlgen.ops.attention import AttentionConfig
-from mlgen.samplers.lm import (Chain, Greedy, Sampling, Temperature, TopK, TopP, best_of_n, generate,
-                               prefill_positions)
+from mlgen.samplers.lm import (
+    Chain,
+    Greedy,
+    Sampling,
+    Temperature,
+    TopK,
+    TopP,
+    best_of_n,
+    generate,
+    prefill_positions,
+)
 
 V = 64
 PROMPTS = [[5, 9, 2], [7, 1, 8, 3, 3, 11, 4], [12, 30, 6, 1, 2]]  # lengths differ: left padding
@@ -19,9 +29,21 @@ N_NEW = 6  # one max_new_tokens everywhere: fewer compilations
 
 
 def _cfg(flavour="llama", **kw):
-    return TransformerConfig(**{**dict(flavour=flavour, vocab_size=V, num_layers=2, d_model=32, num_heads=4,
-                                       num_kv_heads=2 if flavour == "llama" else 0, max_len=64,
-                                       attention=AttentionConfig(backend="xla")), **kw})
+    return TransformerConfig(
+        **{
+            **dict(
+                flavour=flavour,
+                vocab_size=V,
+                num_layers=2,
+                d_model=32,
+                num_heads=4,
+                num_kv_heads=2 if flavour == "llama" else 0,
+                max_len=64,
+                attention=AttentionConfig(backend="xla"),
+            ),
+            **kw,
+        }
+    )
 
 
 def _model(flavour="llama", **kw):
@@ -49,23 +71,24 @@ def _full_logits(m, seqs):
     """
     tok = np.zeros((len(seqs), _REF_LEN), np.int32)
     for r, q in enumerate(seqs):
-        tok[r, :len(q)] = q
+        tok[r, : len(q)] = q
     out = np.asarray(_forward(nnx.split(m), jnp.asarray(tok)))
-    return [out[r, :len(q)] for r, q in enumerate(seqs)]
+    return [out[r, : len(q)] for r, q in enumerate(seqs)]
 
 
 def _left_pad(prompts, length):
     tok = np.zeros((len(prompts), length), np.int32)
     seg = np.zeros_like(tok)
     for r, p in enumerate(prompts):
-        tok[r, length - len(p):] = p
-        seg[r, length - len(p):] = 1
+        tok[r, length - len(p) :] = p
+        seg[r, length - len(p) :] = 1
     return jnp.asarray(tok), jnp.asarray(seg)
 
 
 # ----------------------------------------------------------------------------- KV cache
 def _prefill_and_decode(decoder, tok, seg, cont, steps):
-    """The sampler's use of the decoder protocol, teacher-forced: prefill, then ``steps - 1`` tokens."""
+    """The sampler's use of the decoder protocol, teacher-forced: prefill,
+    then ``steps - 1`` tokens."""
     pos = prefill_positions(seg)
     logits, cache = decoder.decode(tok, pos, decoder.init_cache(tok.shape[0], tok.shape[1] + steps))
     nxt = pos[:, -1] + 1
@@ -92,9 +115,9 @@ def test_cached_decoding_matches_full_forward_with_left_padding(flavour):
         return _prefill_and_decode(nnx.merge(*state), tok, seg, cont, steps)[0]
 
     got = np.asarray(run(nnx.split(m), tok, seg, jnp.asarray(cont)))
-    full = _full_logits(m, [p + cont[r, :steps - 1].tolist() for r, p in enumerate(PROMPTS)])
+    full = _full_logits(m, [p + cont[r, : steps - 1].tolist() for r, p in enumerate(PROMPTS)])
     for r, p in enumerate(PROMPTS):
-        np.testing.assert_allclose(got[r], full[r][len(p) - 1:], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got[r], full[r][len(p) - 1 :], atol=1e-5, rtol=0)
 
 
 def test_per_layer_decoder_equals_the_stacked_model(model):
@@ -108,8 +131,10 @@ def test_per_layer_decoder_equals_the_stacked_model(model):
         stacked = nnx.merge(*state)
         unrolled = stacked.for_decoding()
         assert isinstance(unrolled.blocks, nnx.List) and not isinstance(stacked.blocks, nnx.List)
-        return (_prefill_and_decode(stacked, tok, seg, cont, steps),
-                _prefill_and_decode(unrolled, tok, seg, cont, steps))
+        return (
+            _prefill_and_decode(stacked, tok, seg, cont, steps),
+            _prefill_and_decode(unrolled, tok, seg, cont, steps),
+        )
 
     (want, want_cache), (got, got_cache) = both(nnx.split(model), *_left_pad(PROMPTS, 8))
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
@@ -127,10 +152,11 @@ def test_greedy_is_argmax_of_full_forward_step_by_step_and_deterministic(model):
         for seq, logits in zip(seqs, _full_logits(model, seqs)):
             seq.append(int(np.argmax(logits[-1])))
     for r, (p, logits) in enumerate(zip(PROMPTS, _full_logits(model, seqs))):
-        assert g.tokens[r].tolist() == seqs[r][len(p):]
-        logp = jax.nn.log_softmax(logits[len(p) - 1:-1], -1)
-        np.testing.assert_allclose(g.logprobs[r], np.take_along_axis(logp, g.tokens[r][:, None], 1)[:, 0],
-                                   atol=1e-5)
+        assert g.tokens[r].tolist() == seqs[r][len(p) :]
+        logp = jax.nn.log_softmax(logits[len(p) - 1 : -1], -1)
+        np.testing.assert_allclose(
+            g.logprobs[r], np.take_along_axis(logp, g.tokens[r][:, None], 1)[:, 0], atol=1e-5
+        )
     again = generate(model, PROMPTS, max_new_tokens=n, seed=123)
     np.testing.assert_array_equal(again.tokens, g.tokens)
 
@@ -175,7 +201,7 @@ def test_top_k_in_generation_stays_in_the_models_top_k(model):
     g = generate(model, PROMPTS, max_new_tokens=N_NEW, sampling=TopK(3), seed=7, num_samples=2)
     rows = [PROMPTS[r // 2] + g.tokens[r].tolist() for r in range(6)]
     for r, logits in enumerate(_full_logits(model, rows)):
-        top3 = np.argsort(-logits[len(PROMPTS[r // 2]) - 1:-1], -1)[:, :3]
+        top3 = np.argsort(-logits[len(PROMPTS[r // 2]) - 1 : -1], -1)[:, :3]
         assert all(t in row for t, row in zip(g.tokens[r], top3))
 
 
@@ -200,7 +226,9 @@ def test_chained_filters_frequencies():
     want = want / want.sum()
     ok, chi2 = _chi2_ok(_draws(Sampling(temperature=2.0, top_k=5, top_p=0.8), TOY, 40_000), want)
     assert ok, chi2
-    assert Sampling(temperature=2.0, top_k=5, top_p=0.8) == Chain(Temperature(2.0), TopK(5), TopP(0.8))
+    assert Sampling(temperature=2.0, top_k=5, top_p=0.8) == Chain(
+        Temperature(2.0), TopK(5), TopP(0.8)
+    )
 
 
 def test_temperature_and_greedy():
@@ -220,7 +248,15 @@ def test_eos_stops_a_row_and_finished_rows_emit_pad(model):
     n = N_NEW
     free = generate(model, PROMPTS, max_new_tokens=n, sampling=Temperature(1.0), seed=3)
     eos = int(free.tokens[0, 2])  # row 0 emits it at step 2 (or earlier)
-    g = generate(model, PROMPTS, max_new_tokens=n, sampling=Temperature(1.0), seed=3, eos_id=eos, pad_id=V - 1)
+    g = generate(
+        model,
+        PROMPTS,
+        max_new_tokens=n,
+        sampling=Temperature(1.0),
+        seed=3,
+        eos_id=eos,
+        pad_id=V - 1,
+    )
     for r in range(len(PROMPTS)):
         row = free.tokens[r].tolist()
         stop = row.index(eos) + 1 if eos in row else n
@@ -230,13 +266,21 @@ def test_eos_stops_a_row_and_finished_rows_emit_pad(model):
     assert g.lengths[0] <= 3
     assert g.completions()[0][-1] == eos
     # stop_ids behave like eos; all rows stopping at once ends the loop early
-    s = generate(model, PROMPTS, max_new_tokens=n, sampling=Temperature(1.0), seed=3,
-                 stop_ids=[int(free.tokens[r, 0]) for r in range(3)])
+    s = generate(
+        model,
+        PROMPTS,
+        max_new_tokens=n,
+        sampling=Temperature(1.0),
+        seed=3,
+        stop_ids=[int(free.tokens[r, 0]) for r in range(3)],
+    )
     assert (s.lengths == 1).all()
 
 
 def test_same_seed_same_samples_other_seed_other_samples(model):
-    kw = dict(max_new_tokens=N_NEW, sampling=TopK(3), num_samples=2)  # the same compilation as above
+    kw = dict(
+        max_new_tokens=N_NEW, sampling=TopK(3), num_samples=2
+    )  # the same compilation as above
     a = generate(model, PROMPTS, seed=7, **kw)
     b = generate(model, PROMPTS, seed=7, **kw)
     c = generate(model, PROMPTS, seed=8, **kw)
@@ -256,8 +300,15 @@ def test_best_of_n_ranks_by_mean_logprob_and_by_a_verifier(model):
             assert c.score == pytest.approx(np.mean(c.logprobs))
     # a verifier on decoded text: prefer samples with many 'a' (token 10 -> 'a')
     decode = lambda toks: "".join("a" if t == 10 else "b" for t in toks)  # noqa: E731
-    ranked = best_of_n(model, PROMPTS[:2], 4, max_new_tokens=N_NEW, seed=2, score=lambda s: s.count("a"),
-                       decode=decode)
+    ranked = best_of_n(
+        model,
+        PROMPTS[:2],
+        4,
+        max_new_tokens=N_NEW,
+        seed=2,
+        score=lambda s: s.count("a"),
+        decode=decode,
+    )
     counts = [c.text.count("a") for c in ranked[0]]
     assert counts == sorted(counts, reverse=True) and [c.score for c in ranked[0]] == counts
     assert ranked[0][0].text == decode(ranked[0][0].tokens)
@@ -268,9 +319,13 @@ def test_sharded_model_gives_the_same_greedy_output():
     assert jax.device_count() == 8
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2, seq=1, rules="fsdp_tp"))
     with sharding.use(mesh, "fsdp_tp"):
-        graphdef, params, _ = sharding.sharded_init(lambda: Transformer(_cfg(), rngs=nnx.Rngs(params=0)), mesh)
+        graphdef, params, _ = sharding.sharded_init(
+            lambda: Transformer(_cfg(), rngs=nnx.Rngs(params=0)), mesh
+        )
         assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
-        sharded = generate((graphdef, params), PROMPTS, max_new_tokens=N_NEW)  # batch 3 over fsdp 4: uneven
+        sharded = generate(
+            (graphdef, params), PROMPTS, max_new_tokens=N_NEW
+        )  # batch 3 over fsdp 4: uneven
     host = jax.tree.map(np.asarray, params)  # the same values, unsharded, no mesh
     plain = generate((graphdef, host), PROMPTS, max_new_tokens=N_NEW)
     np.testing.assert_array_equal(sharded.tokens, plain.tokens)

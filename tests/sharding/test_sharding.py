@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -45,13 +44,18 @@ def test_sharded_init_follows_rules():
     assert len({sh.device for sh in q.addressable_shards}) == 8
 
 
-@pytest.mark.parametrize("mesh", [
-    MeshConfig(data=8, rules="dp"),
-    MeshConfig(data=1, fsdp=2, tensor=4, rules="fsdp_tp"),
-    MeshConfig(data=4, fsdp=2, rules="fsdp"),
-])
+@pytest.mark.parametrize(
+    "mesh",
+    [
+        MeshConfig(data=8, rules="dp"),
+        MeshConfig(data=1, fsdp=2, tensor=4, rules="fsdp_tp"),
+        MeshConfig(data=4, fsdp=2, rules="fsdp"),
+    ],
+)
 def test_same_loss_on_every_mesh(mesh):
-    ref = _loss(tiny_lm_config(mesh=MeshConfig(data=1, fsdp=1, rules="dp")), devices=jax.devices()[:1])
+    ref = _loss(
+        tiny_lm_config(mesh=MeshConfig(data=1, fsdp=1, rules="dp")), devices=jax.devices()[:1]
+    )
     got = _loss(tiny_lm_config(mesh=mesh))
     assert abs(got - ref) <= 1e-5, (got, ref)
 
@@ -61,8 +65,9 @@ def _loss(cfg, devices=None):
     batch = random_lm_batch(docs=3)
     with sharding.use(s.mesh, cfg.mesh.rules):
         b = sharding.put_batch(batch, s.mesh, s.task.batch_axes, cfg.mesh.rules)
-        loss, _ = jax.jit(s.task.make_loss(s.graphdef))(s.state["params"], s.state["model_state"], b,
-                                                          jax.random.key(0))
+        loss, _ = jax.jit(s.task.make_loss(s.graphdef))(
+            s.state["params"], s.state["model_state"], b, jax.random.key(0)
+        )
     return float(loss)
 
 
@@ -70,16 +75,25 @@ def test_models_build_eagerly_without_a_mesh():
     """A notebook builds a model with no mesh and no Flax settings; the logical names are kept."""
     from flax import nnx
 
-    from mlgen.models.dit import PRESETS as DIT, DiT
+    from mlgen.models.dit import PRESETS as DIT
+    from mlgen.models.dit import DiT
     from mlgen.models.transformer import Transformer, TransformerConfig
-    from mlgen.models.unet import PRESETS as UNETS, UNet
+    from mlgen.models.unet import PRESETS as UNETS
+    from mlgen.models.unet import UNet
 
     assert jax.sharding.get_abstract_mesh().empty
-    lm = Transformer(TransformerConfig(vocab_size=32, num_layers=1, d_model=16, num_heads=2), rngs=nnx.Rngs(0))
+    lm = Transformer(
+        TransformerConfig(vocab_size=32, num_layers=1, d_model=16, num_heads=2), rngs=nnx.Rngs(0)
+    )
     assert lm(jnp.zeros((1, 4), jnp.int32)).shape == (1, 4, 32)
-    for model in (UNet(UNETS["unet-tiny"], rngs=nnx.Rngs(0)), DiT(DIT["dit-tiny"], rngs=nnx.Rngs(0))):
+    for model in (
+        UNet(UNETS["unet-tiny"], rngs=nnx.Rngs(0)),
+        DiT(DIT["dit-tiny"], rngs=nnx.Rngs(0)),
+    ):
         assert model(jnp.zeros((2, 8, 8, 1)), jnp.ones((2,))).shape == (2, 8, 8, 1)
-    names = [v.get_metadata().get("out_sharding") for _, v in nnx.to_flat_state(nnx.state(lm, nnx.Param))]
+    names = [
+        v.get_metadata().get("out_sharding") for _, v in nnx.to_flat_state(nnx.state(lm, nnx.Param))
+    ]
     assert names and all(n is not None for n in names)
 
 
@@ -101,7 +115,9 @@ def test_tensor_parallel_embedding_needs_no_full_rematerialization(capfd):
         with sharding.use(s.mesh, cfg.mesh.rules):
             b = sharding.put_batch(batch, s.mesh, s.task.batch_axes, cfg.mesh.rules)
             capfd.readouterr()
-            jax.jit(jax.grad(lambda p: loss(p, {}, b, jax.random.key(0))[0])).lower(s.state["params"]).compile()
+            jax.jit(jax.grad(lambda p: loss(p, {}, b, jax.random.key(0))[0])).lower(
+                s.state["params"]
+            ).compile()
     finally:
         jax.config.update("jax_enable_compilation_cache", before)
     err = capfd.readouterr().err

@@ -1,6 +1,8 @@
-"""A tiny digits run through the one trainer: loss falls, grids and plots, the CLI, the shared step."""
+"""A tiny digits run through the one trainer: loss falls, grids and plots, the CLI,
+the shared step."""
 
 import dataclasses
+import importlib
 import inspect
 import json
 from pathlib import Path
@@ -9,15 +11,14 @@ import numpy as np
 import pytest
 
 import mlgen
-import importlib
-
-step_lib = importlib.import_module("mlgen.train.step")
-diffusion_task = importlib.import_module("mlgen.tasks.diffusion")
 from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig
 from mlgen.data.images import ImageDataConfig
 from mlgen.models.unet import PRESETS
 from mlgen.objectives.diffusion import DiffusionObjectiveConfig, SamplerConfig
 from tests.helpers import replace, tiny_lm_config
+
+step_lib = importlib.import_module("mlgen.train.step")
+diffusion_task = importlib.import_module("mlgen.tasks.diffusion")
 
 STEP_CALLS = []
 PLOTTED_STEPS = []  # the last step in metrics.jsonl each time the loss plot was drawn
@@ -33,16 +34,29 @@ def _recording(make):
 
 def tiny_digits_config(workdir: str) -> Config:
     return Config(
-        task="diffusion", workdir=workdir, seed=0,
+        task="diffusion",
+        workdir=workdir,
+        seed=0,
         model=dataclasses.replace(PRESETS["unet-tiny"], num_classes=10),
         data=ImageDataConfig(source="digits", image_size=8, batch_size=16),
-        objective=DiffusionObjectiveConfig(schedule="cosine", prediction="v", loss_weighting="min_snr",
-                                           sampling=SamplerConfig(sampler="ddim", steps=4, per_class=2,
-                                                                  max_steps=8)),
+        objective=DiffusionObjectiveConfig(
+            schedule="cosine",
+            prediction="v",
+            loss_weighting="min_snr",
+            sampling=SamplerConfig(sampler="ddim", steps=4, per_class=2, max_steps=8),
+        ),
         mesh=MeshConfig(data=-1, rules="fsdp"),
         optim=OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0),
-        train=TrainConfig(num_steps=30, log_every=10, eval_every=30, eval_steps=1, checkpoint_every=30,
-                          progress_bar=False, async_checkpoints=False, ema_decay=0.9),
+        train=TrainConfig(
+            num_steps=30,
+            log_every=10,
+            eval_every=30,
+            eval_steps=1,
+            checkpoint_every=30,
+            progress_bar=False,
+            async_checkpoints=False,
+            ema_decay=0.9,
+        ),
     )
 
 
@@ -54,7 +68,9 @@ def run(tmp_path_factory):
     plot = diffusion_task.plot_losses
 
     def recording_plot(wd):
-        PLOTTED_STEPS.append(json.loads((Path(wd) / "metrics.jsonl").read_text().splitlines()[-1])["step"])
+        PLOTTED_STEPS.append(
+            json.loads((Path(wd) / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+        )
         return plot(wd)
 
     mp.setattr(diffusion_task, "plot_losses", recording_plot)
@@ -67,20 +83,25 @@ def run(tmp_path_factory):
 
 def test_loss_falls_and_artifacts_are_written(run):
     workdir, result = run
-    lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == [10, 20, 30]
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [10, 20, 30]
     assert lines[-1]["loss"] < 0.85 * lines[0]["loss"], lines
     assert "eval_loss" in lines[-1] and "x0_mse" in lines[-1]
     assert (workdir / "samples" / "step_000030.png").is_file()
     assert (workdir / "loss.png").is_file()
-    assert PLOTTED_STEPS == [30]  # the plot is drawn after the step's metrics are logged, so it shows them
+    assert PLOTTED_STEPS == [
+        30
+    ]  # the plot is drawn after the step's metrics are logged, so it shows them
     from PIL import Image
 
     grid = Image.open(workdir / "samples" / "step_000030.png")
     assert grid.size[1] > grid.size[0]  # 10 rows (classes) of 2 samples
     state = result.state
     assert set(state) >= {"params", "ema", "opt_state", "step"}
-    leaf = lambda t: np.asarray(t["conv_in"]["kernel"])
+
+    def leaf(t):
+        return np.asarray(t["conv_in"]["kernel"])
+
     assert not np.allclose(leaf(state["ema"]), leaf(state["params"]))
 
 
@@ -88,7 +109,9 @@ def test_lm_and_diffusion_train_through_the_same_step(run, tmp_path, monkeypatch
     """Both tasks get their step from train/step.py via the trainer, and neither grows its own."""
     monkeypatch.setattr(step_lib, "make_train_step", _recording(step_lib.make_train_step))
     cfg = tiny_lm_config(str(tmp_path))
-    mlgen.train(replace(cfg, train=replace(cfg.train, num_steps=1, eval_every=0, checkpoint_every=1)))
+    mlgen.train(
+        replace(cfg, train=replace(cfg.train, num_steps=1, eval_every=0, checkpoint_every=1))
+    )
     assert "mlgen.objectives.diffusion" in STEP_CALLS and "mlgen.objectives.lm" in STEP_CALLS
     import mlgen.objectives.diffusion as obj
     import mlgen.tasks.diffusion as task
@@ -100,13 +123,29 @@ def test_lm_and_diffusion_train_through_the_same_step(run, tmp_path, monkeypatch
 
 
 def test_sample_cli_writes_npz_and_grid(run, tmp_path):
-    from mlgen.evaluation.digits import DigitScorer
     from mlgen.cli.sample import sample_main
+    from mlgen.evaluation.digits import DigitScorer
 
     workdir, _ = run
     out = tmp_path / "x.npz"
-    assert sample_main([str(workdir), "--num", "6", "--steps", "3", "--sampler", "heun", "--guidance", "1.5",
-                        "--out", str(out)]) == 0
+    assert (
+        sample_main(
+            [
+                str(workdir),
+                "--num",
+                "6",
+                "--steps",
+                "3",
+                "--sampler",
+                "heun",
+                "--guidance",
+                "1.5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = np.load(out)
     assert data["images"].shape == (6, 8, 8, 1) and data["labels"].tolist() == [0, 1, 2, 3, 4, 5]
     assert np.all(np.abs(data["images"]) <= 1.0)
@@ -116,18 +155,32 @@ def test_sample_cli_writes_npz_and_grid(run, tmp_path):
     assert 0.0 <= scores["confidence"] <= 1.0 and scores["frechet"] > scores["frechet_floor"]
 
 
-SHRINK = {"digits_unet": ["model.channels=(8,16)", "model.num_groups=4", "model.head_dim=8"],
-          "digits_dit": ["model.d_model=32", "model.num_layers=2", "model.num_heads=2"]}
+SHRINK = {
+    "digits_unet": ["model.channels=(8,16)", "model.num_groups=4", "model.head_dim=8"],
+    "digits_dit": ["model.d_model=32", "model.num_layers=2", "model.num_heads=2"],
+}
 
 
 @pytest.mark.parametrize("name", sorted(SHRINK))
 def test_digits_configs_smoke(name, tmp_path):
     """The shipped configs, shrunk to CI size (2 steps, a narrow model), run end to end: data,
-    model, objective, sampler hooks. Their full-size runs are measured by hand (see their docstrings)."""
-    overrides = [f"workdir={tmp_path}", "train.num_steps=2", "train.log_every=1", "train.eval_every=2",
-                 "train.eval_steps=1", "train.checkpoint_every=2", "train.progress_bar=false",
-                 "train.async_checkpoints=false", "data.batch_size=16", "objective.sampling.steps=2",
-                 "objective.sampling.max_steps=4", "objective.sampling.per_class=1", *SHRINK[name]]
+    model, objective, sampler hooks. Their full-size runs are measured by hand (see their
+    docstrings)."""
+    overrides = [
+        f"workdir={tmp_path}",
+        "train.num_steps=2",
+        "train.log_every=1",
+        "train.eval_every=2",
+        "train.eval_steps=1",
+        "train.checkpoint_every=2",
+        "train.progress_bar=false",
+        "train.async_checkpoints=false",
+        "data.batch_size=16",
+        "objective.sampling.steps=2",
+        "objective.sampling.max_steps=4",
+        "objective.sampling.per_class=1",
+        *SHRINK[name],
+    ]
     result = mlgen.train(f"configs/diffusion/{name}.py", overrides)
     assert [h["step"] for h in result.history] == [1, 2]
     assert all(np.isfinite(h["loss"]) for h in result.history)

@@ -13,16 +13,21 @@ import pytest
 
 from mlgen import sharding
 from mlgen.config import MeshConfig
-from mlgen.train.step import make_train_step
 from mlgen.ops.attention import AttentionConfig
 from mlgen.runs import setup
+from mlgen.train.step import make_train_step
 from tests.helpers import random_lm_batch, tiny_lm_config
 
 
 def _losses(backend: str, steps: int = 2) -> list[float]:
-    cfg = tiny_lm_config(mesh=MeshConfig(data=-1, rules="dp"), num_layers=1, d_model=64, num_heads=4,
-                         num_kv_heads=2,
-                         attention=AttentionConfig(backend=backend, interpret=backend.startswith("pallas")))
+    cfg = tiny_lm_config(
+        mesh=MeshConfig(data=-1, rules="dp"),
+        num_layers=1,
+        d_model=64,
+        num_heads=4,
+        num_kv_heads=2,
+        attention=AttentionConfig(backend=backend, interpret=backend.startswith("pallas")),
+    )
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, warmup_steps=0))
     s = setup(cfg, devices=jax.devices()[:1])
     step = jax.jit(make_train_step(s.task.make_loss(s.graphdef), s.optimizer))

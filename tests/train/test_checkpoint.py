@@ -29,7 +29,9 @@ def test_a_run_saved_before_families_had_names_restores(tmp_path):
     assert run.config.model.attention.backend == "auto" and run.state["model_state"] == {}
     assert int(run.state["step"]) == 2
     tok = jnp.asarray([[2, 100, 101, 102, 40, 41, 10, 32]], jnp.int32)
-    np.testing.assert_allclose(run.model(ema=False)(tok), np.load(run_dir / "logits.npy"), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        run.model(ema=False)(tok), np.load(run_dir / "logits.npy"), atol=1e-5, rtol=0
+    )
 
 
 class _Manager:
@@ -85,4 +87,6 @@ def test_local_workdirs_are_absolute_and_remote_ones_as_given(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert str(checkpoint.workdir_path("rel/run")) == str(tmp_path / "rel" / "run")
     assert str(checkpoint.workdir_path("gs://bucket/a/b")) == "gs://bucket/a/b"
-    assert tiny_lm_config("gs://b/r").validate().workdir == "gs://b/r"  # nothing in the config mangles it
+    assert (
+        tiny_lm_config("gs://b/r").validate().workdir == "gs://b/r"
+    )  # nothing in the config mangles it

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import mlgen
 from mlgen.config import Config, MeshConfig, TrainConfig, register
@@ -83,7 +84,9 @@ class GAN(nnx.Module):
     def __init__(self, cfg: GANConfig, *, rngs: nnx.Rngs):
         self.generator = _mlp(1, cfg.hidden, 1, rngs)
         self.discriminator = _mlp(1, cfg.hidden, 1, rngs)
-        self.data_mean = nnx.BatchStat(jnp.zeros(()))  # model state: a running mean of the real data
+        self.data_mean = nnx.BatchStat(
+            jnp.zeros(())
+        )  # model state: a running mean of the real data
 
     def fake(self, z):
         return _run(self.generator, z)
@@ -95,8 +98,16 @@ class GAN(nnx.Module):
         self.data_mean[...] = 0.9 * self.data_mean[...] + 0.1 * jnp.mean(x)
 
 
-register_family(Family(name="test_gan", config=GANConfig, kind="gan", build=lambda c, r: GAN(c, rngs=r),
-                       batch_axes={"x": ("batch", None)}, logical_axes=frozenset({"batch"})))
+register_family(
+    Family(
+        name="test_gan",
+        config=GANConfig,
+        kind="gan",
+        build=lambda c, r: GAN(c, rngs=r),
+        batch_axes={"x": ("batch", None)},
+        logical_axes=frozenset({"batch"}),
+    )
+)
 
 
 def _losses(graphdef):
@@ -104,7 +115,10 @@ def _losses(graphdef):
         m = bind(graphdef, {"generator": g_params, "discriminator": d_params}, model_state)
         z = jax.random.normal(rng, batch["x"].shape)
         real, fake = m.critic(batch["x"]), m.critic(jax.lax.stop_gradient(m.fake(z)))
-        loss = jnp.mean(optax.sigmoid_binary_cross_entropy(real, 1.0) + optax.sigmoid_binary_cross_entropy(fake, 0.0))
+        loss = jnp.mean(
+            optax.sigmoid_binary_cross_entropy(real, 1.0)
+            + optax.sigmoid_binary_cross_entropy(fake, 0.0)
+        )
         m.observe(batch["x"])
         return loss, state_after(m, model_state)
 
@@ -121,8 +135,15 @@ def _train_step(obj: GANObjective) -> TrainStep:
     tx_g, tx_d = optax.adam(obj.lr_g, b1=0.5), optax.adam(obj.lr_d, b1=0.5)
 
     def init(params, model_state):
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
-                "opt_state": {"g": tx_g.init(params["generator"]), "d": tx_d.init(params["discriminator"])}}
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "model_state": model_state,
+            "opt_state": {
+                "g": tx_g.init(params["generator"]),
+                "d": tx_d.init(params["discriminator"]),
+            },
+        }
 
     def shardings(abstract, param_sh, model_state_sh, mesh):
         return jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
@@ -134,14 +155,22 @@ def _train_step(obj: GANObjective) -> TrainStep:
             rng = jax.random.fold_in(rng, state["step"])
             k_d, k_g = jax.random.split(rng)
             g, d = state["params"]["generator"], state["params"]["discriminator"]
-            (ld, model_state), gd = jax.value_and_grad(d_loss, has_aux=True)(d, g, state["model_state"], batch, k_d)
+            (ld, model_state), gd = jax.value_and_grad(d_loss, has_aux=True)(
+                d, g, state["model_state"], batch, k_d
+            )
             ud, opt_d = tx_d.update(gd, state["opt_state"]["d"], d)
             d = optax.apply_updates(d, ud)
-            (lg, fake_mean), gg = jax.value_and_grad(g_loss, has_aux=True)(g, d, model_state, batch, k_g)
+            (lg, fake_mean), gg = jax.value_and_grad(g_loss, has_aux=True)(
+                g, d, model_state, batch, k_g
+            )
             ug, opt_g = tx_g.update(gg, state["opt_state"]["g"], g)
             g = optax.apply_updates(g, ug)
-            new = {"step": state["step"] + 1, "params": {"generator": g, "discriminator": d},
-                   "model_state": model_state, "opt_state": {"g": opt_g, "d": opt_d}}
+            new = {
+                "step": state["step"] + 1,
+                "params": {"generator": g, "discriminator": d},
+                "model_state": model_state,
+                "opt_state": {"g": opt_g, "d": opt_d},
+            }
             return new, {"d_loss": ld, "g_loss": lg, "fake_mean": fake_mean}
 
         return step
@@ -154,33 +183,64 @@ def _build(cfg, family, mesh, rules):
         _, g_loss = _losses(graphdef)
 
         def loss(params, model_state, batch, rng):
-            value, fake_mean = g_loss(params["generator"], params["discriminator"], model_state, batch, rng)
+            value, fake_mean = g_loss(
+                params["generator"], params["discriminator"], model_state, batch, rng
+            )
             return value, ({"fake_mean": fake_mean}, model_state)
 
         return loss
 
     rows = cfg.data.batch_size // jax.process_count()
-    return Task(name="test_gan", make_model=lambda: family.build(cfg.model, nnx.Rngs(params=cfg.seed)),
-                make_loss=make_loss, train_data=lambda: Points(rows, cfg.seed), batch_axes={"x": ("batch", None)},
-                train_step=_train_step(cfg.objective))
+    return Task(
+        name="test_gan",
+        make_model=lambda: family.build(cfg.model, nnx.Rngs(params=cfg.seed)),
+        make_loss=make_loss,
+        train_data=lambda: Points(rows, cfg.seed),
+        batch_axes={"x": ("batch", None)},
+        train_step=_train_step(cfg.objective),
+    )
 
 
-register_task(TaskSpec(name="test_gan", kinds=("gan",), objective=GANObjective, data=PointsConfig,
-                       checks=lambda cfg, family, mesh: None, build=_build))
+register_task(
+    TaskSpec(
+        name="test_gan",
+        kinds=("gan",),
+        objective=GANObjective,
+        data=PointsConfig,
+        checks=lambda cfg, family, mesh: None,
+        build=_build,
+    )
+)
 
 
 def _config(workdir, steps):
-    return Config(task="test_gan", workdir=str(workdir), model=GANConfig(), data=PointsConfig(),
-                  objective=GANObjective(), mesh=MeshConfig(data=-1),
-                  train=TrainConfig(num_steps=steps, log_every=10, eval_every=0, checkpoint_every=50,
-                                    progress_bar=False, async_checkpoints=False))
+    return Config(
+        task="test_gan",
+        workdir=str(workdir),
+        model=GANConfig(),
+        data=PointsConfig(),
+        objective=GANObjective(),
+        mesh=MeshConfig(data=-1),
+        train=TrainConfig(
+            num_steps=steps,
+            log_every=10,
+            eval_every=0,
+            checkpoint_every=50,
+            progress_bar=False,
+            async_checkpoints=False,
+        ),
+    )
 
 
 def test_a_gan_with_its_own_step_and_model_state_trains_and_resumes(tmp_path):
     first = mlgen.train(_config(tmp_path / "a", 100))
     fake = [h["fake_mean"] for h in first.history]
-    assert abs(fake[-1] - MEAN) < 0.5 * abs(fake[0] - MEAN), fake  # the generator moved towards the data
-    assert abs(float(first.state["model_state"]["data_mean"]) - MEAN) < 0.1  # the state ran with the data
+    assert abs(fake[-1] - MEAN) < 0.5 * abs(fake[0] - MEAN), (
+        fake
+    )  # the generator moved towards the data
+    assert (
+        abs(float(first.state["model_state"]["data_mean"]) - MEAN) < 0.1
+    )  # the state ran with the data
     assert set(first.state["opt_state"]) == {"g", "d"}
     # Resume half-way: the same run, bit for bit (two optimizer states, model state, data state).
     mlgen.train(_config(tmp_path / "b", 50))
@@ -188,5 +248,7 @@ def test_a_gan_with_its_own_step_and_model_state_trains_and_resumes(tmp_path):
     for a, b in zip(jax.tree.leaves(first.state), jax.tree.leaves(resumed.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     restored = mlgen.restore(tmp_path / "b")
-    assert float(restored.state["model_state"]["data_mean"]) == float(first.state["model_state"]["data_mean"])
+    assert float(restored.state["model_state"]["data_mean"]) == float(
+        first.state["model_state"]["data_mean"]
+    )
     assert restored.model().data_mean[...] == first.state["model_state"]["data_mean"]

@@ -2,36 +2,39 @@
 
 import json
 import logging
+import os
 import subprocess
 import sys
-import os
 
 import jax
 import numpy as np
-import pytest
 
 import mlgen
-from mlgen.config import MeshConfig, TrainConfig
+from mlgen.config import MeshConfig
 from tests.helpers import replace, tiny_lm_config
 
 
 def _metrics(workdir):
-    return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_loss_falls_and_logs(tmp_path, caplog):
     cfg = tiny_lm_config(str(tmp_path))
-    cfg = replace(cfg, train=replace(cfg.train, num_steps=30, log_every=5, eval_every=15, checkpoint_every=15))
+    cfg = replace(
+        cfg, train=replace(cfg.train, num_steps=30, log_every=5, eval_every=15, checkpoint_every=15)
+    )
     with caplog.at_level(logging.INFO, logger="mlgen"):
         result = mlgen.train(cfg)
     said = [r.getMessage() for r in caplog.records if "attention" in r.getMessage()]
-    assert said == ["lm / transformer on mesh {'data': 8, 'fsdp': 1, 'tensor': 1, 'seq': 1}: attention "
-                    "reference (T=32 S=32 N=4 K=2 H=16 float32 causal) x1"]  # once, at startup
+    assert said == [
+        "lm / transformer on mesh {'data': 8, 'fsdp': 1, 'tensor': 1, 'seq': 1}: attention "
+        "reference (T=32 S=32 N=4 K=2 H=16 float32 causal) x1"
+    ]  # once, at startup
     assert result.attention.startswith("reference")
     lines = _metrics(tmp_path)
-    assert [l["step"] for l in lines] == [5, 10, 15, 20, 25, 30]
+    assert [line["step"] for line in lines] == [5, 10, 15, 20, 25, 30]
     assert lines[-1]["loss"] < lines[0]["loss"] - 0.5, lines
-    evals = [l["eval_loss"] for l in lines if "eval_loss" in l]
+    evals = [line["eval_loss"] for line in lines if "eval_loss" in line]
     assert len(evals) == 2 and evals[1] < evals[0]
     for key in ("grad_norm", "lr", "tokens_per_s", "step_s"):
         assert key in lines[-1]
@@ -43,15 +46,26 @@ def test_loss_falls_and_logs(tmp_path, caplog):
 def test_deterministic_and_resume_is_bitwise(tmp_path):
     """Train 2N straight == train N, stop, resume, train N (parameters bitwise equal on CPU)."""
     base = tiny_lm_config(mesh=MeshConfig(data=4, fsdp=2, rules="fsdp"))
-    base = replace(base, optim=replace(base.optim, decay_steps=8))  # same schedule whatever num_steps says
-    straight = mlgen.train(replace(base, workdir=str(tmp_path / "a"),
-                                   train=replace(base.train, num_steps=8, checkpoint_every=100)))
+    base = replace(
+        base, optim=replace(base.optim, decay_steps=8)
+    )  # same schedule whatever num_steps says
+    straight = mlgen.train(
+        replace(
+            base,
+            workdir=str(tmp_path / "a"),
+            train=replace(base.train, num_steps=8, checkpoint_every=100),
+        )
+    )
     mlgen.train(replace(base, workdir=str(tmp_path / "b"), train=replace(base.train, num_steps=4)))
-    resumed = mlgen.train(replace(base, workdir=str(tmp_path / "b"), train=replace(base.train, num_steps=8)))
-    for a, b in zip(jax.tree.leaves(straight.state["params"]), jax.tree.leaves(resumed.state["params"])):
+    resumed = mlgen.train(
+        replace(base, workdir=str(tmp_path / "b"), train=replace(base.train, num_steps=8))
+    )
+    for a, b in zip(
+        jax.tree.leaves(straight.state["params"]), jax.tree.leaves(resumed.state["params"])
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    la = [l["loss"] for l in _metrics(tmp_path / "a")]
-    lb = [l["loss"] for l in _metrics(tmp_path / "b")]
+    la = [line["loss"] for line in _metrics(tmp_path / "a")]
+    lb = [line["loss"] for line in _metrics(tmp_path / "b")]
     assert la == lb  # same logged losses, no duplicated lines after resume
 
 
@@ -59,8 +73,11 @@ def test_checkpoint_restores_on_fewer_devices_and_another_mesh(tmp_path):
     cfg = tiny_lm_config(str(tmp_path), mesh=MeshConfig(data=2, fsdp=4, rules="fsdp"))
     cfg = replace(cfg, train=replace(cfg.train, num_steps=2, eval_every=0))
     trained = mlgen.train(cfg)
-    run = mlgen.restore(tmp_path, ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "mesh.rules=fsdp_tp"],
-                        devices=jax.devices()[:4])
+    run = mlgen.restore(
+        tmp_path,
+        ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "mesh.rules=fsdp_tp"],
+        devices=jax.devices()[:4],
+    )
     q = run.state["params"]["blocks"]["attn"]["q"]["kernel"]
     assert len(q.sharding.device_set) == 4 and q.sharding.spec[2] == "tensor"
     for a, b in zip(jax.tree.leaves(trained.state), jax.tree.leaves(run.state)):
@@ -69,13 +86,31 @@ def test_checkpoint_restores_on_fewer_devices_and_another_mesh(tmp_path):
 
 def test_cli_runs_a_tiny_config_end_to_end(tmp_path):
     env = dict(os.environ, MLGEN_COMPILATION_CACHE="off")
-    cmd = [sys.executable, "-m", "mlgen.cli", "--cpu-devices", "2", "train", "configs/lm/tiny.py",
-           f"workdir={tmp_path}", "train.num_steps=4", "train.log_every=2", "train.eval_every=4",
-           "train.eval_steps=1", "model.num_layers=1", "model.d_model=32", "data.max_docs=20",
-           "data.batch_size=4", "data.seq_len=32", "train.progress_bar=false"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlgen.cli",
+        "--cpu-devices",
+        "2",
+        "train",
+        "configs/lm/tiny.py",
+        f"workdir={tmp_path}",
+        "train.num_steps=4",
+        "train.log_every=2",
+        "train.eval_every=4",
+        "train.eval_steps=1",
+        "model.num_layers=1",
+        "model.d_model=32",
+        "data.max_docs=20",
+        "data.batch_size=4",
+        "data.seq_len=32",
+        "train.progress_bar=false",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "done: step 4" in out.stdout
-    assert [l["step"] for l in _metrics(tmp_path)] == [2, 4]
-    bad = subprocess.run(cmd + ["model.num_heads=3"], capture_output=True, text=True, timeout=300)
+    assert [line["step"] for line in _metrics(tmp_path)] == [2, 4]
+    bad = subprocess.run(
+        cmd + ["model.num_heads=3"], capture_output=True, text=True, timeout=300, env=env
+    )
     assert bad.returncode == 2 and "model.num_heads" in bad.stderr.strip().splitlines()[-1]

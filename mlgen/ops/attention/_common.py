@@ -22,7 +22,7 @@ class MaskSpec:
 
     causal: bool
     sliding_window: int | None
-    kv_len: int            # true key length S; keys at or past it are padding
+    kv_len: int  # true key length S; keys at or past it are padding
     has_segments: bool
     kv_padded: bool = False  # the key axis was padded past kv_len: mask those keys
 
@@ -76,8 +76,9 @@ def kv_block_range(spec: MaskSpec, q_offset, i, block_q: int, block_k: int, num_
     return lo, _max(hi, lo)
 
 
-def q_block_range(spec: MaskSpec, q_offset, j, block_q: int, block_k: int, num_q_blocks: int,
-                  q_len: int):
+def q_block_range(
+    spec: MaskSpec, q_offset, j, block_q: int, block_k: int, num_q_blocks: int, q_len: int
+):
     """[lo, hi) of query blocks that can see key block ``j`` (the transpose of the above)."""
     k_first = j * block_k
     k_last = k_first + block_k - 1
@@ -124,14 +125,14 @@ def pad_axis(x, axis: int, size: int, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def online_softmax_finish(m, l, acc):
+def online_softmax_finish(m, row_sum, acc):
     """Turn running (max, sum, un-normalised output) into (output, log-sum-exp).
 
-    Rows that saw no key (``l == 0``) give output 0 and lse ``-inf``.
+    Rows that saw no key (``row_sum == 0``) give output 0 and lse ``-inf``.
     """
-    empty = l == 0
-    out = acc / jnp.where(empty, 1.0, l)
-    lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+    empty = row_sum == 0
+    out = acc / jnp.where(empty, 1.0, row_sum)
+    lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, row_sum)))
     return out, lse
 
 
@@ -143,6 +144,7 @@ def safe_max(m):
 def default_interpret_params():
     """Interpret-mode flag for Mosaic (TPU) kernels run on CPU."""
     from jax.experimental.pallas import tpu as pltpu
+
     return pltpu.InterpretParams()
 
 
@@ -160,14 +162,24 @@ def _precision(a, b):
 
 def dot_nn(a, b):
     """``a @ b`` for 2-D tiles with float32 accumulation (lowers in Triton and Mosaic)."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_precision(a, b),
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a,
+        b,
+        (((1,), (0,)), ((), ())),
+        precision=_precision(a, b),
+        preferred_element_type=jnp.float32,
+    )
 
 
 def dot_nt(a, b):
     """``a @ b.T`` for 2-D tiles with float32 accumulation, without materialising ``b.T``."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(a, b),
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a,
+        b,
+        (((1,), (1,)), ((), ())),
+        precision=_precision(a, b),
+        preferred_element_type=jnp.float32,
+    )
 
 
 def next_pow2(x: int) -> int:

@@ -43,7 +43,7 @@ class Problem:
     causal: bool
     has_segments: bool
     sliding_window: int | None
-    platform: str   # jax.default_backend() at call time: "cpu", "gpu", "tpu"
+    platform: str  # jax.default_backend() at call time: "cpu", "gpu", "tpu"
     interpret: bool
     seq_shards: int = 1  # size of the active mesh's "seq" axis (sequence parallelism when > 1)
 
@@ -67,10 +67,16 @@ BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", reference.attention, _always),
     "xla": Backend("xla", xla.attention, _always),
     "blockwise": Backend("blockwise", blockwise.attention, _always, ("block_sizes",)),
-    "pallas_gpu": Backend("pallas_gpu", pallas_gpu.attention, pallas_gpu.unsupported, ("block_sizes",)),
-    "pallas_tpu": Backend("pallas_tpu", pallas_tpu.attention, pallas_tpu.unsupported, ("block_sizes",)),
+    "pallas_gpu": Backend(
+        "pallas_gpu", pallas_gpu.attention, pallas_gpu.unsupported, ("block_sizes",)
+    ),
+    "pallas_tpu": Backend(
+        "pallas_tpu", pallas_tpu.attention, pallas_tpu.unsupported, ("block_sizes",)
+    ),
     # Needs an active mesh with a 'seq' axis; "auto" picks it when that axis is larger than 1.
-    "ring": Backend("ring", ring.attention, ring.unsupported, ("block_sizes", "local_backend", "load_balance")),
+    "ring": Backend(
+        "ring", ring.attention, ring.unsupported, ("block_sizes", "local_backend", "load_balance")
+    ),
 }
 
 
@@ -97,14 +103,28 @@ class AttentionConfig:
     def validate(self) -> None:
         names = self.backend.split(",")
         for b in names:
-            check(b == "auto" or b in BACKENDS, "backend",
-                  f"unknown backend {b!r}; choose from {['auto', *BACKENDS]} (or several: 'pallas_tpu,xla')")
-        check(len(self.block_sizes) in (0, 4), "block_sizes",
-              f"give four sizes (block_q, block_k, block_q_bwd, block_k_bwd) or none, got {self.block_sizes}")
-        check(all(isinstance(b, int) and b > 0 for b in self.block_sizes), "block_sizes",
-              f"must be positive ints, got {self.block_sizes}")
-        check(self.ring_local_backend in ("auto", *ring.LOCAL_BACKENDS), "ring_local_backend",
-              f"must be one of {['auto', *ring.LOCAL_BACKENDS]}, got {self.ring_local_backend!r}")
+            check(
+                b == "auto" or b in BACKENDS,
+                "backend",
+                f"unknown backend {b!r}; choose from {['auto', *BACKENDS]} "
+                "(or several: 'pallas_tpu,xla')",
+            )
+        check(
+            len(self.block_sizes) in (0, 4),
+            "block_sizes",
+            "give four sizes (block_q, block_k, block_q_bwd, block_k_bwd) or none, "
+            f"got {self.block_sizes}",
+        )
+        check(
+            all(isinstance(b, int) and b > 0 for b in self.block_sizes),
+            "block_sizes",
+            f"must be positive ints, got {self.block_sizes}",
+        )
+        check(
+            self.ring_local_backend in ("auto", *ring.LOCAL_BACKENDS),
+            "ring_local_backend",
+            f"must be one of {['auto', *ring.LOCAL_BACKENDS]}, got {self.ring_local_backend!r}",
+        )
 
     @property
     def backends(self) -> str | tuple[str, ...]:
@@ -114,9 +134,18 @@ class AttentionConfig:
 
     def options(self) -> dict:
         """The tunables by keyword (``Backend.options`` says which a backend takes)."""
-        bs = None if not self.block_sizes else BlockSizes(**dict(zip(
-            ("block_q", "block_k", "block_q_bwd", "block_k_bwd"), self.block_sizes)))
-        return dict(block_sizes=bs, local_backend=self.ring_local_backend, load_balance=self.ring_load_balance)
+        bs = (
+            None
+            if not self.block_sizes
+            else BlockSizes(
+                **dict(zip(("block_q", "block_k", "block_q_bwd", "block_k_bwd"), self.block_sizes))
+            )
+        )
+        return dict(
+            block_sizes=bs,
+            local_backend=self.ring_local_backend,
+            load_balance=self.ring_load_balance,
+        )
 
 
 _RECORDINGS: list[list[tuple[str, Problem]]] = []
@@ -137,10 +166,15 @@ def describe(calls: Sequence[tuple[str, Problem]]) -> str:
     """One line: each backend picked, with its calls' shapes and counts (``recording``'s list)."""
     counts: dict[str, int] = {}
     for name, p in calls:
-        key = (f"{name} (T={p.T} S={p.S} N={p.N} K={p.K} H={p.H} {p.dtype}"
-               + (" causal" if p.causal else "") + (f" seq={p.seq_shards}" if p.seq_shards > 1 else "") + ")")
+        key = (
+            f"{name} (T={p.T} S={p.S} N={p.N} K={p.K} H={p.H} {p.dtype}"
+            + (" causal" if p.causal else "")
+            + (f" seq={p.seq_shards}" if p.seq_shards > 1 else "")
+            + ")"
+        )
         counts[key] = counts.get(key, 0) + 1
     return ", ".join(f"{k} x{n}" for k, n in counts.items()) or "none"
+
 
 # On CPU (2 cores, `mlgen bench attention`, causal fwd+bwd, B=1 N=8 H=64 f32) blockwise vs
 # XLA speed was 1.0x at T=512, 1.2x at 1k, 2.6x at 2k, 4.3x at 4k (it skips masked blocks and
@@ -165,10 +199,19 @@ def auto_order(p: Problem) -> tuple[str, ...]:
     return ring_first + ("xla", "blockwise")
 
 
-def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], *,
-              causal: bool = False, segment_ids=None, sliding_window: int | None = None,
-              scale: float | None = None, backend: str | Sequence[str] = "auto",
-              interpret: bool = False, config: AttentionConfig | None = None) -> Float[Array, "B T N H"]:
+def attention(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K H"],
+    *,
+    causal: bool = False,
+    segment_ids=None,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    backend: str | Sequence[str] = "auto",
+    interpret: bool = False,
+    config: AttentionConfig | None = None,
+) -> Float[Array, "B T N H"]:
     """Multi-head attention with grouped K/V heads.
 
     Args:
@@ -207,17 +250,30 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[A
         b = BACKENDS[name]
         why = b.unsupported(p)
         if why is None:
-            kw = dict(causal=causal, segment_ids=segment_ids, sliding_window=sliding_window, scale=scale,
-                      interpret=interpret, **{o: options[o] for o in b.options})
+            kw = dict(
+                causal=causal,
+                segment_ids=segment_ids,
+                sliding_window=sliding_window,
+                scale=scale,
+                interpret=interpret,
+                **{o: options[o] for o in b.options},
+            )
             if len(names) == 1:
                 return _chosen(name, p, b.fn(q, k, v, **kw))
             try:
                 return _chosen(name, p, b.fn(q, k, v, **kw))
-            except (ValueError, NotImplementedError, TypeError) as e:  # tracing failed: try the next
+            except (
+                ValueError,
+                NotImplementedError,
+                TypeError,
+            ) as e:  # tracing failed: try the next
                 why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         reasons.append(f"{name}: {why}")
-    raise ValueError(f"attention backend={backend!r}: no backend can run these inputs ("
-                     + "; ".join(reasons) + ")")
+    raise ValueError(
+        f"attention backend={backend!r}: no backend can run these inputs ("
+        + "; ".join(reasons)
+        + ")"
+    )
 
 
 _DEFAULT_CONFIG = AttentionConfig()
@@ -235,10 +291,14 @@ def _backend_names(backend, p: Problem) -> tuple[str, ...]:
     elif isinstance(backend, Sequence) and backend and all(isinstance(b, str) for b in backend):
         names = tuple(n for b in backend for n in (auto_order(p) if b == "auto" else (b,)))
     else:
-        raise ValueError(f"backend must be a name or a non-empty sequence of names, got {backend!r}")
+        raise ValueError(
+            f"backend must be a name or a non-empty sequence of names, got {backend!r}"
+        )
     for n in names:
         if n not in BACKENDS:
-            raise ValueError(f"backend={n!r} is unknown; known: 'auto', " + ", ".join(map(repr, BACKENDS)))
+            raise ValueError(
+                f"backend={n!r} is unknown; known: 'auto', " + ", ".join(map(repr, BACKENDS))
+            )
     return names
 
 
@@ -247,7 +307,9 @@ def _check(q, k, v, causal, segment_ids, sliding_window, scale, interpret) -> Pr
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
             want = "[B, T, N, H]" if name == "q" else "[B, S, K, H]"
-            raise ValueError(f"{name} must be rank 4 {want}, got shape {getattr(x, 'shape', type(x))}")
+            raise ValueError(
+                f"{name} must be rank 4 {want}, got shape {getattr(x, 'shape', type(x))}"
+            )
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
     B, T, N, H = q.shape
@@ -271,21 +333,42 @@ def _check(q, k, v, causal, segment_ids, sliding_window, scale, interpret) -> Pr
             shapes = ((B, T), (B, S))
         else:
             if T != S:
-                raise ValueError(f"segment_ids [B, T] needs T == S (got T={T}, S={S}); pass a (q_ids, kv_ids) pair")
+                raise ValueError(
+                    f"segment_ids [B, T] needs T == S (got T={T}, S={S}); "
+                    "pass a (q_ids, kv_ids) pair"
+                )
             segment_ids, shapes = (segment_ids,), ((B, T),)
         for ids, want in zip(segment_ids, shapes):
-            if tuple(getattr(ids, "shape", ())) != want or not jnp.issubdtype(ids.dtype, jnp.integer):
-                raise ValueError(f"segment_ids must be integer arrays of shape {want}, got "
-                                 f"{getattr(ids, 'shape', type(ids))} {getattr(ids, 'dtype', '')}")
-    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, (int, np.integer))
-                                       or sliding_window < 1):
+            if tuple(getattr(ids, "shape", ())) != want or not jnp.issubdtype(
+                ids.dtype, jnp.integer
+            ):
+                raise ValueError(
+                    f"segment_ids must be integer arrays of shape {want}, got "
+                    f"{getattr(ids, 'shape', type(ids))} {getattr(ids, 'dtype', '')}"
+                )
+    if sliding_window is not None and (
+        isinstance(sliding_window, bool)
+        or not isinstance(sliding_window, (int, np.integer))
+        or sliding_window < 1
+    ):
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
     if scale is not None and not isinstance(scale, (int, float, np.floating, np.integer)):
         raise ValueError(f"scale must be a Python number or None, got {type(scale).__name__}")
-    return Problem(B=B, T=T, S=S, N=N, K=K, H=H, dtype=np.dtype(q.dtype), causal=bool(causal),
-                   has_segments=segment_ids is not None,
-                   sliding_window=None if sliding_window is None else int(sliding_window),
-                   platform=_common.platform(), interpret=bool(interpret), seq_shards=_seq_shards())
+    return Problem(
+        B=B,
+        T=T,
+        S=S,
+        N=N,
+        K=K,
+        H=H,
+        dtype=np.dtype(q.dtype),
+        causal=bool(causal),
+        has_segments=segment_ids is not None,
+        sliding_window=None if sliding_window is None else int(sliding_window),
+        platform=_common.platform(),
+        interpret=bool(interpret),
+        seq_shards=_seq_shards(),
+    )
 
 
 def _seq_shards() -> int:

@@ -36,8 +36,12 @@ class BlockSizes:
     def clamp(self, T: int, S: int, multiple: int = 8) -> "BlockSizes":
         """Shrink blocks larger than the sequence (rounded up to ``multiple``)."""
         tq, tk = round_up(T, multiple), round_up(S, multiple)
-        return BlockSizes(block_q=min(self.block_q, tq), block_k=min(self.block_k, tk),
-                          block_q_bwd=min(self.block_q_bwd, tq), block_k_bwd=min(self.block_k_bwd, tk))
+        return BlockSizes(
+            block_q=min(self.block_q, tq),
+            block_k=min(self.block_k, tk),
+            block_q_bwd=min(self.block_q_bwd, tq),
+            block_k_bwd=min(self.block_k_bwd, tk),
+        )
 
 
 def blockwise_default(T: int, S: int, H: int) -> BlockSizes:

@@ -18,8 +18,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from mlgen.ops.attention._common import (MaskSpec, block_mask, dot_nn, dot_nt, kv_block_range,
-                                         online_softmax_finish, q_block_range, safe_max)
+from mlgen.ops.attention._common import (
+    MaskSpec,
+    block_mask,
+    dot_nn,
+    dot_nt,
+    kv_block_range,
+    online_softmax_finish,
+    q_block_range,
+    safe_max,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +36,7 @@ class KernelConfig:
 
     spec: MaskSpec
     q_offset: int
-    q_len: int       # true T (queries past it are padding)
+    q_len: int  # true T (queries past it are padding)
     scale: float
     block_q: int
     block_k: int
@@ -43,6 +51,7 @@ def _params(cfg: KernelConfig):
     if cfg.interpret:
         return None
     from jax.experimental.pallas import triton as plt
+
     return plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -55,9 +64,11 @@ def _split(refs, n_in, has_seg):
 
 # --- forward ------------------------------------------------------------------------------------
 
+
 def _fwd_kernel(*refs, cfg: KernelConfig, nk: int):
-    (q_ref, k_ref, v_ref), qid_ref, kid_ref, (o_ref, lse_ref) = _split(refs, 3 + 2 * cfg.spec.has_segments,
-                                                                        cfg.spec.has_segments)
+    (q_ref, k_ref, v_ref), qid_ref, kid_ref, (o_ref, lse_ref) = _split(
+        refs, 3 + 2 * cfg.spec.has_segments, cfg.spec.has_segments
+    )
     bq, bk = cfg.block_q, cfg.block_k
     i = pl.program_id(2)
     q = q_ref[...]
@@ -66,7 +77,7 @@ def _fwd_kernel(*refs, cfg: KernelConfig, nk: int):
     lo, hi = kv_block_range(cfg.spec, cfg.q_offset, i, bq, bk, nk)
 
     def body(j, carry):
-        m, l, acc = carry
+        m, row_sum, acc = carry
         ks = pl.ds(j * bk, bk)
         s = dot_nt(q, k_ref[ks, :]) * cfg.scale
         kpos = (j * bk + jnp.arange(bk, dtype=jnp.int32))[None, :]
@@ -80,13 +91,16 @@ def _fwd_kernel(*refs, cfg: KernelConfig, nk: int):
         alpha = jnp.exp(m - ms)
         v = v_ref[ks, :]
         acc = acc * alpha[:, None] + dot_nn(p.astype(v.dtype), v)
-        return m_new, alpha * l + jnp.sum(p, axis=1), acc
+        return m_new, alpha * row_sum + jnp.sum(p, axis=1), acc
 
     H = q.shape[-1]
-    init = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32),
-            jnp.zeros((bq, H), jnp.float32))
-    m, l, acc = lax.fori_loop(lo, hi, body, init)
-    o, lse = online_softmax_finish(m[:, None], l[:, None], acc)
+    init = (
+        jnp.full((bq,), -jnp.inf, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+        jnp.zeros((bq, H), jnp.float32),
+    )
+    m, row_sum, acc = lax.fori_loop(lo, hi, body, init)
+    o, lse = online_softmax_finish(m[:, None], row_sum[:, None], acc)
     o_ref[...] = o.astype(o_ref.dtype)
     lse_ref[...] = lse[:, 0]
 
@@ -97,31 +111,44 @@ def forward(q, k, v, q_ids, kv_ids, cfg: KernelConfig):
     Sp, K = k.shape[1], k.shape[2]
     G, bq = N // K, cfg.block_q
     nq, nk = Tp // bq, Sp // cfg.block_k
-    in_specs = [pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0)),
-                pl.BlockSpec((None, Sp, None, H), lambda b, n, i: (b, 0, lax.div(n, G), 0)),
-                pl.BlockSpec((None, Sp, None, H), lambda b, n, i: (b, 0, lax.div(n, G), 0))]
+    in_specs = [
+        pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0)),
+        pl.BlockSpec((None, Sp, None, H), lambda b, n, i: (b, 0, lax.div(n, G), 0)),
+        pl.BlockSpec((None, Sp, None, H), lambda b, n, i: (b, 0, lax.div(n, G), 0)),
+    ]
     args = [q, k, v]
     if cfg.spec.has_segments:
-        in_specs += [pl.BlockSpec((None, bq), lambda b, n, i: (b, i)),
-                     pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0))]
+        in_specs += [
+            pl.BlockSpec((None, bq), lambda b, n, i: (b, i)),
+            pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0)),
+        ]
         args += [q_ids, kv_ids]
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, nk=nk),
         grid=(B, N, nq),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0)),
-                   pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
-        compiler_params=_params(cfg), interpret=cfg.interpret, name="mlgen_flash_fwd",
+        out_specs=[
+            pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0)),
+            pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((B, N, Tp), jnp.float32),
+        ],
+        compiler_params=_params(cfg),
+        interpret=cfg.interpret,
+        name="mlgen_flash_fwd",
     )(*args)
 
 
 # --- backward: dK/dV (one program per key block and K/V head) ----------------------------------
 
+
 def _dkdv_kernel(*refs, cfg: KernelConfig, G: int, nq: int):
     n_in = 6 + 2 * cfg.spec.has_segments
     (q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref), qid_ref, kid_ref, (dk_ref, dv_ref) = _split(
-        refs, n_in, cfg.spec.has_segments)
+        refs, n_in, cfg.spec.has_segments
+    )
     bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
     j = pl.program_id(2)
     k, v = k_ref[...], v_ref[...]
@@ -147,6 +174,7 @@ def _dkdv_kernel(*refs, cfg: KernelConfig, G: int, nq: int):
             ds_t = p_t * (dot_nt(v, do) - delta[None, :]) * cfg.scale
             dk = dk + dot_nn(ds_t.astype(q.dtype), q)
             return dk, dv
+
         return body
 
     H = k.shape[-1]
@@ -159,10 +187,12 @@ def _dkdv_kernel(*refs, cfg: KernelConfig, G: int, nq: int):
 
 # --- backward: dQ (one program per query block and head) ----------------------------------------
 
+
 def _dq_kernel(*refs, cfg: KernelConfig, nk: int):
     n_in = 6 + 2 * cfg.spec.has_segments
     (q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref), qid_ref, kid_ref, (dq_ref,) = _split(
-        refs, n_in, cfg.spec.has_segments)
+        refs, n_in, cfg.spec.has_segments
+    )
     bq, bk = cfg.block_q, cfg.block_k
     i = pl.program_id(2)
     q, do = q_ref[...], do_ref[...]
@@ -195,23 +225,31 @@ def backward(q, k, v, do, lse, delta, q_ids, kv_ids, cfg: KernelConfig):
     G = N // K
     has_seg = cfg.spec.has_segments
     bqb, bkb = cfg.block_q_bwd, cfg.block_k_bwd
-    in_specs = [pl.BlockSpec((None, Tp, G, H), lambda b, h, j: (b, 0, h, 0)),
-                pl.BlockSpec((None, bkb, None, H), lambda b, h, j: (b, j, h, 0)),
-                pl.BlockSpec((None, bkb, None, H), lambda b, h, j: (b, j, h, 0)),
-                pl.BlockSpec((None, Tp, G, H), lambda b, h, j: (b, 0, h, 0)),
-                pl.BlockSpec((None, G, Tp), lambda b, h, j: (b, h, 0)),
-                pl.BlockSpec((None, G, Tp), lambda b, h, j: (b, h, 0))]
+    in_specs = [
+        pl.BlockSpec((None, Tp, G, H), lambda b, h, j: (b, 0, h, 0)),
+        pl.BlockSpec((None, bkb, None, H), lambda b, h, j: (b, j, h, 0)),
+        pl.BlockSpec((None, bkb, None, H), lambda b, h, j: (b, j, h, 0)),
+        pl.BlockSpec((None, Tp, G, H), lambda b, h, j: (b, 0, h, 0)),
+        pl.BlockSpec((None, G, Tp), lambda b, h, j: (b, h, 0)),
+        pl.BlockSpec((None, G, Tp), lambda b, h, j: (b, h, 0)),
+    ]
     args = [q, k, v, do, lse, delta]
     if has_seg:
-        in_specs += [pl.BlockSpec((None, Tp), lambda b, h, j: (b, 0)),
-                     pl.BlockSpec((None, bkb), lambda b, h, j: (b, j))]
+        in_specs += [
+            pl.BlockSpec((None, Tp), lambda b, h, j: (b, 0)),
+            pl.BlockSpec((None, bkb), lambda b, h, j: (b, j)),
+        ]
         args += [q_ids, kv_ids]
     kv_spec = pl.BlockSpec((None, bkb, None, H), lambda b, h, j: (b, j, h, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg, G=G, nq=Tp // bqb),
-        grid=(B, K, Sp // bkb), in_specs=in_specs, out_specs=[kv_spec, kv_spec],
+        grid=(B, K, Sp // bkb),
+        in_specs=in_specs,
+        out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=_params(cfg), interpret=cfg.interpret, name="mlgen_flash_dkdv",
+        compiler_params=_params(cfg),
+        interpret=cfg.interpret,
+        name="mlgen_flash_dkdv",
     )(*args)
 
     bq = cfg.block_q
@@ -220,12 +258,18 @@ def backward(q, k, v, do, lse, delta, q_ids, kv_ids, cfg: KernelConfig):
     full_kv = pl.BlockSpec((None, Sp, None, H), lambda b, n, i: (b, 0, lax.div(n, G), 0))
     in_specs = [q_spec, full_kv, full_kv, q_spec, row_spec, row_spec]
     if has_seg:
-        in_specs += [pl.BlockSpec((None, bq), lambda b, n, i: (b, i)),
-                     pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0))]
+        in_specs += [
+            pl.BlockSpec((None, bq), lambda b, n, i: (b, i)),
+            pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0)),
+        ]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, nk=Sp // cfg.block_k),
-        grid=(B, N, Tp // bq), in_specs=in_specs, out_specs=q_spec,
+        grid=(B, N, Tp // bq),
+        in_specs=in_specs,
+        out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_params(cfg), interpret=cfg.interpret, name="mlgen_flash_dq",
+        compiler_params=_params(cfg),
+        interpret=cfg.interpret,
+        name="mlgen_flash_dq",
     )(*args)
     return dq, dk, dv

@@ -20,7 +20,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from mlgen.ops.attention._common import MaskSpec, block_mask, dot_nn, dot_nt, kv_block_range, q_block_range
+from mlgen.ops.attention._common import (
+    MaskSpec,
+    block_mask,
+    dot_nn,
+    dot_nt,
+    kv_block_range,
+    q_block_range,
+)
 
 _P, _A = pltpu.PARALLEL, pltpu.ARBITRARY
 
@@ -64,10 +71,12 @@ def _iota(shape, dim, start):
 
 # --- forward ------------------------------------------------------------------------------------
 
+
 def _fwd_kernel(*refs, cfg: KernelConfig, nk: int):
     has_seg = cfg.spec.has_segments
     (q_ref, k_ref, v_ref), qid_ref, kid_ref, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _split(
-        refs, 3 + 2 * has_seg, has_seg)
+        refs, 3 + 2 * has_seg, has_seg
+    )
     bq, bk = cfg.block_q, cfg.block_k
     i, j = pl.program_id(2), pl.program_id(3)
     lo, hi = kv_block_range(cfg.spec, cfg.q_offset, i, bq, bk, nk)
@@ -81,8 +90,13 @@ def _fwd_kernel(*refs, cfg: KernelConfig, nk: int):
     @pl.when((j >= lo) & (j < hi))
     def _step():
         s = dot_nt(q_ref[...], k_ref[...]) * cfg.scale
-        mask = block_mask(cfg.spec, _iota((bq, bk), 0, cfg.q_offset + i * bq), _iota((bq, bk), 1, j * bk),
-                          None if qid_ref is None else qid_ref[...], None if kid_ref is None else kid_ref[...])
+        mask = block_mask(
+            cfg.spec,
+            _iota((bq, bk), 0, cfg.q_offset + i * bq),
+            _iota((bq, bk), 1, j * bk),
+            None if qid_ref is None else qid_ref[...],
+            None if kid_ref is None else kid_ref[...],
+        )
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
         m_prev = m_sc[...]
@@ -97,9 +111,9 @@ def _fwd_kernel(*refs, cfg: KernelConfig, nk: int):
 
     @pl.when(j == nk - 1)
     def _finish():
-        l = l_sc[...]
-        empty = l == 0.0
-        l_safe = jnp.where(empty, 1.0, l)
+        row_sum = l_sc[...]
+        empty = row_sum == 0.0
+        l_safe = jnp.where(empty, 1.0, row_sum)
         o_ref[...] = (acc_sc[...] / l_safe).astype(o_ref.dtype)
         lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(l_safe))
 
@@ -119,23 +133,35 @@ def forward(q, k, v, q_ids_col, kv_ids_row, cfg: KernelConfig):
         lo, hi = kv_block_range(cfg.spec, cfg.q_offset, i, bq, bk, nk)
         return b, 0, _clamp(j, lo, hi)
 
-    in_specs = [pl.BlockSpec((None, None, bq, H), lambda b, n, i, j: (b, n, i, 0)),
-                pl.BlockSpec((None, None, bk, H), kv_index),
-                pl.BlockSpec((None, None, bk, H), kv_index)]
+    in_specs = [
+        pl.BlockSpec((None, None, bq, H), lambda b, n, i, j: (b, n, i, 0)),
+        pl.BlockSpec((None, None, bk, H), kv_index),
+        pl.BlockSpec((None, None, bk, H), kv_index),
+    ]
     args = [q, k, v]
     if cfg.spec.has_segments:
-        in_specs += [pl.BlockSpec((None, bq, 1), lambda b, n, i, j: (b, i, 0)),
-                     pl.BlockSpec((None, 1, bk), kid_index)]
+        in_specs += [
+            pl.BlockSpec((None, bq, 1), lambda b, n, i, j: (b, i, 0)),
+            pl.BlockSpec((None, 1, bk), kid_index),
+        ]
         args += [q_ids_col, kv_ids_row]
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, nk=nk),
         grid=(B, N, nq, nk),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, None, bq, H), lambda b, n, i, j: (b, n, i, 0)),
-                   pl.BlockSpec((None, None, bq, 1), lambda b, n, i, j: (b, n, i, 0))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, Tp, 1), jnp.float32)],
-        scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                        pltpu.VMEM((bq, H), jnp.float32)],
+        out_specs=[
+            pl.BlockSpec((None, None, bq, H), lambda b, n, i, j: (b, n, i, 0)),
+            pl.BlockSpec((None, None, bq, 1), lambda b, n, i, j: (b, n, i, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((B, N, Tp, 1), jnp.float32),
+        ],
+        scratch_shapes=[
+            pltpu.VMEM((bq, 1), jnp.float32),
+            pltpu.VMEM((bq, 1), jnp.float32),
+            pltpu.VMEM((bq, H), jnp.float32),
+        ],
         name="mlgen_tpu_flash_fwd",
         **_call_kwargs(cfg, (_P, _P, _P, _A)),
     )(*args)
@@ -143,10 +169,15 @@ def forward(q, k, v, q_ids_col, kv_ids_row, cfg: KernelConfig):
 
 # --- backward: dK/dV --------------------------------------------------------------------------
 
+
 def _dkdv_kernel(*refs, cfg: KernelConfig, G: int, nq: int):
     has_seg = cfg.spec.has_segments
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref), qid_ref, kid_ref, (dk_ref, dv_ref, dk_sc, dv_sc) = _split(
-        refs, 6 + 2 * has_seg, has_seg)
+    (
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref),
+        qid_ref,
+        kid_ref,
+        (dk_ref, dv_ref, dk_sc, dv_sc),
+    ) = _split(refs, 6 + 2 * has_seg, has_seg)
     bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
     j, g, i = pl.program_id(2), pl.program_id(3), pl.program_id(4)
     lo, hi = q_block_range(cfg.spec, cfg.q_offset, j, bq, bk, nq, cfg.q_len)
@@ -163,8 +194,13 @@ def _dkdv_kernel(*refs, cfg: KernelConfig, G: int, nq: int):
         # Transposed tiles [bk, bq]: every product is A @ B or A @ B.T.
         s_t = dot_nt(k, q) * cfg.scale
         p_t = jnp.exp(s_t - lse_ref[...])
-        mask = block_mask(cfg.spec, _iota((bk, bq), 1, cfg.q_offset + i * bq), _iota((bk, bq), 0, j * bk),
-                          None if qid_ref is None else qid_ref[...], None if kid_ref is None else kid_ref[...])
+        mask = block_mask(
+            cfg.spec,
+            _iota((bk, bq), 1, cfg.q_offset + i * bq),
+            _iota((bk, bq), 0, j * bk),
+            None if qid_ref is None else qid_ref[...],
+            None if kid_ref is None else kid_ref[...],
+        )
         if mask is not None:
             p_t = jnp.where(mask, p_t, 0.0)
         dv_sc[...] += dot_nn(p_t.astype(do.dtype), do)
@@ -179,10 +215,12 @@ def _dkdv_kernel(*refs, cfg: KernelConfig, G: int, nq: int):
 
 # --- backward: dQ -------------------------------------------------------------------------------
 
+
 def _dq_kernel(*refs, cfg: KernelConfig, nk: int):
     has_seg = cfg.spec.has_segments
     (q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref), qid_ref, kid_ref, (dq_ref, dq_sc) = _split(
-        refs, 6 + 2 * has_seg, has_seg)
+        refs, 6 + 2 * has_seg, has_seg
+    )
     bq, bk = cfg.block_q, cfg.block_k
     i, j = pl.program_id(2), pl.program_id(3)
     lo, hi = kv_block_range(cfg.spec, cfg.q_offset, i, bq, bk, nk)
@@ -196,8 +234,13 @@ def _dq_kernel(*refs, cfg: KernelConfig, nk: int):
         q, do, k = q_ref[...], do_ref[...], k_ref[...]
         s = dot_nt(q, k) * cfg.scale
         p = jnp.exp(s - lse_ref[...])
-        mask = block_mask(cfg.spec, _iota((bq, bk), 0, cfg.q_offset + i * bq), _iota((bq, bk), 1, j * bk),
-                          None if qid_ref is None else qid_ref[...], None if kid_ref is None else kid_ref[...])
+        mask = block_mask(
+            cfg.spec,
+            _iota((bq, bk), 0, cfg.q_offset + i * bq),
+            _iota((bq, bk), 1, j * bk),
+            None if qid_ref is None else qid_ref[...],
+            None if kid_ref is None else kid_ref[...],
+        )
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
         ds = p * (dot_nt(do, v_ref[...]) - d_ref[...]) * cfg.scale
@@ -232,12 +275,16 @@ def backward(q, k, v, do, lse, delta, ids, cfg: KernelConfig):
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
     args = [q, k, v, do, lse_row, d_row]
     if has_seg:
-        in_specs += [pl.BlockSpec((None, 1, bq), lambda b, h, j, g, i: (b, 0, qi(j, i))),
-                     pl.BlockSpec((None, bk, 1), lambda b, h, j, g, i: (b, j, 0))]
+        in_specs += [
+            pl.BlockSpec((None, 1, bq), lambda b, h, j, g, i: (b, 0, qi(j, i))),
+            pl.BlockSpec((None, bk, 1), lambda b, h, j, g, i: (b, j, 0)),
+        ]
         args += [ids[1], ids[2]]
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg, G=G, nq=nq),
-        grid=(B, K, nk, G, nq), in_specs=in_specs, out_specs=[kv_spec, kv_spec],
+        grid=(B, K, nk, G, nq),
+        in_specs=in_specs,
+        out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, H), jnp.float32)],
         name="mlgen_tpu_flash_dkdv",
@@ -258,12 +305,16 @@ def backward(q, k, v, do, lse, delta, ids, cfg: KernelConfig):
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, col_spec, col_spec]
     args = [q, k, v, do, lse_col, d_col]
     if has_seg:
-        in_specs += [pl.BlockSpec((None, bq, 1), lambda b, n, i, j: (b, i, 0)),
-                     pl.BlockSpec((None, 1, bk), lambda b, n, i, j: (b, 0, kj(i, j)))]
+        in_specs += [
+            pl.BlockSpec((None, bq, 1), lambda b, n, i, j: (b, i, 0)),
+            pl.BlockSpec((None, 1, bk), lambda b, n, i, j: (b, 0, kj(i, j))),
+        ]
         args += [ids[0], ids[3]]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, nk=nk),
-        grid=(B, N, nq, nk), in_specs=in_specs, out_specs=q_spec,
+        grid=(B, N, nq, nk),
+        in_specs=in_specs,
+        out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((bq, H), jnp.float32)],
         name="mlgen_tpu_flash_dq",

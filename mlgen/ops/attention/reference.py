@@ -5,11 +5,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mlgen.typing import Array, Float, Int
+from mlgen.typing import Array, Float
 
 
-def make_mask(T: int, S: int, *, causal: bool, segment_ids, sliding_window: int | None,
-              q_offset: int | None = None) -> jax.Array | None:
+def make_mask(
+    T: int,
+    S: int,
+    *,
+    causal: bool,
+    segment_ids,
+    sliding_window: int | None,
+    q_offset: int | None = None,
+) -> jax.Array | None:
     """Boolean mask ``[B or 1, T, S]`` (True = attend), or None when nothing is masked.
 
     Queries are the last ``T`` of ``S`` positions (``q_offset = S - T``) unless told otherwise,
@@ -30,15 +37,25 @@ def make_mask(T: int, S: int, *, causal: bool, segment_ids, sliding_window: int 
     if mask is not None:
         mask = mask[None]
     if segment_ids is not None:
-        q_ids, kv_ids = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
+        q_ids, kv_ids = (
+            segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
+        )
         seg = q_ids[:, :, None] == kv_ids[:, None, :]
         mask = seg if mask is None else mask & seg
     return mask
 
 
-def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], *,
-              causal: bool = False, segment_ids=None, sliding_window: int | None = None,
-              scale: float | None = None, interpret: bool = False) -> Float[Array, "B T N H"]:
+def attention(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K H"],
+    *,
+    causal: bool = False,
+    segment_ids=None,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    interpret: bool = False,
+) -> Float[Array, "B T N H"]:
     """Softmax attention materialising the ``[T, S]`` logits; the spec for every backend.
 
     Shapes and mask rules as in ``mlgen.ops.attention``; ``interpret`` is accepted (and ignored)
@@ -47,7 +64,7 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[A
     del interpret
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
-    scale = H ** -0.5 if scale is None else scale
+    scale = H**-0.5 if scale is None else scale
     qg = q.reshape(B, T, K, N // K, H)
     logits = jnp.einsum("btkgh,bskh->bkgts", qg.astype(jnp.float32), k.astype(jnp.float32)) * scale
     mask = make_mask(T, S, causal=causal, segment_ids=segment_ids, sliding_window=sliding_window)

@@ -46,6 +46,7 @@ from mlgen.typing import Array, Float
 
 _F32 = jnp.float32
 
+
 @dataclasses.dataclass(frozen=True)
 class _Local:
     """A per-block backend: forward with lse, and the backward from the global out / lse."""
@@ -56,13 +57,19 @@ class _Local:
     # dispatched by ``lax.switch`` to three static calls: fully visible (non-causal), the
     # diagonal (causal, offset 0) and fully masked (skipped); no sliding window.
     traced_offset: bool
-    kernel: bool = False   # a Pallas kernel: takes ``interpret``
+    kernel: bool = False  # a Pallas kernel: takes ``interpret``
 
 
 _LOCAL = {
-    "blockwise": _Local(blockwise.attention_with_lse, blockwise.attention_vjp_with_lse, traced_offset=True),
-    "pallas_tpu": _Local(pallas_tpu.attention_with_lse, pallas_tpu.attention_vjp_with_lse, traced_offset=False,
-                         kernel=True),
+    "blockwise": _Local(
+        blockwise.attention_with_lse, blockwise.attention_vjp_with_lse, traced_offset=True
+    ),
+    "pallas_tpu": _Local(
+        pallas_tpu.attention_with_lse,
+        pallas_tpu.attention_vjp_with_lse,
+        traced_offset=False,
+        kernel=True,
+    ),
 }
 LOCAL_BACKENDS = tuple(_LOCAL)
 
@@ -73,8 +80,8 @@ class _Ring:
 
     axis: str
     n: int
-    chunks: int            # query / key chunks per device: 2 with zigzag, else 1
-    chunk: int             # length of one chunk
+    chunks: int  # query / key chunks per device: 2 with zigzag, else 1
+    chunk: int  # length of one chunk
     causal: bool
     window: int | None
     scale: float
@@ -97,12 +104,23 @@ class _Ring:
         return ((0, 0), (1, 0), (1, 1))
 
 
-def ring_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], *,
-                   mesh=None, axis: str = "seq", causal: bool = False, segment_ids=None,
-                   sliding_window: int | None = None, scale: float | None = None,
-                   load_balance: bool = True, kv_sharded: bool | None = None,
-                   local_backend: str = "auto", interpret: bool = False,
-                   block_sizes: BlockSizes | None = None) -> Float[Array, "B T N H"]:
+def ring_attention(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S K H"],
+    v: Float[Array, "B S K H"],
+    *,
+    mesh=None,
+    axis: str = "seq",
+    causal: bool = False,
+    segment_ids=None,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    load_balance: bool = True,
+    kv_sharded: bool | None = None,
+    local_backend: str = "auto",
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+) -> Float[Array, "B T N H"]:
     """Attention with the length dimension sharded over mesh ``axis``.
 
     Args:
@@ -128,43 +146,68 @@ def ring_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Fl
       ``[B, T, N, H]`` in q's dtype, sharded like q.
     """
     if local_backend != "auto" and local_backend not in _LOCAL:
-        raise ValueError(f"ring_attention: local_backend={local_backend!r} unsupported; choose from "
-                         f"{['auto', *_LOCAL]}")
+        raise ValueError(
+            f"ring_attention: local_backend={local_backend!r} unsupported; choose from "
+            f"{['auto', *_LOCAL]}"
+        )
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     if mesh is None or mesh.empty or axis not in mesh.axis_names:
-        raise ValueError(f"ring_attention needs a mesh with axis {axis!r} (pass mesh= or use jax.set_mesh); "
-                         f"got {None if mesh is None or mesh.empty else mesh.axis_names}")
+        raise ValueError(
+            f"ring_attention needs a mesh with axis {axis!r} (pass mesh= or use jax.set_mesh); "
+            f"got {None if mesh is None or mesh.empty else mesh.axis_names}"
+        )
     n = mesh.shape[axis]
     B, T, N, H = q.shape
     S = k.shape[1]
-    scale = H ** -0.5 if scale is None else float(scale)
+    scale = H**-0.5 if scale is None else float(scale)
     kv_sharded = (S == T) if kv_sharded is None else kv_sharded
     if kv_sharded and S != T:
         raise ValueError(f"ring_attention: kv_sharded needs S == T, got T={T}, S={S}")
     if T % n:
-        raise ValueError(f"ring_attention: q length T={T} is not divisible by mesh axis {axis!r} of size {n}")
+        raise ValueError(
+            f"ring_attention: q length T={T} is not divisible by mesh axis {axis!r} of size {n}"
+        )
     q_ids = kv_ids = None
     if segment_ids is not None:
-        q_ids, kv_ids = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
+        q_ids, kv_ids = (
+            segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
+        )
         q_ids, kv_ids = q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
     why_not_kernel = _why_not_static_offsets(causal, sliding_window, kv_sharded)
     if local_backend == "auto":
         kernel_ok = why_not_kernel is None and pallas_tpu.kernel_unsupported(H, q.dtype) is None
         local_backend = "pallas_tpu" if _common.platform() == "tpu" and kernel_ok else "blockwise"
     elif not _LOCAL[local_backend].traced_offset and why_not_kernel:
-        raise ValueError(f"ring_attention: local_backend={local_backend!r} {why_not_kernel}; use 'blockwise'")
+        raise ValueError(
+            f"ring_attention: local_backend={local_backend!r} {why_not_kernel}; use 'blockwise'"
+        )
     extra = dict(interpret=interpret) if _LOCAL[local_backend].kernel else {}
-    local = functools.partial(_LOCAL[local_backend].fwd, causal=causal, sliding_window=sliding_window, scale=scale,
-                              block_sizes=block_sizes, **extra)
+    local = functools.partial(
+        _LOCAL[local_backend].fwd,
+        causal=causal,
+        sliding_window=sliding_window,
+        scale=scale,
+        block_sizes=block_sizes,
+        **extra,
+    )
     if n == 1:
         ids = None if q_ids is None else (q_ids, kv_ids)
         return local(q, k, v, segment_ids=ids)[0]
 
     Tl = T // n
     zigzag = kv_sharded and causal and load_balance and Tl % 2 == 0
-    cfg = _Ring(axis=axis, n=n, chunks=2 if zigzag else 1, chunk=Tl // 2 if zigzag else Tl, causal=causal,
-                window=sliding_window, scale=scale, local=local_backend, block_sizes=block_sizes,
-                interpret=bool(interpret))
+    cfg = _Ring(
+        axis=axis,
+        n=n,
+        chunks=2 if zigzag else 1,
+        chunk=Tl // 2 if zigzag else Tl,
+        causal=causal,
+        window=sliding_window,
+        scale=scale,
+        local=local_backend,
+        block_sizes=block_sizes,
+        interpret=bool(interpret),
+    )
     seq, rep = P(None, axis), P()
     has_ids = q_ids is not None
     args = (q, k, v) + ((q_ids, kv_ids) if has_ids else ())
@@ -176,18 +219,23 @@ def ring_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Fl
         if not kv_sharded:
             d = lax.axis_index(axis)
             pair = None if q_ids is None else (q_ids, kv_ids)
-            if not _LOCAL[local_backend].traced_offset:  # non-causal (checked above): no offset needed
+            if not _LOCAL[
+                local_backend
+            ].traced_offset:  # non-causal (checked above): no offset needed
                 return local(q, k, v, segment_ids=pair)[0]
             return local(q, k, v, segment_ids=pair, q_offset=S - T + d * Tl)[0]
         if zigzag:
-            q, k, v, q_ids, kv_ids = (None if x is None else _to_zigzag(x, axis, n) for x in (q, k, v, q_ids, kv_ids))
+            q, k, v, q_ids, kv_ids = (
+                None if x is None else _to_zigzag(x, axis, n) for x in (q, k, v, q_ids, kv_ids)
+            )
         out = _ring(q, k, v, q_ids, kv_ids, cfg)
         return _from_zigzag(out, axis, n) if zigzag else out
 
     # check_vma=False: the local backend's loops start from constants (not device-varying);
     # every collective here is explicit and the ring's gradient is our own custom_vjp.
-    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=seq, axis_names={axis},
-                         check_vma=False)(*args)
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=in_specs, out_specs=seq, axis_names={axis}, check_vma=False
+    )(*args)
 
 
 def _why_not_static_offsets(causal: bool, sliding_window, kv_sharded: bool) -> str | None:
@@ -195,16 +243,22 @@ def _why_not_static_offsets(causal: bool, sliding_window, kv_sharded: bool) -> s
     if sliding_window is not None:
         return "takes no sliding_window inside a ring (block offsets are traced)"
     if causal and not kv_sharded:
-        return "takes no causal cross-attention with replicated K/V inside a ring (the offset is traced)"
+        return (
+            "takes no causal cross-attention with replicated K/V inside a ring "
+            "(the offset is traced)"
+        )
     return None
 
 
 # --- zigzag layout: device i holds chunks (i, 2n-1-i) of the 2n equal chunks ---------------------
 
+
 def _zigzag_perms(n: int):
     """ppermute pairs moving each device's even and odd natural chunk to its zigzag home."""
+
     def home(c):
         return c if c < n else 2 * n - 1 - c
+
     even = [(j, home(2 * j)) for j in range(n)]
     odd = [(j, home(2 * j + 1)) for j in range(n)]
     return even, odd
@@ -225,12 +279,13 @@ def _from_zigzag(x, axis: str, n: int):
     inv = lambda perm: [(dst, src) for src, dst in perm]  # noqa: E731
     s0, s1 = jnp.split(x, 2, axis=1)
     d_even = lax.axis_index(axis) % 2 == 0
-    ra = lax.ppermute(jnp.where(d_even, s0, s1), axis, inv(even))   # back to the even slot
+    ra = lax.ppermute(jnp.where(d_even, s0, s1), axis, inv(even))  # back to the even slot
     rb = lax.ppermute(jnp.where(d_even, s1, s0), axis, inv(odd))
     return jnp.concatenate([ra, rb], axis=1)
 
 
-# --- the ring: custom_vjp over per-device blocks ----------------------------------------------------
+# --- the ring: custom_vjp over per-device blocks --------------------------------------------------
+
 
 def _split(x, parts: int):
     return (None,) * parts if x is None else tuple(jnp.split(x, parts, axis=1))
@@ -250,8 +305,12 @@ def _on_block(cfg: _Ring, d, src, a: int, b: int, qid, kid, call, skipped):
     """
     local = _LOCAL[cfg.local]
     off = ((cfg.chunk_ids(d)[a] - cfg.chunk_ids(src)[b]) * cfg.chunk).astype(jnp.int32)
-    kw = dict(sliding_window=cfg.window, scale=cfg.scale, block_sizes=cfg.block_sizes,
-              segment_ids=None if qid is None else (qid, kid))
+    kw = dict(
+        sliding_window=cfg.window,
+        scale=cfg.scale,
+        block_sizes=cfg.block_sizes,
+        segment_ids=None if qid is None else (qid, kid),
+    )
     if local.kernel:
         kw["interpret"] = cfg.interpret
     if local.traced_offset:
@@ -269,7 +328,9 @@ def _on_block(cfg: _Ring, d, src, a: int, b: int, qid, kid, call, skipped):
             return skipped()
     else:
         skip = skipped
-    return lax.switch(case, [lambda: call(causal=False, **kw), lambda: call(causal=True, **kw), skip])
+    return lax.switch(
+        case, [lambda: call(causal=False, **kw), lambda: call(causal=True, **kw), skip]
+    )
 
 
 def _merge(o1, l1, o2, l2):
@@ -297,9 +358,17 @@ def _ring_fwd(q, k, v, q_ids, kv_ids, cfg: _Ring):
         acc = list(acc)
         for a, b in cfg.pairs():
             qa, kb, vb = qs[a], ks[b], vs[b]
-            part = _on_block(cfg, d, src, a, b, qids[a], kids[b],
-                             lambda **kw: _LOCAL[cfg.local].fwd(qa, kb, vb, **kw),
-                             lambda: (jnp.zeros_like(qa), jnp.full(qa.shape[:3], -jnp.inf, _F32)))
+            part = _on_block(
+                cfg,
+                d,
+                src,
+                a,
+                b,
+                qids[a],
+                kids[b],
+                lambda **kw: _LOCAL[cfg.local].fwd(qa, kb, vb, **kw),
+                lambda: (jnp.zeros_like(qa), jnp.full(qa.shape[:3], -jnp.inf, _F32)),
+            )
             acc[a] = _merge(*acc[a], *part)
         return tuple(acc)
 
@@ -319,7 +388,13 @@ def _ring_bwd(cfg: _Ring, res, do):
     q, k, v, q_ids, kv_ids, out, lse = res
     c, n = cfg.chunks, cfg.n
     d = lax.axis_index(cfg.axis)
-    qs, qids, dos, outs, lses = _split(q, c), _split(q_ids, c), _split(do, c), _split(out, c), _split(lse, c)
+    qs, qids, dos, outs, lses = (
+        _split(q, c),
+        _split(q_ids, c),
+        _split(do, c),
+        _split(out, c),
+        _split(lse, c),
+    )
 
     def compute(s, kv, dkv, dq):
         k, v, kv_ids = kv
@@ -329,9 +404,17 @@ def _ring_bwd(cfg: _Ring, res, do):
         dks, dvs, dq = list(_split(dk, c)), list(_split(dv, c)), list(dq)
         for a, b in cfg.pairs():
             qa, kb, vb, oa, la, doa = qs[a], ks[b], vs[b], outs[a], lses[a], dos[a]
-            dqa, dkb, dvb = _on_block(cfg, d, src, a, b, qids[a], kids[b],
-                                      lambda **kw: _LOCAL[cfg.local].vjp(qa, kb, vb, oa, la, doa, **kw),
-                                      lambda: (jnp.zeros_like(qa), jnp.zeros_like(kb), jnp.zeros_like(vb)))
+            dqa, dkb, dvb = _on_block(
+                cfg,
+                d,
+                src,
+                a,
+                b,
+                qids[a],
+                kids[b],
+                lambda **kw: _LOCAL[cfg.local].vjp(qa, kb, vb, oa, la, doa, **kw),
+                lambda: (jnp.zeros_like(qa), jnp.zeros_like(kb), jnp.zeros_like(vb)),
+            )
             dq[a] = dq[a] + dqa.astype(_F32)
             dks[b] = dks[b] + dkb.astype(_F32)
             dvs[b] = dvs[b] + dvb.astype(_F32)
@@ -340,7 +423,7 @@ def _ring_bwd(cfg: _Ring, res, do):
     def step(s, carry):
         kv, dkv, dq = carry
         dkv, dq = compute(s, kv, dkv, dq)
-        kv, dkv = _rotate((kv, dkv), cfg.axis, n)   # dK/dV travel with their blocks
+        kv, dkv = _rotate((kv, dkv), cfg.axis, n)  # dK/dV travel with their blocks
         return kv, dkv, dq
 
     dkv0 = (jnp.zeros_like(k, _F32), jnp.zeros_like(v, _F32))
@@ -356,6 +439,7 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 # --- the registry entry: ``mlgen.ops.attention(..., backend="ring")`` -----------------------------
 
+
 def unsupported(p) -> str | None:
     """Why ``backend="ring"`` cannot run problem ``p`` under the active mesh (or None)."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -367,10 +451,32 @@ def unsupported(p) -> str | None:
     return None
 
 
-def attention(q, k, v, *, causal: bool = False, segment_ids=None, sliding_window: int | None = None,
-              scale: float | None = None, interpret: bool = False, block_sizes: BlockSizes | None = None,
-              local_backend: str = "auto", load_balance: bool = True) -> Float[Array, "B T N H"]:
-    """``ring_attention`` over the active mesh's ``seq`` axis; same contract as ``reference.attention``."""
-    return ring_attention(q, k, v, causal=causal, segment_ids=segment_ids, sliding_window=sliding_window,
-                          scale=scale, block_sizes=block_sizes, interpret=interpret, local_backend=local_backend,
-                          load_balance=load_balance)
+def attention(
+    q,
+    k,
+    v,
+    *,
+    causal: bool = False,
+    segment_ids=None,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+    local_backend: str = "auto",
+    load_balance: bool = True,
+) -> Float[Array, "B T N H"]:
+    """``ring_attention`` over the active mesh's ``seq`` axis;
+    same contract as ``reference.attention``."""
+    return ring_attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        segment_ids=segment_ids,
+        sliding_window=sliding_window,
+        scale=scale,
+        block_sizes=block_sizes,
+        interpret=interpret,
+        local_backend=local_backend,
+        load_balance=load_balance,
+    )

@@ -87,12 +87,10 @@ class TaskSpec:
 
 
 def rules_for(cfg: Config, family: Family, mesh: dict[str, int] | None) -> sharding.Rules:
-    """The logical -> mesh rules of a run: ``mesh.rules`` (derived from ``mesh`` for ``auto``)
-    plus the family's own fragments. With no mesh yet, only checks that the name is known."""
-    if mesh is None:
-        sharding.get_rules(cfg.mesh.rules, {}, family.rules)  # raises on an unknown name
-        return ()
-    return sharding.get_rules(cfg.mesh.rules, mesh, family.rules)
+    """The logical -> mesh rules of a run: ``mesh.rules`` (derived from the mesh's axis sizes for
+    ``auto``) plus the family's own fragments; an unknown name is a ConfigError. With no mesh
+    yet (``None``), the rules of a one-device mesh."""
+    return sharding.get_rules(cfg.mesh.rules, mesh or {}, family.rules)
 
 
 def check_batch(batch_size: int, grad_accum_steps: int, shards: int) -> None:

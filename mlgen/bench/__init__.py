@@ -1,6 +1,6 @@
 """Benchmarks behind ``mlgen bench NAME``; each module has ``run(argv)`` and prints JSON lines."""
 
-from mlgen.bench import attention, diffusion, generate, ring, train
+from mlgen.bench import attention, diffusion, generate, peak, ring, train
 from mlgen.bench.timing import median_time, time_train_step
 
 BENCHES = {
@@ -9,6 +9,7 @@ BENCHES = {
     "attention": attention.run,
     "ring": ring.run,
     "diffusion": diffusion.run,
+    "peak": peak.run,
 }
 
 

@@ -2,7 +2,9 @@
 
 Defaults match ``shared/peers/lm_train.py`` and ``jax_minimal_lm_train.py``: GPT-2 flavour,
 6 layers, width 384, 6 heads, context 256, batch 8, vocabulary 512, AdamW, float32. The step
-is the real one: config -> sharded init -> ``make_train_step`` -> jit with donation.
+is the real one: config -> sharded init -> ``make_train_step`` -> jit with donation. MFU is
+the model FLOPs by formula (``mlgen.train.throughput``) against the devices' bf16 peak (on CPU
+the measured float32 matmul peak of the host).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from mlgen.data.text import TextDataConfig
 from mlgen.models.transformer import TransformerConfig
 from mlgen.objectives.lm import LMObjectiveConfig
 from mlgen.ops.attention import AttentionConfig
+from mlgen.train.throughput import peak_flops, transformer_flops_per_token
 
 
 def run(argv: list[str]) -> None:
@@ -69,16 +72,23 @@ def run(argv: list[str]) -> None:
     med, n_params = time_train_step(
         cfg, {"inputs": tok[:, :-1], "targets": tok[:, 1:]}, steps=a.steps, warmup=a.warmup
     )
+    flops_per_token = transformer_flops_per_token(cfg.model, a.seq)
+    peak, peak_source = peak_flops(jax.devices())  # the mesh: data=-1 over every device
+    tokens_per_s = a.batch * a.seq / med
     print(
         json.dumps(
             {
                 "bench": "mlgen-train",
                 "flavour": a.flavour,
-                "tokens_per_s": a.batch * a.seq / med,
+                "tokens_per_s": tokens_per_s,
                 "step_s": med,
                 "params": n_params,
                 "loss_chunk": a.loss_chunk,
                 "devices": len(jax.devices()),
+                "model_flops_per_token": flops_per_token,
+                "mfu": tokens_per_s * flops_per_token / peak if peak else None,
+                "peak_flops": peak,
+                "peak_source": peak_source,
             }
         )
     )

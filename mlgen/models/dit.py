@@ -32,6 +32,7 @@ from mlgen.nn.core import LayerNorm, Linear, dropout, zeros_init
 from mlgen.nn.mlp import MLP
 from mlgen.ops.attention import AttentionConfig
 from mlgen.sharding import constrain
+from mlgen.train.throughput import dit_flops_per_pixel
 from mlgen.typing import Array, Float, Int
 
 __all__ = ["FAMILY", "DiT", "DiTConfig", "PRESETS"]
@@ -305,5 +306,6 @@ FAMILY = register(
         ),
         check=_check_mesh,
         renamed={"attention_backend": "attention.backend"},
+        flops_per_token=dit_flops_per_pixel,
     )
 )

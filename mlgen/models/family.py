@@ -44,6 +44,10 @@ class Family:
         many ways the rules split that axis on this mesh.
       renamed: old config field names -> new dotted paths (saved configs and overrides that
         use the old names keep working; ``mlgen.config.register``).
+      flops_per_token: ``(config, seq_len) -> training FLOPs per token`` (forward + backward
+        matmuls by formula, ``mlgen.train.throughput``) for the trainer's MFU; a decoder's
+        tokens are its sequence positions, a denoiser's the pixels of an image (``seq_len`` =
+        H * W). None = the family reports no model FLOPs (no MFU).
     """
 
     name: str
@@ -56,6 +60,7 @@ class Family:
     rules: tuple[tuple[str, str], ...] = ()
     check: Callable[[Any, Callable[[str], int]], None] | None = None
     renamed: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    flops_per_token: Callable[[Any, int], float] | None = None
 
 
 _FAMILIES: dict[type, Family] = {}

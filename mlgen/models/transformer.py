@@ -31,6 +31,7 @@ from mlgen.nn.core import Embed, LayerNorm, Linear, RMSNorm, dropout, normal_ini
 from mlgen.nn.mlp import MLP
 from mlgen.ops.attention import AttentionConfig
 from mlgen.sharding import constrain
+from mlgen.train.throughput import transformer_flops_per_token
 from mlgen.typing import Array, Float, Int
 
 REMAT_POLICIES = {
@@ -374,5 +375,6 @@ FAMILY = register(
             "attention_backend": "attention.backend",
             "attention_interpret": "attention.interpret",
         },
+        flops_per_token=transformer_flops_per_token,
     )
 )

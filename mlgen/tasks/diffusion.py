@@ -65,6 +65,7 @@ def _build(cfg: Config, family: Family, mesh: Mesh, rules: sharding.Rules) -> Ta
     d, obj = cfg.data, cfg.objective
     pi, pc = jax.process_index(), jax.process_count()
     classes = cfg.model.num_classes
+    pixels = d.image_size**2
     return Task(
         name=f"diffusion / {family.name}",
         make_model=lambda: family.build(cfg.model, nnx.Rngs(params=cfg.seed)),
@@ -78,6 +79,9 @@ def _build(cfg: Config, family: Family, mesh: Mesh, rules: sharding.Rules) -> Ta
         ),
         batch_axes=DIFFUSION.batch_axes_of(family),
         hooks=(SampleGridHook(cfg), loss_plot_hook),
+        flops_per_example=(
+            pixels * family.flops_per_token(cfg.model, pixels) if family.flops_per_token else 0.0
+        ),
     )
 
 

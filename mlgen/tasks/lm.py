@@ -77,6 +77,11 @@ def _build(cfg: Config, family: Family, mesh: Mesh, rules: sharding.Rules) -> Ta
         ),
         batch_axes=LM.batch_axes_of(family),
         tokens_per_example=d.seq_len,
+        flops_per_example=(
+            d.seq_len * family.flops_per_token(cfg.model, d.seq_len)
+            if family.flops_per_token
+            else 0.0
+        ),
     )
 
 

@@ -74,6 +74,8 @@ class Task:
       batch_axes: logical axis names per batch key (default: leading dim over ``batch``).
       hooks: :class:`Hook` s (sample grids, plots).
       tokens_per_example: for the tokens/s metric (0: report examples/s only).
+      flops_per_example: model FLOPs of one example's forward + backward (by formula,
+        ``mlgen.train.throughput``) for the model-FLOP/s and MFU metrics (0: report neither).
       train_step: the task's own :class:`TrainStep` (several optimizers); None = the one
         default step over ``make_loss`` with the config's optimizer.
     """
@@ -87,4 +89,5 @@ class Task:
     batch_axes: dict[str, tuple] = dataclasses.field(default_factory=dict)
     hooks: tuple[Hook, ...] = ()
     tokens_per_example: int = 0
+    flops_per_example: float = 0.0
     train_step: TrainStep | None = None

@@ -3,9 +3,12 @@
 ``fit(prepare(config, mesh, rules, task))`` trains any built :class:`~mlgen.train.task.Task`:
 the train state is created already sharded (``mlgen.sharding.sharded_init``), the step is
 jitted once with donation, metrics go to a progress bar, TensorBoard (``WORKDIR/tb``) and
-``WORKDIR/metrics.jsonl``, and checkpoints (state, EMA, data-iterator state, config) go to
-``WORKDIR/checkpoints``. Running the same run again resumes from the latest checkpoint. The
-trainer looks nothing up by name: ``mlgen.train`` (``mlgen/runs.py``) builds the task.
+``WORKDIR/metrics.jsonl`` (with throughput over each logging interval, the compiling first
+step left out: ``step_s``, ``examples_per_s``, ``tokens_per_s``, ``model_flops_per_s`` and
+``mfu`` against ``mlgen.train.throughput.peak_flops`` of the mesh's devices), and checkpoints
+(state, EMA, data-iterator state, config) go to ``WORKDIR/checkpoints``. Running the same run
+again resumes from the latest checkpoint. The trainer looks nothing up by name: ``mlgen.train``
+(``mlgen/runs.py``) builds the task.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from mlgen.train.checkpoint import Checkpointer, workdir_path
 from mlgen.train.optim import make_optimizer
 from mlgen.train.step import default_step, make_eval_step
 from mlgen.train.task import Task, TrainStep
+from mlgen.train.throughput import peak_flops
 
 log = logging.getLogger("mlgen")
 
@@ -177,7 +181,7 @@ class _Logger:
             shown = {
                 k: f"{v:.4g}"
                 for k, v in record.items()
-                if k in ("loss", "eval_loss", "lr", "tokens_per_s")
+                if k in ("loss", "eval_loss", "lr", "tokens_per_s", "model_flops_per_s", "mfu")
             }
             self.bar.set_postfix(shown, refresh=False)
 
@@ -204,6 +208,20 @@ def _has_module(name: str) -> bool:
 def _mean_metrics(items: list[dict]) -> dict[str, float]:
     host = jax.device_get(items)
     return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+def _throughput(
+    task: Task, steps: int, seconds: float, examples_per_step: int, peak: float
+) -> dict[str, float]:
+    """Step time, examples/s, tokens/s, model FLOP/s and MFU of ``steps`` steps in ``seconds``."""
+    out = {"step_s": seconds / steps, "examples_per_s": examples_per_step * steps / seconds}
+    if task.tokens_per_example:
+        out["tokens_per_s"] = out["examples_per_s"] * task.tokens_per_example
+    if task.flops_per_example:
+        out["model_flops_per_s"] = out["examples_per_s"] * task.flops_per_example
+        if peak:
+            out["mfu"] = out["model_flops_per_s"] / peak
+    return out
 
 
 def evaluate(s: Setup, state: dict, eval_fn, steps: int) -> dict[str, float]:
@@ -249,6 +267,10 @@ def fit(s: Setup) -> TrainResult:
     history: list[dict] = []
     logger = _Logger(workdir, start, tc.num_steps, tc.progress_bar)
     attention = ""
+    peak = 0.0
+    if s.task.flops_per_example:  # MFU's denominator: every device of the run
+        peak, peak_source = peak_flops(list(s.mesh.devices.flat))
+        log.info("peak %.4g FLOP/s for MFU: %s", peak, peak_source)
     with sharding.use(s.mesh, s.rules):
         jstep = jax.jit(
             s.train_step.make(s.graphdef),
@@ -257,7 +279,9 @@ def fit(s: Setup) -> TrainResult:
         )
         jeval = jax.jit(make_eval_step(eval_loss))
         pending: list[dict] = []
-        t_last, steps_since = time.perf_counter(), 0
+        # steps_since: steps since the last log; timed: those of them after the run's first
+        # step (it compiles), over which throughput is measured from t_last.
+        t_last, steps_since, timed = time.perf_counter(), 0, 0
         examples_per_step = None
         for step in range(start, tc.num_steps):
             host_batch = next(data)
@@ -274,19 +298,23 @@ def fit(s: Setup) -> TrainResult:
                     dict(s.mesh.shape),
                     attention,
                 )
+                jax.block_until_ready(metrics)
+                t_last = time.perf_counter()
             else:
                 state, metrics = jstep(state, batch, base_rng)
+                timed += 1
             pending.append(metrics)
             steps_since += 1
             done = step + 1
             is_last = done == tc.num_steps
             if done % tc.log_every == 0 or is_last:
                 record = _mean_metrics(pending)
-                elapsed = time.perf_counter() - t_last
-                record["step_s"] = elapsed / steps_since
-                record["examples_per_s"] = examples_per_step * steps_since / elapsed
-                if s.task.tokens_per_example:
-                    record["tokens_per_s"] = record["examples_per_s"] * s.task.tokens_per_example
+                if timed:  # an interval of only the compiling first step has no throughput
+                    record.update(
+                        _throughput(
+                            s.task, timed, time.perf_counter() - t_last, examples_per_step, peak
+                        )
+                    )
                 is_eval = (tc.eval_every and done % tc.eval_every == 0) or is_last
                 if is_eval:
                     record.update(evaluate(s, state, jeval, tc.eval_steps))
@@ -296,7 +324,7 @@ def fit(s: Setup) -> TrainResult:
                 if is_eval:  # after logging, so hooks (the loss plot) see this step's metrics
                     for hook in s.task.hooks:
                         hook(done, state, s.graphdef, workdir)
-                pending, steps_since, t_last = [], 0, time.perf_counter()
+                pending, steps_since, timed, t_last = [], 0, 0, time.perf_counter()
             if done % tc.checkpoint_every == 0 or is_last:
                 ckpt.save(done, state, config=cfg, data_state=data.get_state(), force=is_last)
         ckpt.close()

@@ -74,6 +74,14 @@ def test_train(capsys):
     (r,) = _json_lines(capsys.readouterr().out)
     assert r["bench"] == "mlgen-train" and r["tokens_per_s"] > 0 and r["loss_chunk"] == 8
     assert abs(r["tokens_per_s"] * r["step_s"] - 8 * 16) < 1e-6
+    # gpt2, D=32, 2 heads of 16, MLP 128, V=512, one layer, T=16: 6 * (4*32*32 + 2*32*128 +
+    # 32*512) weights + causal attention 6 * 16 * 32 (tests/train/test_throughput.py counts)
+    assert r["model_flops_per_token"] == 6 * (4096 + 8192 + 16384) + 3072
+    assert r["peak_flops"] > 0 and "CPU host" in r["peak_source"]
+    assert 0 < r["mfu"] < 1
+    assert r["mfu"] == pytest.approx(
+        r["tokens_per_s"] * r["model_flops_per_token"] / r["peak_flops"]
+    )
 
 
 def test_generate(capsys):
@@ -151,7 +159,16 @@ def test_ring(capsys):
     assert all(r["step_s"] > 0 for r in rows)
 
 
+def test_peak(capsys):
+    run("peak", [])
+    (r,) = _json_lines(capsys.readouterr().out)
+    assert r["bench"] == "mlgen-peak" and r["platform"] == "cpu" and r["devices"] == 8
+    assert r["cpu_gflops"] > 0 and r["cpu_probe"].startswith("float32 ")
+    assert r["chip"] is None  # CPUs are measured, not in the table
+    assert r["peak_flops"] == pytest.approx(r["cpu_gflops"] * 1e9)
+
+
 def test_unknown_bench_is_named():
     with pytest.raises(SystemExit, match="unknown benchmark 'nope'"):
         run("nope", [])
-    assert set(BENCHES) == {"train", "generate", "attention", "ring", "diffusion"}
+    assert set(BENCHES) == {"train", "generate", "attention", "ring", "diffusion", "peak"}

@@ -12,7 +12,15 @@ Importing mlgen registers the built-in model families (``mlgen.models``) and tas
 """
 
 from mlgen import config, ops, sharding
-from mlgen.config import Config, ConfigError, MeshConfig, OptimConfig, TrainConfig, register
+from mlgen.config import (
+    Config,
+    ConfigError,
+    MeshConfig,
+    OptimConfig,
+    PrecisionConfig,
+    TrainConfig,
+    register,
+)
 from mlgen.ops.attention import AttentionConfig
 from mlgen.runs import restore, setup, train  # noqa: F811  (the function shadows the subpackage)
 from mlgen.train.step import make_train_step
@@ -26,6 +34,7 @@ __all__ = [
     "ConfigError",
     "MeshConfig",
     "OptimConfig",
+    "PrecisionConfig",
     "TrainConfig",
     "TrainResult",
     "config",

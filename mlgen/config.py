@@ -12,6 +12,10 @@ name (:func:`register`); the model families, data sources and objectives define 
 Overrides are typed by the class of the instance actually in the config, so
 ``model.num_heads=x`` is an error for any model.
 
+Two run-wide policies live at the top, for every model family: ``precision`` (parameter,
+compute and optimizer-state dtypes: ``precision.compute=bfloat16``) and ``remat`` (what each
+block keeps for the backward pass: ``remat=full``).
+
 This module is a leaf: it imports nothing of mlgen. Tasks register their cross-section
 checks here (:func:`register_task`), so ``Config.validate`` reaches them by name.
 """
@@ -259,12 +263,54 @@ class TrainConfig:
         check(self.ema_warmup >= 0, "ema_warmup", f"must be >= 0, got {self.ema_warmup}")
 
 
+DTYPES = ("float32", "bfloat16")
+Dtype = Literal["float32", "bfloat16"]
+# ``remat`` names, in mlgen.nn.policy.REMAT_POLICIES (what each saves for the backward pass).
+REMATS = ("none", "full", "dots", "dots_no_batch", "offload")
+Remat = Literal["none", "full", "dots", "dots_no_batch", "offload"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrecisionConfig:
+    """Mixed precision, for every model family (``mlgen.nn.policy.Policy``).
+
+    Attributes:
+      params: parameter (master-weight) dtype; gradients and updates land in it.
+      compute: activation / matmul dtype. Norms, softmax and losses compute in float32
+        whatever it is, and the model's output layer returns float32.
+      optimizer: dtype the optimizer state (both Adam moments) is stored in; the update math
+        runs in float32.
+
+    ``params=float32, compute=bfloat16`` is the usual mixed precision; ``bfloat16`` everywhere
+    halves the parameter and optimizer memory too.
+    """
+
+    params: Dtype = "float32"
+    compute: Dtype = "float32"
+    optimizer: Dtype = "float32"
+
+    def validate(self) -> None:
+        for name in ("params", "compute", "optimizer"):
+            v = getattr(self, name)
+            check(v in DTYPES, name, f"must be one of {list(DTYPES)}, got {v!r}")
+        check(
+            not (self.params == "bfloat16" and self.compute == "float32"),
+            "params",
+            "bfloat16 weights with compute=float32: upcasting bfloat16 weights to float32 "
+            "matmuls gains nothing (they keep bfloat16's precision) and costs float32 speed; "
+            "set precision.compute=bfloat16 too, or keep precision.params=float32",
+        )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     """A whole experiment. ``task`` names a registered task (``"lm"``, ``"diffusion"``).
 
     ``model``, ``data`` and ``objective`` hold registered section classes (``@register``);
-    ``workdir`` may be a local path or a remote one (``gs://bucket/run``).
+    ``workdir`` may be a local path or a remote one (``gs://bucket/run``). ``precision`` and
+    ``remat`` apply to whichever model is trained; ``remat`` is one of ``REMATS``:
+    ``none``, ``full`` (recompute each block), ``dots`` (keep matmul outputs), ``dots_no_batch``
+    (keep those without batch dimensions), ``offload`` (those, in host memory).
     """
 
     task: str = "lm"
@@ -276,13 +322,15 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
+    remat: Remat = "none"
 
     def validate(self, num_devices: int | None = None) -> "Config":
         """Checks every section, then the task's cross-section checks (against the mesh's
         axis sizes for ``num_devices`` devices, when given)."""
         spec = task_spec(self.task)
         check(self.workdir != "", "workdir", "must be set (e.g. workdir=/tmp/run1)")
-        for name in ("model", "data", "objective", "mesh", "optim", "train"):
+        for name in ("model", "data", "objective", "mesh", "optim", "train", "precision"):
             section = getattr(self, name)
             check(section is not None, name, "missing section")
             if name in ("model", "data", "objective"):
@@ -293,12 +341,23 @@ class Config:
                     "(decorate it with @mlgen.config.register(NAME))",
                 )
             prefixed(name, section.validate)
+        check(self.remat in REMATS, "remat", f"must be one of {list(REMATS)}, got {self.remat!r}")
         sizes = None if num_devices is None else prefixed("mesh", self.mesh.resolve, num_devices)
         spec.check(self, sizes)
         return self
 
     def to_dict(self) -> dict:
         return to_dict(self)
+
+
+# Fields that moved out of their section (saved configs and overrides with the old dotted names
+# keep working while the section has no field of that name): the models' own dtypes and remat
+# became the run-wide ``precision`` and ``remat``.
+_RENAMED[Config] = {
+    "model.dtype": "precision.compute",
+    "model.param_dtype": "precision.params",
+    "model.remat": "remat",
+}
 
 
 def prefixed(prefix: str, fn, *args):
@@ -326,17 +385,54 @@ def to_dict(cfg: Any) -> dict:
     return out
 
 
+def _saved_class(cls: type | None, name: str, value: Any) -> type | None:
+    """The class of the saved section ``value`` under field ``name`` of ``cls``."""
+    if isinstance(value, dict) and "__class__" in value:
+        resolved = _ALIASES.get(value["__class__"], value["__class__"])
+        if resolved in _SECTIONS:
+            return _SECTIONS[resolved]
+    t = typing.get_type_hints(cls).get(name) if cls is not None else None
+    return t if dataclasses.is_dataclass(t) else None
+
+
 def _renamed(cls: type, d: dict) -> dict:
-    """``d`` with the old field names of ``cls`` moved to their new dotted paths."""
+    """``d`` with the old (dotted) field names of ``cls`` moved to their new dotted paths.
+
+    An old name that is a field again (of the section class the saved dict names) stays."""
     for old, new in _RENAMED.get(cls, {}).items():
-        if old in d:
-            value = d.pop(old)
-            *parents, leaf = new.split(".")
-            node = d
-            for p in parents:
-                node = node.setdefault(p, {})
-            node.setdefault(leaf, value)
+        *parents, leaf = old.split(".")
+        node, owner = d, cls
+        for p in parents:
+            child = node.get(p)
+            if not isinstance(child, dict):
+                break
+            owner = _saved_class(owner, p, child)
+            child = node[p] = dict(child)  # a copy: the caller's dict is left as it was
+            node = child
+        else:
+            if leaf in node and not (owner and leaf in {f.name for f in dataclasses.fields(owner)}):
+                value = node.pop(leaf)
+                *to_parents, to_leaf = new.split(".")
+                target = d
+                for p in to_parents:
+                    target = target.setdefault(p, {})
+                target.setdefault(to_leaf, value)
     return d
+
+
+def _moved(cfg: Any, key: str) -> str | None:
+    """The new path of ``key`` (set on ``cfg``) if it starts with an old name that is no field."""
+    for old, new in _RENAMED.get(type(cfg), {}).items():
+        if key == old or key.startswith(old + "."):
+            node = cfg
+            for part in old.split("."):
+                names = {f.name for f in dataclasses.fields(node)}
+                if part not in names:
+                    return new + key[len(old) :]
+                node = getattr(node, part)
+                if not dataclasses.is_dataclass(node):
+                    break
+    return None
 
 
 def from_dict(d: dict, cls: type | None = None) -> Any:
@@ -435,9 +531,9 @@ def override(cfg: Any, key: str, text: str, _path: str = "") -> Any:
     if not dataclasses.is_dataclass(cfg):
         raise ConfigError(f"{_path.rstrip('.')}: is not a section, cannot set {head!r}")
     names = {f.name for f in dataclasses.fields(cfg)}
-    moved = _RENAMED.get(type(cfg), {}).get(head)
-    if head not in names and moved is not None:  # an old field name: set it at its new path
-        return override(cfg, moved + (f".{rest}" if rest else ""), text, _path)
+    moved = _moved(cfg, key)
+    if moved is not None:  # an old field name: set it at its new path
+        return override(cfg, moved, text, _path)
     if head not in names:
         close = sorted(n for n in names if n[:3] == head[:3])
         hint = f"; did you mean {close[0]!r}?" if close else f"; fields: {sorted(names)}"

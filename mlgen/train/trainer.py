@@ -88,7 +88,7 @@ def prepare(
 ) -> Setup:
     """The optimizer and train step of ``task`` and its train state, sharded
     (abstract: shapes only)."""
-    tx, sched = make_optimizer(cfg.optim, cfg.train.num_steps)
+    tx, sched = make_optimizer(cfg.optim, cfg.train.num_steps, state_dtype=cfg.precision.optimizer)
     tc = cfg.train
     train_step = task.train_step or default_step(
         task.make_loss,

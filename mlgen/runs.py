@@ -18,6 +18,7 @@ import mlgen.tasks  # noqa: F401  (registers the built-in tasks)
 from mlgen import config as config_lib
 from mlgen import sharding
 from mlgen.models.family import family_of
+from mlgen.nn.policy import check_remat_devices
 from mlgen.tasks.base import rules_for
 from mlgen.train import trainer
 from mlgen.train.task import Task
@@ -37,6 +38,7 @@ def setup(cfg: config_lib.Config, *, devices: list | None = None, abstract: bool
     (``abstract``: shapes and shardings only, e.g. to restore a checkpoint into)."""
     devices = list(jax.devices() if devices is None else devices)
     cfg.validate(len(devices))
+    check_remat_devices(cfg.remat, devices)  # what only the devices know, still before compiling
     mesh = sharding.make_mesh(cfg.mesh, devices)
     task, rules = build_task(cfg, mesh)
     return trainer.prepare(cfg, mesh, rules, task, abstract=abstract)

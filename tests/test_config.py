@@ -32,7 +32,7 @@ def _err(overrides, num_devices=8):
         (["model.attention.ring_local_backend=cuda"], "model.attention.ring_local_backend"),
         (["mesh.tensor=2", "mesh.rules=fsdp"], "mesh.rules"),  # tensor > 1 that the rules never use
         (["mesh.seq=2", "mesh.rules=fsdp_tp"], "mesh.rules"),
-        (["model.remat=sometimes"], "model.remat"),
+        (["model.remat=sometimes"], "remat"),  # the old name, moved to the top (test_precision)
         (["mesh.data=3"], "mesh"),
         (["mesh.data=-1", "mesh.fsdp=-1"], "mesh.fsdp"),
         (["mesh.rules=zero3"], "mesh.rules"),

@@ -40,7 +40,7 @@ import jax
 import numpy as np
 
 from mlgen.bench.timing import time_train_step
-from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig
+from mlgen.config import Config, MeshConfig, OptimConfig, PrecisionConfig, TrainConfig
 from mlgen.data.images import ImageDataConfig
 from mlgen.models.dit import PRESETS as DIT
 from mlgen.models.unet import UNetConfig
@@ -78,7 +78,6 @@ def run(argv: list[str]) -> None:
             num_groups=32,
             conv_impl=a.conv_impl,
             attention=AttentionConfig(backend=a.attention_backend),
-            dtype=a.dtype,
         )
     else:
         model = dataclasses.replace(
@@ -86,7 +85,6 @@ def run(argv: list[str]) -> None:
             image_size=a.size,
             num_classes=0,
             attention=AttentionConfig(backend=a.attention_backend),
-            dtype=a.dtype,
         )
     cfg = Config(
         task="diffusion",
@@ -99,6 +97,7 @@ def run(argv: list[str]) -> None:
             lr=1e-4, b2=0.999, weight_decay=0.01, clip_norm=0.0, warmup_steps=0, schedule="constant"
         ),
         train=TrainConfig(num_steps=a.steps + a.warmup),
+        precision=PrecisionConfig(compute=a.dtype),
     )
     rng = np.random.default_rng(0)
     host = {

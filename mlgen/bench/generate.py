@@ -25,6 +25,7 @@ from mlgen import sharding
 from mlgen.bench.timing import median_time
 from mlgen.config import MeshConfig
 from mlgen.models.transformer import Transformer, TransformerConfig
+from mlgen.nn.policy import Policy
 from mlgen.ops.attention import AttentionConfig
 from mlgen.samplers.lm import Sampling, generate
 
@@ -54,15 +55,15 @@ def run(argv: list[str]) -> None:
         num_heads=a.heads,
         max_len=a.prompt + a.new,
         attention=AttentionConfig(backend=a.attention_backend),
-        dtype=a.dtype,
     )
+    policy = Policy(compute=a.dtype)  # parameters stay float32, as a trained run's
     mesh = sharding.make_mesh(MeshConfig(data=-1))
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, a.vocab, (a.batch, a.prompt)).tolist()
     sampling = Sampling(temperature=a.temperature, top_k=a.top_k)
     with sharding.use(mesh, "dp"):
         graphdef, params, _ = sharding.sharded_init(
-            lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)), mesh
+            lambda: Transformer(cfg, policy=policy, rngs=nnx.Rngs(params=0)), mesh
         )
         calls = iter(range(1 << 30))
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from mlgen.bench.timing import time_train_step
-from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig
+from mlgen.config import REMATS, Config, MeshConfig, OptimConfig, TrainConfig
 from mlgen.data.text import TextDataConfig
 from mlgen.models.transformer import TransformerConfig
 from mlgen.objectives.lm import LMObjectiveConfig
@@ -36,7 +36,7 @@ def run(argv: list[str]) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--flavour", default="gpt2", choices=["gpt2", "llama"])
     ap.add_argument("--attention-backend", default="xla")
-    ap.add_argument("--remat", default="none")
+    ap.add_argument("--remat", default="none", choices=list(REMATS))
     ap.add_argument(
         "--loss-chunk",
         type=int,
@@ -56,9 +56,9 @@ def run(argv: list[str]) -> None:
             num_heads=a.heads,
             max_len=a.seq,
             attention=AttentionConfig(backend=a.attention_backend),
-            remat=a.remat,
             norm_eps=1e-5,
         ),
+        remat=a.remat,
         data=TextDataConfig(tokenizer="bpe", vocab_size=a.vocab, seq_len=a.seq, batch_size=a.batch),
         objective=LMObjectiveConfig(loss_chunk=a.loss_chunk),
         mesh=MeshConfig(data=-1, rules="dp"),

@@ -5,7 +5,9 @@ Supports:
 - adaLN-Zero blocks built from the LM's own layers: ``mlgen.nn.attention.SelfAttention``
   (bidirectional, no RoPE, any ``mlgen.ops.attention`` backend) and ``mlgen.nn.mlp.MLP``
   (GELU), with shift / scale / gate from the conditioning vector, zero-initialised;
-- stacked layers (one ``nnx.scan``, a leading ``layers`` axis on every block parameter);
+- stacked layers (one ``nnx.scan``, a leading ``layers`` axis on every block parameter), each
+  block rematerialised by the run's policy (``mlgen.nn.policy``), which also sets the parameter
+  and compute dtypes (norms, softmax and the output in float32);
 - time and class conditioning (label ``num_classes`` = the null class for CFG);
 - ``learn_sigma``: twice the output channels (prediction, then the iDDPM variance
   interpolation), for importing / serving such models; the objectives here train none;
@@ -30,6 +32,7 @@ from mlgen.nn.attention import SelfAttention
 from mlgen.nn.conv import TimeEmbedding
 from mlgen.nn.core import LayerNorm, Linear, dropout, zeros_init
 from mlgen.nn.mlp import MLP
+from mlgen.nn.policy import Policy
 from mlgen.ops.attention import AttentionConfig
 from mlgen.sharding import constrain
 from mlgen.train.throughput import dit_flops_per_pixel
@@ -37,7 +40,6 @@ from mlgen.typing import Array, Float, Int
 
 __all__ = ["FAMILY", "DiT", "DiTConfig", "PRESETS"]
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _ACT = ("batch", "length", "act_embed")
 
 
@@ -54,7 +56,7 @@ class DiTConfig:
     num_classes: int = 0
     learn_sigma: bool = False
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
-    dtype: str = "float32"
+    # Dtypes and remat are the run's (``precision``, ``remat``: ``mlgen.nn.policy.Policy``).
     # Run the stacked blocks with a lax.scan (compile time independent of depth) or unrolled
     # (MaxText's ``scan_layers``). Unrolled is faster for small models on CPU: no per-layer
     # dynamic slices of the stacked weights and residuals (digits DiT: 293 vs 395 ms/step).
@@ -86,9 +88,6 @@ class DiTConfig:
         check(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.num_classes >= 0, "num_classes", f"must be >= 0, got {self.num_classes}")
-        check(
-            self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}"
-        )
         prefixed("attention", self.attention.validate)
 
     @property
@@ -133,8 +132,8 @@ def _modulate(x, shift, scale):
 class DiTBlock(nnx.Module):
     """adaLN-Zero: ``x += gate * f(LN(x) * (1 + scale) + shift)`` for attention, then the MLP."""
 
-    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
-        dt = _DTYPES[cfg.dtype]
+    def __init__(self, cfg: DiTConfig, *, policy: Policy, rngs: nnx.Rngs):
+        dt, pdt = policy.dtype, policy.param_dtype
         d = cfg.d_model
         self.norm1 = LayerNorm(d, eps=1e-6, use_bias=False, use_scale=False)
         self.attn = SelfAttention(
@@ -146,10 +145,19 @@ class DiTBlock(nnx.Module):
             rope_theta=None,
             attention=cfg.attention,
             dtype=dt,
+            param_dtype=pdt,
             rngs=rngs,
         )
         self.norm2 = LayerNorm(d, eps=1e-6, use_bias=False, use_scale=False)
-        self.mlp = MLP(d, int(d * cfg.mlp_ratio), kind="gelu", use_bias=True, dtype=dt, rngs=rngs)
+        self.mlp = MLP(
+            d,
+            int(d * cfg.mlp_ratio),
+            kind="gelu",
+            use_bias=True,
+            dtype=dt,
+            param_dtype=pdt,
+            rngs=rngs,
+        )
         # The modulation outputs stay replicated: "embed" is already the input's (fsdp) axis.
         self.ada = Linear(
             d,
@@ -159,6 +167,7 @@ class DiTBlock(nnx.Module):
             use_bias=True,
             init=zeros_init,
             dtype=dt,
+            param_dtype=pdt,
             rngs=rngs,
         )
         self.dropout = cfg.dropout
@@ -174,10 +183,13 @@ class DiTBlock(nnx.Module):
 
 
 class DiT(nnx.Module):
-    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+    """``policy``: parameter / compute dtypes and the remat of each block (default: float32,
+    none)."""
+
+    def __init__(self, cfg: DiTConfig, *, policy: Policy = Policy(), rngs: nnx.Rngs):
         cfg.validate()
-        self.cfg = cfg
-        dt = _DTYPES[cfg.dtype]
+        self.cfg, self.policy = cfg, policy
+        dt, pdt = policy.dtype, policy.param_dtype
         p, d = cfg.patch_size, cfg.d_model
         self.patch = Linear(
             (p, p, cfg.in_channels),
@@ -186,14 +198,15 @@ class DiT(nnx.Module):
             out_names=("embed",),
             use_bias=True,
             dtype=dt,
+            param_dtype=pdt,
             rngs=rngs,
         )
-        self.time = TimeEmbedding(256, d, num_classes=cfg.num_classes, rngs=rngs)
+        self.time = TimeEmbedding(256, d, num_classes=cfg.num_classes, param_dtype=pdt, rngs=rngs)
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(r):
-            return DiTBlock(cfg, rngs=r)
+            return DiTBlock(cfg, policy=policy, rngs=r)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = LayerNorm(d, eps=1e-6, use_bias=False, use_scale=False)
@@ -205,6 +218,7 @@ class DiT(nnx.Module):
             use_bias=True,
             init=zeros_init,
             dtype=dt,
+            param_dtype=pdt,
             rngs=rngs,
         )
         self.out = Linear(
@@ -215,6 +229,7 @@ class DiT(nnx.Module):
             use_bias=True,
             init=zeros_init,
             dtype=dt,
+            param_dtype=pdt,
             rngs=rngs,
         )
 
@@ -227,7 +242,7 @@ class DiT(nnx.Module):
         rng: jax.Array | None = None,
     ) -> Float[Array, "B H W C"]:
         cfg = self.cfg
-        dt = _DTYPES[cfg.dtype]
+        dt = self.policy.dtype
         B, H, W, C = x.shape
         p = cfg.patch_size
         g = H // p
@@ -244,6 +259,10 @@ class DiT(nnx.Module):
             jax.random.split(rng, cfg.num_layers) if rng is not None and cfg.dropout > 0 else None
         )
 
+        body = self.policy.remat_block(  # inside the layer scan
+            lambda block, h, c, r: block(h, c, r), prevent_cse=False
+        )
+
         @nnx.scan(
             in_axes=(0, nnx.Carry, 0),
             out_axes=nnx.Carry,
@@ -251,11 +270,12 @@ class DiT(nnx.Module):
             transform_metadata={nnx.PARTITION_NAME: "layers"},
         )
         def run(block, h, r):
-            return block(h, c, r)
+            return body(block, h, c, r)
 
         h = run(self.blocks, h, layer_rngs)
         shift, scale = jnp.moveaxis(self.final_ada(jax.nn.silu(c)), 1, 0)
-        out = self.out(_modulate(self.final_norm(h), shift, scale))  # [B, P, p, p, C_out]
+        # [B, P, p, p, C_out], accumulated in float32 (the loss's prediction) whatever dt is.
+        out = self.out(_modulate(self.final_norm(h), shift, scale), out_dtype=jnp.float32)
         co = cfg.out_channels
         out = out.reshape(B, g, g, p, p, co).transpose(0, 1, 3, 2, 4, 5).reshape(B, H, W, co)
         return out.astype(jnp.float32)
@@ -282,7 +302,7 @@ FAMILY = register(
         name="dit",
         config=DiTConfig,
         kind="denoiser",
-        build=lambda cfg, rngs: DiT(cfg, rngs=rngs),
+        build=lambda cfg, rngs, policy: DiT(cfg, policy=policy, rngs=rngs),
         batch_axes={"labels": ("batch",)},
         logical_axes=frozenset(
             {

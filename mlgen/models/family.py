@@ -17,6 +17,7 @@ from flax import nnx
 
 from mlgen import config as config_lib
 from mlgen.config import ConfigError
+from mlgen.nn.policy import Policy
 from mlgen.sharding import register_axes
 
 
@@ -32,7 +33,8 @@ class Family:
         segment_ids=, rng=, return_hidden=)``, ``model.logits``, ``init_cache`` / ``decode`` /
         ``max_length`` / ``for_decoding``) or ``"denoiser"`` (``model(x, time, labels, rng=)``,
         with ``image_size``, ``in_channels``, ``output_channels``, ``num_classes`` on its config).
-      build: ``(config, rngs) -> nnx.Module``.
+      build: ``(config, rngs, policy) -> nnx.Module``; ``policy`` (``mlgen.nn.policy.Policy``)
+        is the run's parameter / compute dtypes and remat, which the family's modules honour.
       batch_axes: the batch keys its inputs come in and their logical axes (keys not listed
         are sharded on their leading dimension over ``batch``).
       logical_axes: every logical axis its parameters and activations use (a mesh axis that
@@ -53,7 +55,7 @@ class Family:
     name: str
     config: type
     kind: str
-    build: Callable[[Any, nnx.Rngs], nnx.Module]
+    build: Callable[[Any, nnx.Rngs, Policy], nnx.Module]
     batch_axes: Mapping[str, tuple[str | None, ...]] = dataclasses.field(default_factory=dict)
     logical_axes: frozenset[str] = frozenset()
     new_axes: tuple[str, ...] = ()

@@ -5,7 +5,10 @@ Supports:
   no biases, untied embeddings by default;
 - the GPT-2 flavour: LayerNorm, learned positions, GELU MLP, biases, tied embeddings;
 - layers stacked on a leading ``layers`` axis and run with a scan (compile time does not grow
-  with depth), with a remat policy (``none``, ``full``, ``dots``, ``dots_no_batch``);
+  with depth), each block rematerialised by the run's policy (``mlgen.nn.policy``: ``none``,
+  ``full``, ``dots``, ``dots_no_batch``, ``offload``);
+- mixed precision from the same policy: parameter and compute dtypes (norms, softmax and the
+  logits in float32);
 - packed rows (``segment_ids`` + per-document ``positions``);
 - the decoder protocol the LM sampler talks to: ``init_cache`` (one KV cache per layer, owned
   by its attention layer), ``decode`` (the per-layer loop), ``max_length``, ``for_decoding``;
@@ -29,17 +32,11 @@ from mlgen.models.family import Family, register
 from mlgen.nn.attention import KVCache, SelfAttention
 from mlgen.nn.core import Embed, LayerNorm, Linear, RMSNorm, dropout, normal_init, param
 from mlgen.nn.mlp import MLP
+from mlgen.nn.policy import Policy
 from mlgen.ops.attention import AttentionConfig
 from mlgen.sharding import constrain
 from mlgen.train.throughput import transformer_flops_per_token
 from mlgen.typing import Array, Float, Int
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,9 +55,11 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     dropout: float = 0.0
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
-    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Dtypes and remat are the run's (``precision``, ``remat``: ``mlgen.nn.policy.Policy``).
+    # Run the stacked layers with a lax.scan (compile time independent of depth) or unrolled
+    # (MaxText's ``scan_layers``): same parameters either way; ``mlgen plan`` compiles short
+    # unrolled stacks to count every layer's cost (XLA counts a scan's body once).
+    scan_layers: bool = True
 
     # Derived -------------------------------------------------------------------------
     @property
@@ -110,11 +109,6 @@ class TransformerConfig:
         )
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
-        check(
-            self.remat in REMAT_POLICIES,
-            "remat",
-            f"must be one of {list(REMAT_POLICIES)}, got {self.remat!r}",
-        )
         prefixed("attention", self.attention.validate)
 
     @property
@@ -123,15 +117,11 @@ class TransformerConfig:
         return self.max_len if self.flavour == "gpt2" else None
 
 
-def _dtype(name: str):
-    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
-
-
 class Block(nnx.Module):
     """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
-    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-        dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    def __init__(self, cfg: TransformerConfig, *, policy: Policy, rngs: nnx.Rngs):
+        dtype, pdtype = policy.dtype, policy.param_dtype
         gpt2 = cfg.flavour == "gpt2"
         Norm = LayerNorm if gpt2 else RMSNorm
         self.attn_norm = Norm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdtype, rngs=rngs)
@@ -179,12 +169,15 @@ _ACT = ("batch", "length", "act_embed")
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM: tokens ``[B, T]`` -> logits ``[B, T, V]`` (float32)."""
+    """Decoder-only LM: tokens ``[B, T]`` -> logits ``[B, T, V]`` (float32).
 
-    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    ``policy``: parameter / compute dtypes and the remat of each block (default: float32, none).
+    """
+
+    def __init__(self, cfg: TransformerConfig, *, policy: Policy = Policy(), rngs: nnx.Rngs):
         cfg.validate()
-        self.cfg = cfg
-        dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        self.cfg, self.policy = cfg, policy
+        dtype, pdtype = policy.dtype, policy.param_dtype
         self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype, rngs=rngs)
         self.pos_embed = (
             param(rngs, normal_init(0.01), (cfg.max_len, cfg.d_model), ("pos", "embed"), pdtype)
@@ -195,7 +188,7 @@ class Transformer(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(r):
-            return Block(cfg, rngs=r)
+            return Block(cfg, policy=policy, rngs=r)
 
         self.blocks = make_blocks(rngs)
         Norm = LayerNorm if cfg.flavour == "gpt2" else RMSNorm
@@ -247,12 +240,12 @@ class Transformer(nnx.Module):
         def body(block: Block, x, lrng):
             return block(x, positions=positions, segment_ids=segment_ids, rng=lrng)
 
-        if cfg.remat != "none":
-            body = nnx.remat(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        body = self.policy.remat_block(body, prevent_cse=False)  # inside the layer scan
 
         @nnx.scan(
             in_axes=(0, nnx.Carry, 0),
             out_axes=nnx.Carry,
+            unroll=1 if cfg.scan_layers else True,
             transform_metadata={nnx.PARTITION_NAME: "layers"},
         )
         def run(block, x, lrng):
@@ -262,8 +255,15 @@ class Transformer(nnx.Module):
         return x if return_hidden else self.logits(x)
 
     def logits(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-        out = self.embed.attend(x) if self.head is None else self.head(x)
-        return constrain(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
+        # Accumulated and returned in float32 whatever the compute dtype: bfloat16 logits keep
+        # ~3 significant digits (a logit of 8 is off by up to 0.03), the loss would inherit that.
+        f32 = jnp.float32
+        out = (
+            self.embed.attend(x, out_dtype=f32)
+            if self.head is None
+            else self.head(x, out_dtype=f32)
+        )
+        return constrain(out, ("batch", "length", "act_vocab"))
 
     # -- the decoder protocol (mlgen.samplers.lm) ---------------------------------------------
     @property
@@ -348,7 +348,7 @@ FAMILY = register(
         name="transformer",
         config=TransformerConfig,
         kind="decoder",
-        build=lambda cfg, rngs: Transformer(cfg, rngs=rngs),
+        build=lambda cfg, rngs, policy: Transformer(cfg, policy=policy, rngs=rngs),
         batch_axes={k: _TOKENS for k in ("inputs", "segment_ids", "positions")},
         logical_axes=frozenset(
             {

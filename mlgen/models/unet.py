@@ -10,6 +10,8 @@ Supports:
 - class conditioning (``num_classes``; label ``num_classes`` is the null class used by
   classifier-free guidance);
 - zero-initialised output convolutions (every residual branch starts as the identity);
+- the run's policy (``mlgen.nn.policy``): parameter / compute dtypes (GroupNorm, softmax and the
+  output in float32) and the remat of every residual and attention block;
 - logical-axis sharding of every parameter (``channels`` / ``heads`` / ``norm`` / ``kernel``).
 
 Called as ``model(x [B, H, W, C], time [B], labels [B] | None, rng=None) -> [B, H, W, C_out]``.
@@ -34,13 +36,12 @@ from mlgen.nn.conv import (
     TimeEmbedding,
     Upsample,
 )
+from mlgen.nn.policy import Policy
 from mlgen.ops.attention import AttentionConfig
 from mlgen.sharding import constrain
 from mlgen.typing import Array, Float, Int
 
 __all__ = ["FAMILY", "PRESETS", "UNet", "UNetConfig"]
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,7 +62,7 @@ class UNetConfig:
     num_classes: int = 0  # 0 = unconditional
     conv_impl: str = "auto"  # auto | xla | im2col
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
-    dtype: str = "float32"  # compute dtype; parameters stay float32
+    # Dtypes and remat are the run's (``precision``, ``remat``: ``mlgen.nn.policy.Policy``).
 
     def validate(self) -> None:
         check(len(self.channels) >= 1, "channels", "needs at least one level")
@@ -107,9 +108,6 @@ class UNetConfig:
             "conv_impl",
             f"must be auto, xla or im2col, got {self.conv_impl!r}",
         )
-        check(
-            self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}, got {self.dtype!r}"
-        )
         prefixed("attention", self.attention.validate)
 
     @property
@@ -144,23 +142,28 @@ PRESETS: dict[str, UNetConfig] = {
 
 
 class UNet(nnx.Module):
-    def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs):
+    """``policy``: parameter / compute dtypes and the remat of each block (default: float32,
+    none)."""
+
+    def __init__(self, cfg: UNetConfig, *, policy: Policy = Policy(), rngs: nnx.Rngs):
         cfg.validate()
-        self.cfg = cfg
-        dt = _DTYPES[cfg.dtype]
+        self.cfg, self.policy = cfg, policy
+        dt, pdt = policy.dtype, policy.param_dtype
         c0 = cfg.channels[0]
         emb = cfg.time_embed_dim or 4 * c0
-        conv = dict(conv_impl=cfg.conv_impl, dtype=dt, rngs=rngs)
+        conv = dict(conv_impl=cfg.conv_impl, dtype=dt, param_dtype=pdt, rngs=rngs)
         res = dict(num_groups=cfg.num_groups, dropout=cfg.dropout, **conv)
         attn = dict(
             head_dim=cfg.head_dim,
             num_groups=cfg.num_groups,
             attention=cfg.attention,
             dtype=dt,
+            param_dtype=pdt,
             rngs=rngs,
         )
-        self.time = TimeEmbedding(c0, emb, num_classes=cfg.num_classes, rngs=rngs)
-        self.conv_in = Conv2d(cfg.in_channels, c0, 3, impl=cfg.conv_impl, dtype=dt, rngs=rngs)
+        self.time = TimeEmbedding(c0, emb, num_classes=cfg.num_classes, param_dtype=pdt, rngs=rngs)
+        conv2d = dict(impl=cfg.conv_impl, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.conv_in = Conv2d(cfg.in_channels, c0, 3, **conv2d)
 
         down, skip_ch, ch = [], [c0], c0
         last = len(cfg.channels) - 1
@@ -191,10 +194,8 @@ class UNet(nnx.Module):
             if lv != 0:
                 up.append(Upsample(ch, **conv))
         self.up = nnx.List(up)
-        self.norm_out = GroupNorm(ch, cfg.num_groups, rngs=rngs)
-        self.conv_out = Conv2d(
-            ch, cfg.output_channels, 3, zero_init=True, impl=cfg.conv_impl, dtype=dt, rngs=rngs
-        )
+        self.norm_out = GroupNorm(ch, cfg.num_groups, param_dtype=pdt, rngs=rngs)
+        self.conv_out = Conv2d(ch, cfg.output_channels, 3, zero_init=True, **conv2d)
 
     def __call__(
         self,
@@ -206,7 +207,7 @@ class UNet(nnx.Module):
     ) -> Float[Array, "B H W C"]:
         """Denoiser output for noisy images ``x`` at ``time`` (``[B]``, any scale;
         0..1000 typical)."""
-        dt = _DTYPES[self.cfg.dtype]
+        dt = self.policy.dtype
         emb = self.time(time, labels).astype(dt)
         h = constrain(self.conv_in(x.astype(dt)), ("batch", "height", "width", None))
         skips = [h]
@@ -217,23 +218,28 @@ class UNet(nnx.Module):
             n_res += 1
             return None if rng is None else jax.random.fold_in(rng, n_res)
 
-        for m in self.down:
+        res = self.policy.remat_block(lambda m, h, emb, r: m(h, emb, rng=r))
+        attn = self.policy.remat_block(lambda m, h: m(h))
+
+        def block(m, h):  # residual and attention blocks under the remat policy
             if isinstance(m, ResBlock):
-                h = m(h, emb, rng=block_rng())
-            else:
-                h = m(h)
+                return res(m, h, emb, block_rng())
+            return attn(m, h) if isinstance(m, AttentionBlock) else m(h)
+
+        for m in self.down:
+            h = block(m, h)
             if not isinstance(m, AttentionBlock):
                 skips.append(h)
             else:
                 skips[-1] = h
         for m in self.mid:
-            h = m(h, emb, rng=block_rng()) if isinstance(m, ResBlock) else m(h)
+            h = block(m, h)
         for m in self.up:
             if isinstance(m, ResBlock):
-                h = m(jnp.concatenate([h, skips.pop()], axis=-1), emb, rng=block_rng())
-            else:
-                h = m(h)
-        return self.conv_out(jax.nn.silu(self.norm_out(h))).astype(jnp.float32)
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+            h = block(m, h)
+        # Accumulated in float32 (the loss's prediction) whatever the compute dtype.
+        return self.conv_out(jax.nn.silu(self.norm_out(h)), out_dtype=jnp.float32)
 
 
 FAMILY = register(
@@ -241,7 +247,7 @@ FAMILY = register(
         name="unet",
         config=UNetConfig,
         kind="denoiser",
-        build=lambda cfg, rngs: UNet(cfg, rngs=rngs),
+        build=lambda cfg, rngs, policy: UNet(cfg, policy=policy, rngs=rngs),
         batch_axes={"labels": ("batch",)},
         logical_axes=frozenset(
             {

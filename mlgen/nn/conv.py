@@ -37,12 +37,14 @@ def conv2d(
     *,
     stride: int = 1,
     impl: ConvImpl = "auto",
+    out_dtype=None,
 ) -> Float[Array, "B h w O"]:
-    """'SAME'-padded 2-D convolution (odd kernel), NHWC x HWIO."""
+    """'SAME'-padded 2-D convolution (odd kernel), NHWC x HWIO; ``out_dtype``: accumulate and
+    return in that dtype (default: the inputs')."""
     k = w.shape[0]
     if impl in ("auto", "xla") or k == 1:
         if k == 1 and stride == 1:
-            return jnp.einsum("bhwc,co->bhwo", x, w[0, 0])
+            return jnp.einsum("bhwc,co->bhwo", x, w[0, 0], preferred_element_type=out_dtype)
         pad = (k - 1) // 2
         return jax.lax.conv_general_dilated(
             x,
@@ -50,6 +52,7 @@ def conv2d(
             (stride, stride),
             ((pad, pad), (pad, pad)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            preferred_element_type=out_dtype,
         )
     if impl != "im2col":
         raise ValueError(f"conv2d: impl must be 'auto', 'xla' or 'im2col', got {impl!r}")
@@ -65,7 +68,9 @@ def conv2d(
         ],
         axis=-1,
     )
-    return jnp.einsum("bhwk,ko->bhwo", cols, w.reshape(k * k * C, -1))
+    return jnp.einsum(
+        "bhwk,ko->bhwo", cols, w.reshape(k * k * C, -1), preferred_element_type=out_dtype
+    )
 
 
 class Conv2d(nnx.Module):
@@ -104,12 +109,14 @@ class Conv2d(nnx.Module):
         self.impl = impl
         self.dtype = dtype
 
-    def __call__(self, x: Float[Array, "B H W C"]) -> Float[Array, "B h w O"]:
+    def __call__(self, x: Float[Array, "B H W C"], *, out_dtype=None) -> Float[Array, "B h w O"]:
+        """``out_dtype``: accumulate and return in that dtype (default: the compute dtype)."""
         y = conv2d(
             x.astype(self.dtype),
             self.kernel[...].astype(self.dtype),
             stride=self.stride,
             impl=self.impl,
+            out_dtype=out_dtype,
         )
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)

@@ -106,7 +106,9 @@ class Linear(nnx.Module):
         )
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, out_dtype=None) -> jax.Array:
+        """``out_dtype``: accumulate and return in that dtype (float32 outputs from bfloat16
+        compute: an LM's logits); default: the compute dtype."""
         n_in, n_out = len(self.in_features), len(self.out_features)
         letters = "abcdefghijklmnopqrstuvwxyz"
         batch = letters[: x.ndim - n_in]
@@ -116,6 +118,7 @@ class Linear(nnx.Module):
             f"{batch}{ins},{ins}{outs}->{batch}{outs}",
             x.astype(self.dtype),
             self.kernel[...].astype(self.dtype),
+            preferred_element_type=out_dtype,
         )
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
@@ -150,9 +153,13 @@ class Embed(nnx.Module):
         table = constrain(self.embedding[...], (self.vocab_name, None))
         return jnp.take(table, ids, axis=0).astype(self.dtype)
 
-    def attend(self, x: jax.Array) -> jax.Array:
+    def attend(self, x: jax.Array, *, out_dtype=None) -> jax.Array:
+        """Tied output logits ``x @ table.T`` (``out_dtype`` as in ``Linear``)."""
         return jnp.einsum(
-            "...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype)
+            "...d,vd->...v",
+            x.astype(self.dtype),
+            self.embedding[...].astype(self.dtype),
+            preferred_element_type=out_dtype,
         )
 
 

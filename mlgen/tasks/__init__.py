@@ -6,6 +6,6 @@ Importing this package registers the built-in tasks (``lm``, ``diffusion``) with
 """
 
 from mlgen.tasks import diffusion, lm
-from mlgen.tasks.base import TaskSpec, check_batch, register, rules_for
+from mlgen.tasks.base import TaskSpec, check_batch, policy, register, rules_for
 
-__all__ = ["TaskSpec", "check_batch", "diffusion", "lm", "register", "rules_for"]
+__all__ = ["TaskSpec", "check_batch", "diffusion", "lm", "policy", "register", "rules_for"]

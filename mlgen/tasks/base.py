@@ -18,6 +18,7 @@ from mlgen import config as config_lib
 from mlgen import sharding
 from mlgen.config import Config, check, prefixed
 from mlgen.models.family import Family, family_of
+from mlgen.nn.policy import Policy
 from mlgen.train.task import Task
 
 
@@ -84,6 +85,11 @@ class TaskSpec:
 
     def batch_axes_of(self, family: Family) -> dict[str, tuple]:
         return {**family.batch_axes, **self.batch_axes}
+
+
+def policy(cfg: Config) -> Policy:
+    """The model policy of a run: its ``precision`` dtypes and ``remat`` (for ``Family.build``)."""
+    return Policy(params=cfg.precision.params, compute=cfg.precision.compute, remat=cfg.remat)
 
 
 def rules_for(cfg: Config, family: Family, mesh: dict[str, int] | None) -> sharding.Rules:

@@ -25,7 +25,7 @@ from mlgen.data.paths import write_bytes_atomic
 from mlgen.models.family import Family
 from mlgen.objectives.diffusion import DiffusionObjectiveConfig, make_loss
 from mlgen.samplers.diffusion import grid_labels, sample_model
-from mlgen.tasks.base import TaskSpec, register
+from mlgen.tasks.base import TaskSpec, policy, register
 from mlgen.train.task import Task
 
 matplotlib.use("Agg", force=False)
@@ -68,7 +68,7 @@ def _build(cfg: Config, family: Family, mesh: Mesh, rules: sharding.Rules) -> Ta
     pixels = d.image_size**2
     return Task(
         name=f"diffusion / {family.name}",
-        make_model=lambda: family.build(cfg.model, nnx.Rngs(params=cfg.seed)),
+        make_model=lambda: family.build(cfg.model, nnx.Rngs(params=cfg.seed), policy(cfg)),
         make_loss=lambda gd: make_loss(gd, obj, num_classes=classes, train=True),
         make_eval_loss=lambda gd: make_loss(gd, obj, num_classes=classes, train=False),
         train_data=lambda: make_image_data(

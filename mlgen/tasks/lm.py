@@ -11,7 +11,7 @@ from mlgen.config import Config, check
 from mlgen.data.text import TextDataConfig, make_lm_data
 from mlgen.models.family import Family
 from mlgen.objectives.lm import LMObjectiveConfig, make_loss
-from mlgen.tasks.base import TaskSpec, register, rules_for
+from mlgen.tasks.base import TaskSpec, policy, register, rules_for
 from mlgen.train.task import Task
 
 _TOKENS = ("batch", "length")
@@ -61,7 +61,7 @@ def _build(cfg: Config, family: Family, mesh: Mesh, rules: sharding.Rules) -> Ta
     objective = dict(z_loss=cfg.objective.z_loss, loss_chunk=cfg.objective.loss_chunk)
     return Task(
         name=f"lm / {family.name}",
-        make_model=lambda: family.build(cfg.model, nnx.Rngs(params=cfg.seed)),
+        make_model=lambda: family.build(cfg.model, nnx.Rngs(params=cfg.seed), policy(cfg)),
         make_loss=lambda gd: make_loss(gd, train=True, **objective),
         make_eval_loss=lambda gd: make_loss(gd, train=False, **objective),
         train_data=lambda: make_lm_data(

@@ -16,6 +16,7 @@ from mlgen.models import families, family_of
 from mlgen.models.dit import PRESETS as DIT
 from mlgen.models.transformer import TransformerConfig
 from mlgen.models.unet import PRESETS as UNETS
+from mlgen.nn.policy import Policy
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -54,11 +55,11 @@ def test_declared_logical_axes_are_the_ones_the_model_uses(name):
     parameters plus those its forward pass constrains activations to."""
     family, used = families()[name], set()
     for cfg in TINY[name]:
-        model = nnx.eval_shape(lambda: family.build(cfg, nnx.Rngs(0)))  # noqa: B023
+        model = nnx.eval_shape(lambda: family.build(cfg, nnx.Rngs(0), Policy()))  # noqa: B023
         for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
             used |= {n for n in v.get_metadata()["out_sharding"] if n is not None}
         with sharding.recording() as names:
-            jax.eval_shape(lambda: _forward(name, family.build(cfg, nnx.Rngs(0))))  # noqa: B023
+            jax.eval_shape(lambda: _forward(name, family.build(cfg, nnx.Rngs(0), Policy())))  # noqa: B023
         used |= names
     used |= {n for axes in family.batch_axes.values() for n in axes if n is not None}
     assert used == set(family.logical_axes), (

@@ -7,11 +7,12 @@ import pytest
 from flax import nnx
 
 from mlgen.models.transformer import Transformer, TransformerConfig
+from mlgen.nn.policy import Policy
 from mlgen.ops.attention import AttentionConfig
 from mlgen.ops.losses import cross_entropy
 
 
-def _model(**kw):
+def _model(policy=Policy(), **kw):
     cfg = TransformerConfig(
         **{
             **dict(
@@ -25,7 +26,7 @@ def _model(**kw):
             **kw,
         }
     )
-    return Transformer(cfg, rngs=nnx.Rngs(params=0))
+    return Transformer(cfg, policy=policy, rngs=nnx.Rngs(params=0))
 
 
 @nnx.jit
@@ -77,7 +78,7 @@ def test_remat_changes_nothing_numerically(remat):
     def loss(m):
         return cross_entropy(m(tok[:, :-1]), tok[:, 1:])[0]
 
-    base, ckpt = _model(), _model(remat=remat)
+    base, ckpt = _model(), _model(Policy(remat=remat))
     grad = nnx.jit(nnx.grad(loss))
     gb = grad(base)
     gc = grad(ckpt)

@@ -19,7 +19,7 @@ from mlgen.models.family import Family
 from mlgen.models.family import register as register_family
 from mlgen.nn.core import Linear
 from mlgen.objectives import bind, state_after
-from mlgen.tasks.base import TaskSpec
+from mlgen.tasks.base import TaskSpec, policy
 from mlgen.tasks.base import register as register_task
 from mlgen.train.task import Task, TrainStep
 
@@ -103,7 +103,7 @@ register_family(
         name="test_gan",
         config=GANConfig,
         kind="gan",
-        build=lambda c, r: GAN(c, rngs=r),
+        build=lambda c, r, policy: GAN(c, rngs=r),  # float32, nothing to remat
         batch_axes={"x": ("batch", None)},
         logical_axes=frozenset({"batch"}),
     )
@@ -193,7 +193,7 @@ def _build(cfg, family, mesh, rules):
     rows = cfg.data.batch_size // jax.process_count()
     return Task(
         name="test_gan",
-        make_model=lambda: family.build(cfg.model, nnx.Rngs(params=cfg.seed)),
+        make_model=lambda: family.build(cfg.model, nnx.Rngs(params=cfg.seed), policy(cfg)),
         make_loss=make_loss,
         train_data=lambda: Points(rows, cfg.seed),
         batch_axes={"x": ("batch", None)},

@@ -4,6 +4,12 @@ Global JAX settings (simulated CPU devices, platform, compilation cache, multi-h
 set here and only here, before anything imports JAX: that is why the commands are imported
 inside :func:`main` (the one import of mlgen inside a function; it dodges no cycle).
 
+Several processes (hosts): ``--coordinator HOST:PORT --num-processes N --process-id I`` on
+each of them (or ``MLGEN_COORDINATOR`` / ``MLGEN_NUM_PROCESSES`` / ``MLGEN_PROCESS_ID``), or
+``--distributed`` (``MLGEN_DISTRIBUTED=1``) where JAX finds the others itself (Cloud TPU, SLURM,
+Open MPI, k8s): see :mod:`mlgen.distributed`. A bad combination is one line and exit status 2,
+before JAX starts.
+
 The persistent compilation cache: compiled programs are kept under ``~/.cache/mlgen/jax`` so a
 rerun of the same config starts in seconds. ``--compilation-cache DIR`` (or the environment
 variable ``MLGEN_COMPILATION_CACHE=DIR``) moves it, ``off`` turns it off.
@@ -16,6 +22,9 @@ import logging
 import os
 import sys
 
+from mlgen import distributed
+from mlgen.config import ConfigError
+
 USAGE = """mlgen <command> [args]
 
 commands:
@@ -27,20 +36,28 @@ commands:
   tokenizer train --input GLOB ... train a sentencepiece tokenizer
 
 global options (before the command):
-  --cpu-devices N                  simulate N CPU devices (XLA host platform device count)
+  --cpu-devices N                  simulate N CPU devices (per process; XLA host platform devices)
   --platform NAME                  force a JAX platform (cpu, gpu, tpu)
   --compilation-cache DIR|off      where compiled programs are cached (default ~/.cache/mlgen/jax;
                                    also MLGEN_COMPILATION_CACHE)
+  --coordinator HOST:PORT          several processes (hosts): process 0's address on every one,
+  --num-processes N                with their number and this one's id in [0, N), all three (or
+  --process-id I                   MLGEN_COORDINATOR, MLGEN_NUM_PROCESSES, MLGEN_PROCESS_ID)
+  --distributed                    several processes that JAX finds itself: Cloud TPU, SLURM,
+                                   Open MPI, k8s (also MLGEN_DISTRIBUTED=1)
 
 examples:
   mlgen train configs/lm/tiny.py workdir=/tmp/tiny train.num_steps=100
   mlgen generate /tmp/tiny --prompt "def " --max-new-tokens 200 --temperature 0.8 --top-k 40
+  mlgen --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0 train configs/lm/tiny.py
 """
 
 DEFAULT_CACHE = os.path.join("~", ".cache", "mlgen", "jax")
 
 
-def _set_jax_globals(cpu_devices: int | None, platform: str | None, cache: str | None) -> None:
+def _set_jax_globals(
+    cpu_devices: int | None, platform: str | None, cache: str | None, world: dict
+) -> None:
     if cpu_devices:
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = (
@@ -51,12 +68,20 @@ def _set_jax_globals(cpu_devices: int | None, platform: str | None, cache: str |
         os.environ["JAX_PLATFORMS"] = platform
     import jax
 
-    if os.environ.get("MLGEN_DISTRIBUTED") == "1":  # set by tpu_scripts/pod.sh on every pod worker
-        jax.distributed.initialize()
+    distributed.initialize(**world, cpu_devices=cpu_devices)
     cache = cache or os.environ.get("MLGEN_COMPILATION_CACHE", DEFAULT_CACHE)
     if cache != "off":
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _int_option(value: str | None, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name}: must be an integer, got {value!r}") from None
 
 
 def _setup_logging() -> None:
@@ -77,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-devices", type=int, default=None)
     ap.add_argument("--platform", default=None)
     ap.add_argument("--compilation-cache", default=None)
+    ap.add_argument("--coordinator", default=os.environ.get("MLGEN_COORDINATOR"))
+    ap.add_argument("--num-processes", default=os.environ.get("MLGEN_NUM_PROCESSES"))
+    ap.add_argument("--process-id", default=os.environ.get("MLGEN_PROCESS_ID"))
+    # MLGEN_DISTRIBUTED=1 is set by tpu_scripts/pod.sh on every pod worker.
+    ap.add_argument("--distributed", action="store_true")
     ap.add_argument("command", nargs="?")
     g, rest = ap.parse_known_args(argv)
     if not g.command:
@@ -84,7 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if g.help:
         rest = ["--help"] + rest
-    _set_jax_globals(g.cpu_devices, g.platform, g.compilation_cache)
+    try:  # before JAX starts: a bad combination is one line
+        world = dict(
+            coordinator=g.coordinator or None,
+            num_processes=_int_option(g.num_processes, "--num-processes"),
+            process_id=_int_option(g.process_id, "--process-id"),
+            auto=g.distributed or os.environ.get("MLGEN_DISTRIBUTED") == "1",
+        )
+        distributed.check_options(**world, cpu_devices=g.cpu_devices, names=distributed.CLI_NAMES)
+    except ConfigError as e:
+        print(f"mlgen: {e}", file=sys.stderr)
+        return 2
+    _set_jax_globals(g.cpu_devices, g.platform, g.compilation_cache, world)
     _setup_logging()
     from mlgen.cli import commands  # after the JAX settings above: this imports JAX
 

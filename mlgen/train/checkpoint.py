@@ -1,6 +1,10 @@
 """Orbax checkpoints of a run: train state (+ EMA), data-iterator state, resolved config.
 
-Layout: ``WORKDIR/checkpoints/<step>/{state, data_<process>, config}``. Orbax writes each step
+Layout: ``WORKDIR/checkpoints/<step>/{state, data_<process>, config}``. With several processes
+every one joins each save and restore (each writes its shards of the state); the data-iterator
+states of all processes are gathered and written by process 0 (orbax writes JSON items on the
+primary host only), each process restores its own. A data state saved by a different number of
+processes is not restored (a warning; the data start again). Orbax writes each step
 into a temporary directory and renames it when complete, so a crash never leaves a half
 checkpoint that a restart would read. Restoring takes an abstract target (shapes, dtypes and
 the *new* shardings), so a checkpoint restores onto any mesh or device count. Paths go through
@@ -9,6 +13,7 @@ the *new* shardings), so a checkpoint restores onto any mesh or device count. Pa
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -17,6 +22,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mlgen.config import Config, from_dict, to_dict
+from mlgen.distributed import gather_json
+
+log = logging.getLogger("mlgen")
 
 
 def workdir_path(workdir: str | os.PathLike) -> epath.Path:
@@ -64,8 +72,9 @@ class Checkpointer:
         args = {"state": ocp.args.StandardSave(stored)}
         if config is not None:
             args["config"] = ocp.args.JsonSave(to_dict(config))
-        if data_state is not None:
-            args[f"data_{jax.process_index()}"] = ocp.args.JsonSave(data_state)
+        if data_state is not None:  # the same items on every process; process 0 writes them
+            for i, each in enumerate(gather_json(data_state)):
+                args[f"data_{i}"] = ocp.args.JsonSave(each)
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
     def restore(self, abstract_state: Any, step: int | None = None, *, with_data: bool = True):
@@ -80,12 +89,29 @@ class Checkpointer:
             )
         }
         data_key = f"data_{jax.process_index()}"
-        has_data = with_data and (self.directory / str(step) / data_key).exists()
+        has_data = with_data and self._has_data(step)
         if has_data:
             args[data_key] = ocp.args.JsonRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(**args))
         state = {**out["state"], **empty}
         return {k: state[k] for k in abstract_state}, (out[data_key] if has_data else None)
+
+    def _has_data(self, step: int) -> bool:
+        """Whether ``step`` holds data states of exactly this many processes."""
+        n, where = jax.process_count(), self.directory / str(step)
+        if not (where / "data_0").exists():
+            return False
+        if (where / f"data_{n - 1}").exists() and not (where / f"data_{n}").exists():
+            return True
+        saved = sum(1 for p in where.iterdir() if p.name.startswith("data_"))
+        log.warning(
+            "checkpoint %d holds the data-iterator states of %d processes, not %d: "
+            "the data start again from the beginning",
+            step,
+            saved,
+            n,
+        )
+        return False
 
     def restore_config(self, step: int | None = None) -> Config:
         step = self.latest_step() if step is None else step

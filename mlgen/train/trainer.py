@@ -30,7 +30,7 @@ from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from mlgen import config as config_lib
-from mlgen import sharding
+from mlgen import distributed, sharding
 from mlgen.ops.attention import describe, recording
 from mlgen.train.checkpoint import Checkpointer, workdir_path
 from mlgen.train.optim import make_optimizer
@@ -229,8 +229,12 @@ def evaluate(s: Setup, state: dict, eval_fn, steps: int) -> dict[str, float]:
     ``eval_`` prefixed."""
     if s.task.eval_data is None or steps == 0:
         return {}
+    batches = s.task.eval_data()
+    if jax.process_count() > 1:  # each step is a collective: all run as many as the shortest pass
+        batches = [b for _, b in zip(range(steps), batches)]
+        steps = distributed.fewest(len(batches))
     out = []
-    for i, batch in enumerate(s.task.eval_data()):
+    for i, batch in enumerate(batches):
         if i >= steps:
             break
         out.append(

@@ -10,10 +10,15 @@ runs in XLA, inside Pallas Triton kernels and inside Pallas Mosaic kernels.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,9 +153,120 @@ def default_interpret_params():
     return pltpu.InterpretParams()
 
 
-def platform() -> str:
-    """The platform of the default device, read at call time (no import-time global)."""
-    return jax.default_backend()
+def platform(*arrays) -> str:
+    """The platform a call is compiled for (``target_platform``'s first value)."""
+    return target_platform(*arrays)[0]
+
+
+def target_platform(*arrays) -> tuple[str, bool]:
+    """``(platform, known)``: the platform ``arrays`` are computed on, read at call time.
+
+    Taken from the compile target, not the host: concrete arrays' devices; else the mesh of a
+    traced input's sharding (``jax.jit(f).lower(<TPU-topology inputs>)`` on a CPU host says
+    ``tpu``); else the active mesh (``jax.set_mesh`` / ``use_abstract_mesh``, as the trainer
+    and ``mlgen plan`` trace under). ``known`` is False when none of these says, and the answer
+    is only the host's default backend (``lower(lowering_platforms=("cuda",))`` on a CPU host).
+    """
+    for x in arrays:
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            devices = getattr(x.sharding, "device_set", None)
+            if devices:
+                return _normal(next(iter(devices)).platform), True
+        aval = jax.typeof(x) if hasattr(x, "dtype") else None
+        name = _mesh_platform(getattr(getattr(aval, "sharding", None), "mesh", None))
+        if name is not None:
+            return name, True
+    name = _mesh_platform(jax.sharding.get_abstract_mesh())
+    if name is not None:
+        return name, True
+    return _normal(jax.default_backend()), not any(isinstance(x, jax.core.Tracer) for x in arrays)
+
+
+def _mesh_platform(mesh) -> str | None:
+    if mesh is None or getattr(mesh, "empty", True):
+        return None
+    device = getattr(mesh, "abstract_device", None)
+    if device is not None and getattr(device, "platform", None):
+        return _normal(device.platform)
+    devices = getattr(mesh, "devices", None)  # a concrete Mesh
+    if devices is not None and getattr(devices, "size", 0):
+        return _normal(devices.flat[0].platform)
+    return None
+
+
+def per_shard(fn: Callable, q, k, v, segment_ids):
+    """``fn(q, k, v, segment_ids=)`` once per shard when a mesh of several devices is active.
+
+    XLA cannot partition a Pallas kernel (Mosaic says "cannot be automatically partitioned"),
+    so a kernel call under a mesh runs inside ``shard_map``: batch split the way the active
+    logical rules split ``batch`` (every non-``seq`` axis when no rules are set), heads the way
+    they split ``heads`` when both N and K divide, each only as far as the sizes divide;
+    whatever is left is replicated (correct, but computed on every device of that axis).
+    Axes already manual (inside another ``shard_map``) are left alone.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        mesh = getattr(getattr(jax.typeof(q), "sharding", None), "mesh", None)
+    if mesh is None or mesh.empty:
+        return fn(q, k, v, segment_ids=segment_ids)
+    types = getattr(mesh, "axis_types", (AxisType.Auto,) * len(mesh.axis_names))
+    free = [a for a, t in zip(mesh.axis_names, types) if t != AxisType.Manual]
+    if math.prod(mesh.shape[a] for a in free) == 1:
+        return fn(q, k, v, segment_ids=segment_ids)
+    rules = dict(flax.core.spmd.get_logical_axis_rules())
+    if rules:
+        batch, heads = _axes_of(rules.get("batch")), _axes_of(rules.get("heads"))
+    else:
+        batch, heads = tuple(a for a in free if a != "seq"), ()
+    batch = _dividing(tuple(a for a in batch if a in free), mesh, q.shape[0])
+    heads = tuple(a for a in heads if a in free and a not in batch)
+    n_heads = math.prod(mesh.shape[a] for a in heads)
+    if q.shape[2] % n_heads or k.shape[2] % n_heads:
+        heads = ()
+    b = None if not batch else (batch[0] if len(batch) == 1 else batch)
+    h = None if not heads else (heads[0] if len(heads) == 1 else heads)
+    spec, ids_spec = P(b, None, h, None), P(b, None)
+    ids = (
+        ()
+        if segment_ids is None
+        else tuple(segment_ids)
+        if isinstance(segment_ids, (tuple, list))
+        else (segment_ids,)
+    )
+    pair = isinstance(segment_ids, (tuple, list))
+
+    def body(q, k, v, *ids):
+        seg = None if not ids else (tuple(ids) if pair else ids[0])
+        return fn(q, k, v, segment_ids=seg)
+
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(spec, spec, spec) + (ids_spec,) * len(ids),
+        out_specs=spec,
+        axis_names=set(free),
+        check_vma=False,
+    )(q, k, v, *ids)
+
+
+def _axes_of(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _dividing(axes: tuple[str, ...], mesh, size: int) -> tuple[str, ...]:
+    """The longest prefix of ``axes`` whose sizes multiply to a divisor of ``size``."""
+    out: list[str] = []
+    for a in axes:
+        if size % (math.prod(mesh.shape[x] for x in out) * mesh.shape[a]):
+            break
+        out.append(a)
+    return tuple(out)
+
+
+def _normal(name: str) -> str:
+    return "gpu" if name in ("cuda", "rocm", "gpu") else name
 
 
 def _precision(a, b):

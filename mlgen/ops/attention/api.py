@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -43,9 +44,13 @@ class Problem:
     causal: bool
     has_segments: bool
     sliding_window: int | None
-    platform: str  # jax.default_backend() at call time: "cpu", "gpu", "tpu"
+    platform: str  # the platform compiled for ("cpu", "gpu", "tpu"): _common.target_platform
     interpret: bool
     seq_shards: int = 1  # size of the active mesh's "seq" axis (sequence parallelism when > 1)
+    # False when nothing says what the call is compiled for (a jit traced without a mesh or
+    # sharded inputs): ``platform`` is then only the host's, and an explicitly named kernel
+    # backend is not refused for it (``lower(lowering_platforms=("cuda",))`` decides).
+    platform_known: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +61,7 @@ class Backend:
     fn: Callable[..., Array]
     unsupported: Callable[[Problem], str | None]
     options: tuple[str, ...] = ()  # keyword tunables fn takes, from AttentionConfig.options()
+    kernel: bool = False  # a Pallas kernel: run per shard under a mesh (_common.per_shard)
 
 
 def _always(p: Problem) -> str | None:
@@ -68,10 +74,10 @@ BACKENDS: dict[str, Backend] = {
     "xla": Backend("xla", xla.attention, _always),
     "blockwise": Backend("blockwise", blockwise.attention, _always, ("block_sizes",)),
     "pallas_gpu": Backend(
-        "pallas_gpu", pallas_gpu.attention, pallas_gpu.unsupported, ("block_sizes",)
+        "pallas_gpu", pallas_gpu.attention, pallas_gpu.unsupported, ("block_sizes",), True
     ),
     "pallas_tpu": Backend(
-        "pallas_tpu", pallas_tpu.attention, pallas_tpu.unsupported, ("block_sizes",)
+        "pallas_tpu", pallas_tpu.attention, pallas_tpu.unsupported, ("block_sizes",), True
     ),
     # Needs an active mesh with a 'seq' axis; "auto" picks it when that axis is larger than 1.
     "ring": Backend(
@@ -250,18 +256,22 @@ def attention(
         b = BACKENDS[name]
         why = b.unsupported(p)
         if why is None:
-            kw = dict(
+            run = functools.partial(
+                b.fn,
                 causal=causal,
-                segment_ids=segment_ids,
                 sliding_window=sliding_window,
                 scale=scale,
                 interpret=interpret,
                 **{o: options[o] for o in b.options},
             )
+            if b.kernel and not interpret:
+                run = functools.partial(_common.per_shard, run)
+            else:
+                run = functools.partial(_call, run)
             if len(names) == 1:
-                return _chosen(name, p, b.fn(q, k, v, **kw))
+                return _chosen(name, p, run(q, k, v, segment_ids))
             try:
-                return _chosen(name, p, b.fn(q, k, v, **kw))
+                return _chosen(name, p, run(q, k, v, segment_ids))
             except (
                 ValueError,
                 NotImplementedError,
@@ -277,6 +287,10 @@ def attention(
 
 
 _DEFAULT_CONFIG = AttentionConfig()
+
+
+def _call(fn, q, k, v, segment_ids):
+    return fn(q, k, v, segment_ids=segment_ids)
 
 
 def _chosen(name: str, p: Problem, out):
@@ -354,6 +368,7 @@ def _check(q, k, v, causal, segment_ids, sliding_window, scale, interpret) -> Pr
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
     if scale is not None and not isinstance(scale, (int, float, np.floating, np.integer)):
         raise ValueError(f"scale must be a Python number or None, got {type(scale).__name__}")
+    platform, known = _common.target_platform(q, k, v)
     return Problem(
         B=B,
         T=T,
@@ -365,7 +380,8 @@ def _check(q, k, v, causal, segment_ids, sliding_window, scale, interpret) -> Pr
         causal=bool(causal),
         has_segments=segment_ids is not None,
         sliding_window=None if sliding_window is None else int(sliding_window),
-        platform=_common.platform(),
+        platform=platform,
+        platform_known=known,
         interpret=bool(interpret),
         seq_shards=_seq_shards(),
     )

@@ -25,7 +25,7 @@ _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 def unsupported(p) -> str | None:
     """Why this backend cannot run an ``api.Problem`` (None if it can)."""
-    if p.platform != "gpu" and not p.interpret:
+    if p.platform != "gpu" and p.platform_known and not p.interpret:
         return (
             f"pallas_gpu needs a GPU (platform is {p.platform}); pass interpret=True to run the "
             "kernel in the Pallas interpreter"

@@ -27,7 +27,7 @@ _DTYPES = (jnp.float32, jnp.bfloat16)
 
 def unsupported(p) -> str | None:
     """Why this backend cannot run an ``api.Problem`` (None if it can)."""
-    if p.platform != "tpu" and not p.interpret:
+    if p.platform != "tpu" and p.platform_known and not p.interpret:
         return (
             f"pallas_tpu needs a TPU (platform is {p.platform}); pass interpret=True to run the "
             "kernel in the Mosaic interpreter"

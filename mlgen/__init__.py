@@ -6,6 +6,7 @@ The curated public API::
     result = mlgen.train("configs/lm/tiny.py", ["workdir=/tmp/tiny", "train.num_steps=100"])
     run = mlgen.restore("/tmp/tiny")          # a trained run, onto the current devices
     mlgen.ops.attention(q, k, v, causal=True)  # every attention backend behind one call
+    print(mlgen.plan("configs/lm/llama3_8b.py", topology="v5p:4x4x4").report())  # fits? how fast?
 
 Importing mlgen registers the built-in model families (``mlgen.models``) and tasks
 (``mlgen.tasks``) by name.
@@ -22,6 +23,7 @@ from mlgen.config import (
     register,
 )
 from mlgen.ops.attention import AttentionConfig
+from mlgen.planner import Plan, plan
 from mlgen.runs import restore, setup, train  # noqa: F811  (the function shadows the subpackage)
 from mlgen.train.step import make_train_step
 from mlgen.train.trainer import TrainResult
@@ -34,12 +36,14 @@ __all__ = [
     "ConfigError",
     "MeshConfig",
     "OptimConfig",
+    "Plan",
     "PrecisionConfig",
     "TrainConfig",
     "TrainResult",
     "config",
     "make_train_step",
     "ops",
+    "plan",
     "register",
     "restore",
     "setup",

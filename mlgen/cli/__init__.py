@@ -29,10 +29,12 @@ USAGE = """mlgen <command> [args]
 
 commands:
   train CONFIG [key=value ...]     train (or resume) the run a config file describes
+  plan CONFIG [key=value ...]      compile the train step ahead of time (--topology v5p:4x4x4
+                                   for a TPU slice): memory per chip, FLOPs, step time, problems
   generate WORKDIR --prompt TEXT   sample text from a trained language model
   sample WORKDIR --out grid.png    sample images from a trained diffusion model
   eval WORKDIR                     score a digits diffusion model's samples
-  bench NAME [flags]               benchmarks: train, generate, attention, ring, diffusion
+  bench NAME [flags]               benchmarks: train, generate, attention, ring, diffusion, peak
   tokenizer train --input GLOB ... train a sentencepiece tokenizer
 
 global options (before the command):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from mlgen import bench, runs
+from mlgen import bench, planner, runs
 from mlgen.cli.generate import generate_main
 from mlgen.cli.sample import eval_main, sample_main
 from mlgen.config import ConfigError
@@ -33,12 +34,43 @@ def bench_main(argv: list[str]) -> int:
     return 0
 
 
+def plan_main(argv: list[str]) -> int:
+    """``mlgen plan CONFIG [key=value ...] [--topology T] [--budget-gib G] [--json]``; exit 1
+    when a problem is found."""
+    ap = argparse.ArgumentParser(
+        prog="mlgen plan",
+        description="Compile a run's train step ahead of time: memory, FLOPs, step time, problems.",
+    )
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--topology", default=None, help="a TPU slice, e.g. v5p:4x4x4 (libtpu)")
+    ap.add_argument("--budget-gib", type=float, default=None, help="per-chip memory budget")
+    ap.add_argument("--json", action="store_true", help="one JSON object instead of the report")
+    ap.add_argument(
+        "--unrolled-flops",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="count every layer of a scanned stack from 2- and 4-layer unrolled compiles",
+    )
+    a = ap.parse_intermixed_args(argv)
+    p = planner.plan(
+        a.config,
+        a.overrides,
+        topology=a.topology,
+        budget_gib=a.budget_gib,
+        unrolled_flops={"auto": None, "on": True, "off": False}[a.unrolled_flops],
+    )
+    print(json.dumps(p.to_dict()) if a.json else p.report())
+    return 1 if p.problems else 0
+
+
 COMMANDS = {
     "train": train_main,
     "generate": generate_main,
     "sample": sample_main,
     "eval": eval_main,
     "bench": bench_main,
+    "plan": plan_main,
     "tokenizer": tokenizer_main,
 }
 

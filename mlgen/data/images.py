@@ -208,6 +208,15 @@ def load_arrays(cfg: ImageDataConfig, split: Literal["train", "validation", "all
     return images[idx], labels[idx]
 
 
+def batch_spec(cfg: ImageDataConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The GLOBAL batch's ``key -> (shape, dtype)``, without reading any data (``mlgen plan``)."""
+    b, s = cfg.batch_size, cfg.image_size
+    return {
+        "images": ((b, s, s, cfg.channels), np.dtype(np.float32)),
+        "labels": ((b,), np.dtype(np.int32)),
+    }
+
+
 def num_classes(cfg: ImageDataConfig) -> int:
     """10 for digits; the number of sub-folders (or 1) for a folder."""
     return 10 if cfg.source == "digits" else max(1, len(class_names(cfg.path)))

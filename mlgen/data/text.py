@@ -127,8 +127,12 @@ class TextDataConfig:
                 "a sentencepiece vocabulary needs >= 263 ids (256 bytes + specials), "
                 f"got {self.vocab_size}",
             )
+            # A local file is checked here; a remote one (gs://) when the data is built, so that
+            # validating (mlgen plan) never needs the bucket's credentials.
             check(
-                not self.tokenizer_path or epath.Path(self.tokenizer_path).is_file(),
+                not self.tokenizer_path
+                or is_remote(self.tokenizer_path)
+                or epath.Path(self.tokenizer_path).is_file(),
                 "tokenizer_path",
                 f"no such file {self.tokenizer_path!r}",
             )
@@ -169,6 +173,11 @@ def get_tokenizer(cfg: TextDataConfig, workdir: str | None = None) -> Tokenizer:
     if cfg.tokenizer == "byte":
         return ByteTokenizer(cfg.vocab_size)
     if cfg.tokenizer_path:
+        check(
+            epath.Path(cfg.tokenizer_path).is_file(),
+            "data.tokenizer_path",
+            f"no such file {cfg.tokenizer_path!r}",
+        )
         tok = Tokenizer.load(cfg.tokenizer_path)
     elif workdir:
         tok = _trained_once(cfg, str(epath.Path(workdir) / TOKENIZER_FILENAME))
@@ -242,6 +251,14 @@ class _Tokenize:
 
 
 # ----------------------------------------------------------------------------- pipeline
+def batch_spec(cfg: TextDataConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The GLOBAL batch's ``key -> (shape, dtype)`` (what :func:`make_lm_data` yields, all hosts
+    together), without a tokenizer or any data (``mlgen plan``)."""
+    shape, i32 = (cfg.batch_size, cfg.seq_len), np.dtype(np.int32)
+    keys = ("inputs", "targets", "segment_ids", "positions")
+    return {**{k: (shape, i32) for k in keys}, "loss_mask": (shape, np.dtype(np.float32))}
+
+
 def make_lm_data(
     cfg: TextDataConfig,
     *,

@@ -2,6 +2,7 @@
 
 from mlgen.sharding.mesh import make_mesh
 from mlgen.sharding.partition import (
+    abstract_batch,
     abstract_like,
     batch_sharding,
     constrain,
@@ -26,6 +27,7 @@ from mlgen.sharding.rules import (
 __all__ = [
     "PRESETS",
     "Rules",
+    "abstract_batch",
     "abstract_like",
     "axes",
     "batch_sharding",

@@ -193,3 +193,18 @@ def put_batch(
             NamedSharding(mesh, spec(names, pairs)), np.asarray(v)
         )
     return out
+
+
+def abstract_batch(
+    shapes: dict[str, tuple[tuple[int, ...], Any]], mesh: Mesh, axes: dict[str, tuple], rules
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """``jax.ShapeDtypeStruct`` s of a GLOBAL batch (``key -> (shape, dtype)``), sharded the way
+    :func:`put_batch` shards the real one (ahead-of-time compiles: ``mlgen plan``)."""
+    pairs = resolve(mesh, rules)
+    out = {}
+    for k, (shape, dtype) in shapes.items():
+        names = axes.get(k, ("batch",) + (None,) * (len(shape) - 1))
+        out[k] = jax.ShapeDtypeStruct(
+            shape, dtype, sharding=NamedSharding(mesh, spec(names, pairs))
+        )
+    return out

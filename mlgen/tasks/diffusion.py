@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from mlgen import sharding
 from mlgen.config import Config, check
 from mlgen.data.images import ImageDataConfig, make_image_data, num_classes, save_grid
+from mlgen.data.images import batch_spec as image_batch_spec
 from mlgen.data.paths import write_bytes_atomic
 from mlgen.models.family import Family
 from mlgen.objectives.diffusion import DiffusionObjectiveConfig, make_loss
@@ -82,6 +83,7 @@ def _build(cfg: Config, family: Family, mesh: Mesh, rules: sharding.Rules) -> Ta
         flops_per_example=(
             pixels * family.flops_per_token(cfg.model, pixels) if family.flops_per_token else 0.0
         ),
+        batch_spec=lambda: image_batch_spec(d),
     )
 
 

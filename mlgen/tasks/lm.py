@@ -9,6 +9,7 @@ from jax.sharding import Mesh
 from mlgen import sharding
 from mlgen.config import Config, check
 from mlgen.data.text import TextDataConfig, make_lm_data
+from mlgen.data.text import batch_spec as text_batch_spec
 from mlgen.models.family import Family
 from mlgen.objectives.lm import LMObjectiveConfig, make_loss
 from mlgen.tasks.base import TaskSpec, policy, register, rules_for
@@ -77,6 +78,7 @@ def _build(cfg: Config, family: Family, mesh: Mesh, rules: sharding.Rules) -> Ta
         ),
         batch_axes=LM.batch_axes_of(family),
         tokens_per_example=d.seq_len,
+        batch_spec=lambda: text_batch_spec(d),
         flops_per_example=(
             d.seq_len * family.flops_per_token(cfg.model, d.seq_len)
             if family.flops_per_token

@@ -43,17 +43,26 @@ def state_shardings(
 ) -> dict:
     """Shardings of :func:`init_state`'s dict: optimizer moments where their parameters live."""
     replicated = NamedSharding(mesh, P())
-    out = {
-        "step": replicated,
-        "params": param_sh,
-        "model_state": model_state_sh,
-        "opt_state": optax.tree_map_params(
+    found = {}
+
+    def opt_shardings():
+        # tree_map_params runs the optimizer's init; traced (not eager) so that nothing is put
+        # on the mesh's devices, which may be a TPU slice that is only compiled for (mlgen plan).
+        found["sh"] = optax.tree_map_params(
             optimizer,
             lambda _, s: s,
             abstract["opt_state"],
             param_sh,
             transform_non_params=lambda _: replicated,
-        ),
+        )
+        return 0
+
+    jax.eval_shape(opt_shardings)
+    out = {
+        "step": replicated,
+        "params": param_sh,
+        "model_state": model_state_sh,
+        "opt_state": found["sh"],
     }
     if "ema" in abstract:
         out["ema"] = param_sh

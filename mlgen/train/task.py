@@ -78,6 +78,8 @@ class Task:
         ``mlgen.train.throughput``) for the model-FLOP/s and MFU metrics (0: report neither).
       train_step: the task's own :class:`TrainStep` (several optimizers); None = the one
         default step over ``make_loss`` with the config's optimizer.
+      batch_spec: ``() -> {key: (global shape, dtype)}`` of one train batch, read from the
+        config alone (no data, no tokenizer): what ``mlgen plan`` compiles the step for.
     """
 
     name: str = ""
@@ -91,3 +93,4 @@ class Task:
     tokens_per_example: int = 0
     flops_per_example: float = 0.0
     train_step: TrainStep | None = None
+    batch_spec: Callable[[], dict[str, tuple[tuple[int, ...], Any]]] | None = None

@@ -109,6 +109,16 @@ def prepare(
     return Setup(cfg, mesh, rules, task, graphdef, state, shardings, train_step, tx, sched)
 
 
+def jit_step(s: Setup):
+    """The jitted train step ``(state, batch, rng) -> (state, metrics)``, state donated: what
+    ``fit`` runs and ``mlgen plan`` compiles ahead of time. Call under ``sharding.use``."""
+    return jax.jit(
+        s.train_step.make(s.graphdef),
+        out_shardings=(s.state_shardings, None),
+        donate_argnums=(0,),
+    )
+
+
 class _Logger:
     """metrics.jsonl + TensorBoard + progress bar; only process 0 writes.
 
@@ -276,11 +286,7 @@ def fit(s: Setup) -> TrainResult:
         peak, peak_source = peak_flops(list(s.mesh.devices.flat))
         log.info("peak %.4g FLOP/s for MFU: %s", peak, peak_source)
     with sharding.use(s.mesh, s.rules):
-        jstep = jax.jit(
-            s.train_step.make(s.graphdef),
-            out_shardings=(s.state_shardings, None),
-            donate_argnums=(0,),
-        )
+        jstep = jit_step(s)
         jeval = jax.jit(make_eval_step(eval_loss))
         pending: list[dict] = []
         # steps_since: steps since the last log; timed: those of them after the run's first

@@ -131,6 +131,7 @@ def test_bf16_compute_keeps_f32_weights_norms_softmax_loss_and_bf16_moments(cfg)
         if e.primitive.name in ("exp", "log", "rsqrt"):
             assert all(v.aval.dtype == F32 for v in e.outvars), (e.primitive.name, e)
     assert closed.out_avals[0].dtype == F32  # the loss
+
     def forward(params):
         model = nnx.merge(s.graphdef, params)
         if cfg.task == "lm":

@@ -68,7 +68,8 @@ class Plan:
     device_kind: str
     mesh: dict[str, int]
     params: int
-    tokens_per_step: int
+    tokens_per_step: int  # examples x tokens per example (examples when a task has no tokens)
+    examples_per_step: int
     state_bytes: dict[str, int]  # per chip: params / opt_state / ema / model_state / batch
     compiled: Compiled | None
     total_bytes: int  # per chip, the compiler's arguments + outputs + temp - aliased
@@ -96,7 +97,8 @@ class Plan:
         lines = [
             f"mlgen plan: {self.chips} x {self.device_kind} ({self.target}), mesh {self.mesh}",
             f"  model: {self.params / 1e9:.3f}B parameters; {self.tokens_per_step:,} "
-            "tokens (examples x length) per step",
+            + ("tokens" if self.tokens_per_step != self.examples_per_step else "examples")
+            + " per step",
         ]
         sb = self.state_bytes
         lines.append(
@@ -121,8 +123,13 @@ class Plan:
             lines.append(f"  total per chip: {g(self.total_bytes)} GiB{budget}")
             lines.append(
                 f"  FLOPs per step per chip: {self.flops_per_chip:.4g} compiled "
-                f"({self.flops_method}); model {self.model_flops_per_chip:.4g} by formula; "
-                f"ratio {self.flops_per_chip / max(self.model_flops_per_chip, 1):.3f}"
+                f"({self.flops_method})"
+                + (
+                    f"; model {self.model_flops_per_chip:.4g} by formula; "
+                    f"ratio {self.flops_per_chip / self.model_flops_per_chip:.3f}"
+                    if self.model_flops_per_chip
+                    else ""
+                )
             )
             bw = (
                 f", {self.bytes_per_chip:.4g} B / {self.hbm_bytes_per_s / 1e9:.0f} GB/s"
@@ -135,7 +142,8 @@ class Plan:
                     f"  roofline step: max({self.flops_per_chip:.4g} FLOP / "
                     f"{self.peak_flops / 1e12:.1f} TFLOP/s = "
                     f"{self.flops_per_chip / self.peak_flops:.4g} s{bw}) = {self.roofline_s:.4g} s"
-                    f" -> MFU {100 * self.mfu:.1f}%  (peak: {self.peak_source})"
+                    + (f" -> MFU {100 * self.mfu:.1f}%" if self.mfu else "")
+                    + f"  (peak: {self.peak_source})"
                 )
             if self.optimal_seconds is not None:
                 lines.append(
@@ -240,6 +248,11 @@ def plan(
         for n in UNROLLED:
             sub = dataclasses.replace(cfg.model, num_layers=n, scan_layers=False)
             sub_cfg = dataclasses.replace(cfg, model=sub)
+            if getattr(cfg.objective, "loss_chunk", 0):  # a chunked loss is a loop too: the
+                # same FLOPs in one piece, so that the output layer is counted whole
+                sub_cfg = dataclasses.replace(
+                    sub_cfg, objective=dataclasses.replace(cfg.objective, loss_chunk=0)
+                )
             ss = runs.setup(sub_cfg, devices=devices, abstract=True)
             unrolled[n] = _compile(
                 ss, sharding.abstract_batch(specs, ss.mesh, ss.task.batch_axes, ss.rules)
@@ -290,6 +303,7 @@ def plan(
         mesh=dict(s.mesh.shape),
         params=_count(s.state["params"]),
         tokens_per_step=tokens,
+        examples_per_step=examples,
         state_bytes=state_bytes,
         compiled=main,
         total_bytes=total,
@@ -383,6 +397,7 @@ def _unplanned(target, devices, cfg, problems, state_bytes=None, s=None) -> Plan
         mesh=dict(s.mesh.shape) if s is not None else {},
         params=_count(s.state["params"]) if s is not None else 0,
         tokens_per_step=0,
+        examples_per_step=0,
         state_bytes=state_bytes or {},
         compiled=None,
         total_bytes=0,

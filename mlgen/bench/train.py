@@ -18,10 +18,10 @@ import numpy as np
 from mlgen.bench.timing import time_train_step
 from mlgen.config import REMATS, Config, MeshConfig, OptimConfig, TrainConfig
 from mlgen.data.text import TextDataConfig
-from mlgen.models.transformer import TransformerConfig
+from mlgen.models.transformer import TransformerConfig, transformer_flops_per_token
 from mlgen.objectives.lm import LMObjectiveConfig
 from mlgen.ops.attention import AttentionConfig
-from mlgen.train.throughput import peak_flops, transformer_flops_per_token
+from mlgen.train.throughput import peak_flops
 
 
 def run(argv: list[str]) -> None:
@@ -37,6 +37,13 @@ def run(argv: list[str]) -> None:
     ap.add_argument("--flavour", default="gpt2", choices=["gpt2", "llama"])
     ap.add_argument("--attention-backend", default="xla")
     ap.add_argument("--remat", default="none", choices=list(REMATS))
+    ap.add_argument(
+        "--scan-layers",
+        default="true",
+        choices=["true", "false"],
+        help="run the layers with a scan (default) or unrolled, one call per layer",
+    )
+    ap.add_argument("--mlp", type=int, default=0, help="MLP width (0: the flavour's default)")
     ap.add_argument(
         "--loss-chunk",
         type=int,
@@ -57,6 +64,8 @@ def run(argv: list[str]) -> None:
             max_len=a.seq,
             attention=AttentionConfig(backend=a.attention_backend),
             norm_eps=1e-5,
+            scan_layers=a.scan_layers == "true",
+            mlp_dim=a.mlp,
         ),
         remat=a.remat,
         data=TextDataConfig(tokenizer="bpe", vocab_size=a.vocab, seq_len=a.seq, batch_size=a.batch),
@@ -80,6 +89,8 @@ def run(argv: list[str]) -> None:
             {
                 "bench": "mlgen-train",
                 "flavour": a.flavour,
+                "remat": a.remat,
+                "scan_layers": a.scan_layers == "true",
                 "tokens_per_s": tokens_per_s,
                 "step_s": med,
                 "params": n_params,

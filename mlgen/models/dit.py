@@ -35,7 +35,6 @@ from mlgen.nn.mlp import MLP
 from mlgen.nn.policy import Policy
 from mlgen.ops.attention import AttentionConfig
 from mlgen.sharding import constrain
-from mlgen.train.throughput import dit_flops_per_pixel
 from mlgen.typing import Array, Float, Int
 
 __all__ = ["FAMILY", "DiT", "DiTConfig", "PRESETS"]
@@ -295,6 +294,37 @@ def _check_mesh(cfg: DiTConfig, shards) -> None:
         "num_heads",
         f"{cfg.num_heads} is not divisible by the {n} shards of the heads axis",
     )
+
+
+def dit_flops_per_token(cfg: DiTConfig, num_tokens: int | None = None) -> float:
+    """Training FLOPs per patch token of a DiT (forward + backward), counted as
+    ``mlgen.models.transformer.transformer_flops_per_token`` counts them.
+
+    Per token: ``6 * (L * (4 D^2 + 2 D F) + p^2 C D + D p^2 C_out)`` (q, k, v, o and the
+    GELU MLP per layer; the patch embedding and the output projection) plus bidirectional
+    attention ``12 * L * P * D``; plus the per-image conditioning matmuls spread over the
+    ``P`` tokens of an image, ``6 * (L * 6 D^2 + 2 D^2 + 256 D + D^2) / P`` (each block's
+    adaLN, the final adaLN, the two-layer time MLP on a 256-wide sinusoid).
+
+    Args:
+      cfg: a ``mlgen.models.dit.DiTConfig`` (read: ``d_model``, ``num_layers``,
+        ``mlp_ratio``, ``patch_size``, ``in_channels``, ``out_channels``, ``num_tokens``).
+      num_tokens: ``P``; None = ``cfg.num_tokens``.
+    """
+    P = cfg.num_tokens if num_tokens is None else num_tokens
+    D, L, p = cfg.d_model, cfg.num_layers, cfg.patch_size
+    F = int(D * cfg.mlp_ratio)
+    per_token = L * (4 * D * D + 2 * D * F) + p * p * (cfg.in_channels + cfg.out_channels) * D
+    per_image = L * 6 * D * D + 2 * D * D + 256 * D + D * D
+    return 6.0 * (per_token + per_image / P) + 12.0 * L * P * D
+
+
+def dit_flops_per_pixel(cfg: DiTConfig, pixels: int) -> float:
+    """Training FLOPs per image pixel of a DiT: :func:`dit_flops_per_token` over the
+    ``pixels / p^2`` patch tokens of an image, divided by the ``p^2`` pixels of a patch (the
+    denoiser families' ``Family.flops_per_token`` counts per pixel)."""
+    p2 = cfg.patch_size**2
+    return dit_flops_per_token(cfg, pixels // p2) / p2
 
 
 FAMILY = register(

@@ -35,7 +35,6 @@ from mlgen.nn.mlp import MLP
 from mlgen.nn.policy import Policy
 from mlgen.ops.attention import AttentionConfig
 from mlgen.sharding import constrain
-from mlgen.train.throughput import transformer_flops_per_token
 from mlgen.typing import Array, Float, Int
 
 
@@ -56,9 +55,10 @@ class TransformerConfig:
     dropout: float = 0.0
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     # Dtypes and remat are the run's (``precision``, ``remat``: ``mlgen.nn.policy.Policy``).
-    # Run the stacked layers with a lax.scan (compile time independent of depth) or unrolled
-    # (MaxText's ``scan_layers``): same parameters either way; ``mlgen plan`` compiles short
-    # unrolled stacks to count every layer's cost (XLA counts a scan's body once).
+    # Run the stacked layers with a lax.scan (compile time independent of depth) or unrolled,
+    # one call per layer (MaxText's ``scan_layers``): same parameters either way. ``mlgen plan``
+    # compiles short unrolled stacks to count every layer's cost (XLA counts a scan's body
+    # once, and libtpu gives no step-time estimate for a program with the scan's loop).
     scan_layers: bool = True
 
     # Derived -------------------------------------------------------------------------
@@ -240,18 +240,23 @@ class Transformer(nnx.Module):
         def body(block: Block, x, lrng):
             return block(x, positions=positions, segment_ids=segment_ids, rng=lrng)
 
-        body = self.policy.remat_block(body, prevent_cse=False)  # inside the layer scan
+        if cfg.scan_layers:
+            scanned = self.policy.remat_block(body, prevent_cse=False)  # inside the layer scan
 
-        @nnx.scan(
-            in_axes=(0, nnx.Carry, 0),
-            out_axes=nnx.Carry,
-            unroll=1 if cfg.scan_layers else True,
-            transform_metadata={nnx.PARTITION_NAME: "layers"},
-        )
-        def run(block, x, lrng):
-            return body(block, x, lrng)
+            @nnx.scan(
+                in_axes=(0, nnx.Carry, 0),
+                out_axes=nnx.Carry,
+                transform_metadata={nnx.PARTITION_NAME: "layers"},
+            )
+            def run(block, x, lrng):
+                return scanned(block, x, lrng)
 
-        x = self.final_norm(run(self.blocks, x, layer_rngs))
+            x = run(self.blocks, x, layer_rngs)
+        else:  # one call per layer on its slice of the stacked weights: no loop in the program
+            unrolled = self.policy.remat_block(body, prevent_cse=True)
+            for i, block in enumerate(self._layers()):
+                x = unrolled(block, x, None if layer_rngs is None else layer_rngs[i])
+        x = self.final_norm(x)
         return x if return_hidden else self.logits(x)
 
     def logits(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
@@ -342,6 +347,52 @@ def _check_mesh(cfg: TransformerConfig, shards) -> None:
 
 
 _TOKENS = ("batch", "length")
+
+
+def transformer_flops_per_token(
+    cfg: TransformerConfig, seq_len: int, *, causal: bool = True
+) -> float:
+    """Training FLOPs per token of a decoder-only transformer (forward + backward).
+
+    ``6 * N + 6 * L * T * N_q * H`` (causal; ``12 * L * T * N_q * H`` bidirectional), where
+
+    - ``N`` counts the weights of every matmul a token goes through, per layer
+      ``D * H * (2 N_q + 2 K)`` (q, k, v with ``K`` kv heads, o) plus the MLP's
+      ``3 * D * F`` (llama: gate, up, down) or ``2 * D * F`` (gpt2: up, down), times ``L``
+      layers, plus the output layer ``D * V`` (tied or not: the logits are a ``D x V`` matmul
+      either way). The embedding lookup (a gather), learned positions, norms and biases are
+      not counted.
+    - each matmul weight costs 2 FLOPs per token forward (multiply + add) and 4 backward
+      (the input's and the weight's gradients): 6 per weight per token;
+    - attention's two ``T x T`` matmuls (``Q K^T`` and ``P V``) cost ``2 * 2 * T * N_q * H``
+      FLOPs per token and layer forward, 3x that for training: ``12 * L * T * N_q * H``
+      for the full square, halved for causal attention (only the lower triangle is needed).
+
+    Not counted: rematerialised recomputation (this is MFU, not hardware FLOPs utilisation),
+    softmax, norms, activations and other elementwise work, the loss and the optimizer. Packed
+    rows count the full ``T x T`` like unpacked ones.
+
+    This is PaLM's convention (appendix B: ``6N + 12 L T d_attn`` per token, with ``N`` the
+    non-embedding parameters) with the causal halving and the output layer that MaxText's
+    ``calculate_tflops_training_per_device`` adds: its dense case is per step
+    ``3 * (L * (ffn + qkv + projection) + embedding)`` learnable-weight FLOPs (``embedding`` =
+    ``2 B T D V``, the logits) plus ``3 * L * attention / 2``, the same counts per token.
+    (MaxText's older version and PaLM count ``6 * all parameters``, embedding table included.)
+
+    Args:
+      cfg: a ``mlgen.models.transformer.TransformerConfig`` (read: ``flavour``, ``d_model``,
+        ``num_heads``, ``kv_heads``, ``head_size``, ``hidden``, ``vocab_size``,
+        ``num_layers``).
+      seq_len: ``T``, tokens per row.
+      causal: the attention mask.
+    """
+    D, N, K, H = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
+    mlp_mats = 3 if cfg.flavour == "llama" else 2
+    per_layer = D * H * (2 * N + 2 * K) + mlp_mats * D * cfg.hidden
+    weights = cfg.num_layers * per_layer + D * cfg.vocab_size
+    attention = 12 * cfg.num_layers * seq_len * N * H
+    return 6.0 * weights + (attention / 2 if causal else attention)
+
 
 FAMILY = register(
     Family(

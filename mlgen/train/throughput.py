@@ -2,7 +2,8 @@
 
 MFU (model FLOPs utilisation, PaLM appendix B) = model FLOPs of the steps run / wall time /
 the peak FLOP/s of every device of the run. Model FLOPs are the matmul FLOPs the model needs
-for one training step by formula (:func:`transformer_flops_per_token`), not what the compiled
+for one training step by the family's formula (``Family.flops_per_token``, e.g.
+``mlgen.models.transformer.transformer_flops_per_token``), not what the compiled
 program happens to do: rematerialisation, padding and kernels that skip masked blocks do not
 change them, so MFU compares runs, meshes and backends on one scale.
 
@@ -32,11 +33,8 @@ __all__ = [
     "CHIPS",
     "Chip",
     "chip_of",
-    "dit_flops_per_pixel",
-    "dit_flops_per_token",
     "measured_cpu_peak",
     "peak_flops",
-    "transformer_flops_per_token",
 ]
 
 _T, _G = 1e12, 1e9
@@ -317,80 +315,3 @@ def peak_flops(devices: Sequence[Any], dtype: str = "bfloat16") -> tuple[float, 
         total += n * peak
         parts.append(f"{n} x {chip.name} {peak / _T:.1f} TFLOP/s {which} ({chip.source})")
     return total, " + ".join(parts)
-
-
-# -- model FLOPs -----------------------------------------------------------------------------
-
-
-def transformer_flops_per_token(cfg: Any, seq_len: int, *, causal: bool = True) -> float:
-    """Training FLOPs per token of a decoder-only transformer (forward + backward).
-
-    ``6 * N + 6 * L * T * N_q * H`` (causal; ``12 * L * T * N_q * H`` bidirectional), where
-
-    - ``N`` counts the weights of every matmul a token goes through, per layer
-      ``D * H * (2 N_q + 2 K)`` (q, k, v with ``K`` kv heads, o) plus the MLP's
-      ``3 * D * F`` (llama: gate, up, down) or ``2 * D * F`` (gpt2: up, down), times ``L``
-      layers, plus the output layer ``D * V`` (tied or not: the logits are a ``D x V`` matmul
-      either way). The embedding lookup (a gather), learned positions, norms and biases are
-      not counted.
-    - each matmul weight costs 2 FLOPs per token forward (multiply + add) and 4 backward
-      (the input's and the weight's gradients): 6 per weight per token;
-    - attention's two ``T x T`` matmuls (``Q K^T`` and ``P V``) cost ``2 * 2 * T * N_q * H``
-      FLOPs per token and layer forward, 3x that for training: ``12 * L * T * N_q * H``
-      for the full square, halved for causal attention (only the lower triangle is needed).
-
-    Not counted: rematerialised recomputation (this is MFU, not hardware FLOPs utilisation),
-    softmax, norms, activations and other elementwise work, the loss and the optimizer. Packed
-    rows count the full ``T x T`` like unpacked ones.
-
-    This is PaLM's convention (appendix B: ``6N + 12 L T d_attn`` per token, with ``N`` the
-    non-embedding parameters) with the causal halving and the output layer that MaxText's
-    ``calculate_tflops_training_per_device`` adds: its dense case is per step
-    ``3 * (L * (ffn + qkv + projection) + embedding)`` learnable-weight FLOPs (``embedding`` =
-    ``2 B T D V``, the logits) plus ``3 * L * attention / 2``, the same counts per token.
-    (MaxText's older version and PaLM count ``6 * all parameters``, embedding table included.)
-
-    Args:
-      cfg: a ``mlgen.models.transformer.TransformerConfig`` (read: ``flavour``, ``d_model``,
-        ``num_heads``, ``kv_heads``, ``head_size``, ``hidden``, ``vocab_size``,
-        ``num_layers``).
-      seq_len: ``T``, tokens per row.
-      causal: the attention mask.
-    """
-    D, N, K, H = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
-    mlp_mats = 3 if cfg.flavour == "llama" else 2
-    per_layer = D * H * (2 * N + 2 * K) + mlp_mats * D * cfg.hidden
-    weights = cfg.num_layers * per_layer + D * cfg.vocab_size
-    attention = 12 * cfg.num_layers * seq_len * N * H
-    return 6.0 * weights + (attention / 2 if causal else attention)
-
-
-def dit_flops_per_token(cfg: Any, num_tokens: int | None = None) -> float:
-    """Training FLOPs per patch token of a DiT (forward + backward), counted as
-    :func:`transformer_flops_per_token` counts them.
-
-    Per token: ``6 * (L * (4 D^2 + 2 D F) + p^2 C D + D p^2 C_out)`` (q, k, v, o and the
-    GELU MLP per layer; the patch embedding and the output projection) plus bidirectional
-    attention ``12 * L * P * D``; plus the per-image conditioning matmuls spread over the
-    ``P`` tokens of an image, ``6 * (L * 6 D^2 + 2 D^2 + 256 D + D^2) / P`` (each block's
-    adaLN, the final adaLN, the two-layer time MLP on a 256-wide sinusoid).
-
-    Args:
-      cfg: a ``mlgen.models.dit.DiTConfig`` (read: ``d_model``, ``num_layers``,
-        ``mlp_ratio``, ``patch_size``, ``in_channels``, ``out_channels``, ``num_tokens``).
-      num_tokens: ``P``; None = ``cfg.num_tokens``.
-    """
-    P = cfg.num_tokens if num_tokens is None else num_tokens
-    D, L, p = cfg.d_model, cfg.num_layers, cfg.patch_size
-    F = int(D * cfg.mlp_ratio)
-    per_token = L * (4 * D * D + 2 * D * F) + p * p * (cfg.in_channels + cfg.out_channels) * D
-    per_image = L * 6 * D * D + 2 * D * D + 256 * D + D * D
-    return 6.0 * (per_token + per_image / P) + 12.0 * L * P * D
-
-
-def dit_flops_per_pixel(cfg: Any, pixels: int) -> float:
-    """Training FLOPs per image pixel of a DiT: :func:`dit_flops_per_token` over the
-    ``pixels / p^2`` patch tokens of an image, divided by the ``p^2`` pixels of a patch (the
-    denoiser families' ``Family.flops_per_token`` counts per pixel)."""
-    p2 = cfg.patch_size**2
-    return dit_flops_per_token(cfg, pixels // p2) / p2

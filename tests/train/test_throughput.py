@@ -9,6 +9,7 @@ import jax
 import pytest
 
 import mlgen
+from mlgen.models import dit, transformer
 from mlgen.models.dit import PRESETS as DIT_PRESETS
 from mlgen.models.family import family_of
 from mlgen.models.transformer import TransformerConfig
@@ -33,8 +34,8 @@ def test_llama_flops_by_hand():
     # 2 FLOPs per weight per token forward, 4 backward; causal attention: Q K^T and P V,
     # 2 * T * N*H FLOPs each per token and layer forward, x3 for training, halved.
     attention = 2 * (2 * 2 * 32 * 64) * 3 // 2
-    assert throughput.transformer_flops_per_token(cfg, 32) == 6 * weights + attention == 712704
-    assert family_of(cfg).flops_per_token is throughput.transformer_flops_per_token
+    assert transformer.transformer_flops_per_token(cfg, 32) == 6 * weights + attention == 712704
+    assert family_of(cfg).flops_per_token is transformer.transformer_flops_per_token
 
 
 def test_gpt2_flops_by_hand():
@@ -47,8 +48,10 @@ def test_gpt2_flops_by_hand():
     logits = 48 * 512  # tied: embed.attend is still a D x V matmul per token
     weights = 3 * (qkvo + up + down) + logits
     causal = 3 * (2 * 2 * 64 * 48) * 3 // 2
-    assert throughput.transformer_flops_per_token(cfg, 64) == 6 * weights + causal == 700416
-    assert throughput.transformer_flops_per_token(cfg, 64, causal=False) == 6 * weights + 2 * causal
+    assert transformer.transformer_flops_per_token(cfg, 64) == 6 * weights + causal == 700416
+    assert (
+        transformer.transformer_flops_per_token(cfg, 64, causal=False) == 6 * weights + 2 * causal
+    )
 
 
 def test_dit_flops_by_hand():
@@ -62,9 +65,9 @@ def test_dit_flops_by_hand():
     per_image = 2 * 32 * 6 * 32 + 32 * 2 * 32 + (256 * 32 + 32 * 32)  # adaLN, final, time MLP
     attention = 2 * (2 * 2 * 16 * 32) * 3  # bidirectional: the full 16 x 16
     expect = 6 * (per_token + per_image / 16) + attention
-    assert throughput.dit_flops_per_token(cfg) == expect == 170112
-    assert throughput.dit_flops_per_pixel(cfg, 64) == expect / 4
-    assert family_of(cfg).flops_per_token is throughput.dit_flops_per_pixel
+    assert dit.dit_flops_per_token(cfg) == expect == 170112
+    assert dit.dit_flops_per_pixel(cfg, 64) == expect / 4
+    assert family_of(cfg).flops_per_token is dit.dit_flops_per_pixel
 
 
 @pytest.mark.parametrize(
@@ -129,7 +132,7 @@ def test_trainer_logs_mfu(tmp_path, caplog):
     assert len(said) == 1 and "CPU host" in said[0]
     lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "mfu" not in lines[0] and "tokens_per_s" not in lines[0]  # only the compiling step
-    per_token = throughput.transformer_flops_per_token(cfg.model, 32)
+    per_token = transformer.transformer_flops_per_token(cfg.model, 32)
     for line in lines[1:]:
         assert 0 < line["mfu"] < 1, line
         assert line["tokens_per_s"] > 0

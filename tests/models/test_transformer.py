@@ -86,6 +86,29 @@ def test_remat_changes_nothing_numerically(remat):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_unrolled_layers_equal_the_scan(remat):
+    """scan_layers=False (one call per layer, as mlgen plan compiles to count every layer) has
+    the same parameters, logits and gradients as the scanned stack."""
+    tok = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 10)))
+
+    def loss(m):
+        return cross_entropy(m(tok[:, :-1]), tok[:, 1:])[0]
+
+    scanned = _model(Policy(remat=remat), num_layers=3)
+    unrolled = _model(Policy(remat=remat), num_layers=3, scan_layers=False)
+    assert jax.tree.map(jnp.shape, nnx.state(scanned)) == jax.tree.map(
+        jnp.shape, nnx.state(unrolled)
+    )
+    np.testing.assert_allclose(_fwd(scanned, tok), _fwd(unrolled, tok), atol=1e-5)
+    grad = nnx.jit(nnx.grad(loss))
+    for a, b in zip(
+        jax.tree.leaves(nnx.to_pure_dict(grad(scanned))),
+        jax.tree.leaves(nnx.to_pure_dict(grad(unrolled))),
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 @pytest.mark.parametrize("flavour", ["llama", "gpt2"])
 def test_kv_cache_decoding_matches_full_forward(flavour):
     """The decoder protocol: a 6-token prefill, then one token at a time, gives the full forward's

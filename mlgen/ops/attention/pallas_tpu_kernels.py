@@ -47,10 +47,40 @@ class KernelConfig:
     interpret: bool
 
 
-def _call_kwargs(cfg: KernelConfig, semantics):
+def _call_kwargs(cfg: KernelConfig, semantics, cost: pl.CostEstimate | None = None):
     if cfg.interpret:
         return dict(interpret=pltpu.InterpretParams())
-    return dict(compiler_params=pltpu.CompilerParams(dimension_semantics=semantics))
+    kw = dict(compiler_params=pltpu.CompilerParams(dimension_semantics=semantics))
+    if cost is not None:
+        kw["cost_estimate"] = cost
+    return kw
+
+
+def _cost(cfg: KernelConfig, q, k, matmuls: int, *arrays) -> pl.CostEstimate:
+    """What a kernel does, for XLA's cost analysis and scheduler (a custom call is opaque to
+    both; without this, ``mlgen plan`` would count no attention FLOPs): ``matmuls`` T x S x H
+    products of 2 FLOPs per multiply-add over the (query, key) pairs the mask keeps, one exp
+    per kept pair, and every operand read or written once."""
+    B, N, _, H = q.shape
+    T, S = cfg.q_len, cfg.spec.kv_len
+    kept = float(T) * S
+    if cfg.spec.causal or cfg.spec.sliding_window:
+        # query i (at position q_offset + i) sees keys up to its position, and only the last
+        # sliding_window of them
+        rows = [cfg.q_offset + i + 1 for i in (0, T - 1)]
+        if cfg.spec.causal:
+            mean = (min(rows[0], S) + min(rows[1], S)) / 2
+        else:
+            mean = S
+        if cfg.spec.sliding_window:
+            mean = min(mean, cfg.spec.sliding_window)
+        kept = float(T) * mean
+    pairs = B * N * kept
+    return pl.CostEstimate(
+        flops=int(2 * matmuls * pairs * H),
+        transcendentals=int(pairs),
+        bytes_accessed=int(sum(x.size * x.dtype.itemsize for x in (q, k, *arrays))),
+    )
 
 
 def _clamp(x, lo, hi):
@@ -163,7 +193,7 @@ def forward(q, k, v, q_ids_col, kv_ids_row, cfg: KernelConfig):
             pltpu.VMEM((bq, H), jnp.float32),
         ],
         name="mlgen_tpu_flash_fwd",
-        **_call_kwargs(cfg, (_P, _P, _P, _A)),
+        **_call_kwargs(cfg, (_P, _P, _P, _A), _cost(cfg, q, k, 2, v, q)),
     )(*args)
 
 
@@ -288,7 +318,7 @@ def backward(q, k, v, do, lse, delta, ids, cfg: KernelConfig):
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, H), jnp.float32)],
         name="mlgen_tpu_flash_dkdv",
-        **_call_kwargs(cfg, (_P, _P, _P, _A, _A)),
+        **_call_kwargs(cfg, (_P, _P, _P, _A, _A), _cost(cfg, q, k, 4, v, do, k, v)),
     )(*args)
 
     # dQ: grid (B, N, query block, key block).
@@ -318,6 +348,6 @@ def backward(q, k, v, do, lse, delta, ids, cfg: KernelConfig):
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((bq, H), jnp.float32)],
         name="mlgen_tpu_flash_dq",
-        **_call_kwargs(cfg, (_P, _P, _P, _A)),
+        **_call_kwargs(cfg, (_P, _P, _P, _A), _cost(cfg, q, k, 3, v, do, q)),
     )(*args)
     return dq, dk, dv

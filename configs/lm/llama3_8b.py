@@ -3,8 +3,8 @@
 Llama-3-8B's shapes: 32 layers, width 4096, 32 query / 8 KV heads (head dim 128), SwiGLU
 14336, vocabulary 128256, RoPE theta 500000, context 8192, untied output layer. bf16 compute
 with float32 master weights and optimizer state, the Pallas TPU flash-attention kernels,
-128 rows x 8192 tokens = 1,048,576 tokens per step (2 rows per chip), FSDP over all 64 chips.
-The remat policy and batch were chosen with ``mlgen plan`` (numbers in the docstring below).
+128 rows x 8192 tokens = 1,048,576 tokens per step (2 rows per chip), FSDP over all 64 chips,
+remat ``dots_no_batch`` (each layer keeps its projections' outputs and recomputes the rest).
 
 Plan it on this machine (libtpu's compiler; no TPU needed), then launch it on the pod::
 
@@ -48,7 +48,7 @@ def get_config() -> Config:
             attention=AttentionConfig(backend="pallas_tpu"),
         ),
         precision=PrecisionConfig(params="float32", compute="bfloat16", optimizer="float32"),
-        remat="full",
+        remat="dots_no_batch",
         data=TextDataConfig(
             source="jsonl",
             paths=("gs://BUCKET/corpus/*.jsonl",),

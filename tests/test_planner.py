@@ -130,8 +130,8 @@ def test_unknown_topology_is_a_config_error():
 
 @pytest.mark.slow
 def test_llama3_8b_plans_for_v5p_128_within_budget():
-    """configs/lm/llama3_8b.py on 64 v5p chips: one compile of the scanned model (4-7 min on 2
-    busy cores here, jax 0.10.2 / libtpu 0.0.42.1), no unrolled counting compiles."""
+    """configs/lm/llama3_8b.py on 64 v5p chips: one compile of the scanned model (211 s on 2
+    cores here, jax 0.10.2 / libtpu 0.0.42.1), no unrolled counting compiles."""
     pytest.importorskip("libtpu")
     t = time.perf_counter()
     p = planner.plan("configs/lm/llama3_8b.py", topology="v5p:4x4x4", unrolled_flops=False)

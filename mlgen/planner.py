@@ -325,10 +325,9 @@ def plan(
 
 
 def _compile(s: trainer.Setup, batch: dict) -> Compiled:
-    rng = jax.ShapeDtypeStruct(
-        jax.eval_shape(lambda: jax.random.key(0)).shape,
-        jax.eval_shape(lambda: jax.random.key(0)).dtype,
-        sharding=jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec()),
+    rng = sharding.abstract_like(  # the run's base key, replicated as fit passes it
+        jax.eval_shape(lambda: jax.random.key(0)),
+        jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec()),
     )
     with sharding.use(s.mesh, s.rules), recording() as calls:
         t0 = time.perf_counter()

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import mlgen  # noqa: E402
 from mlgen.ops.attention import recording  # noqa: E402
-from mlgen.ops.attention._common import target_platform  # noqa: E402
+from mlgen.ops.platform import target_platform  # noqa: E402
 
 
 def _tpu_args(B=4, T=512, N=4, K=2, H=128, dtype=jnp.bfloat16):

@@ -27,6 +27,7 @@ import numpy as np
 from mlgen.config import check
 from mlgen.ops.attention import _common, blockwise, pallas_gpu, pallas_tpu, reference, ring, xla
 from mlgen.ops.attention.block_sizes import BlockSizes
+from mlgen.ops.platform import target_platform
 from mlgen.typing import Array, Float
 
 
@@ -368,7 +369,7 @@ def _check(q, k, v, causal, segment_ids, sliding_window, scale, interpret) -> Pr
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
     if scale is not None and not isinstance(scale, (int, float, np.floating, np.integer)):
         raise ValueError(f"scale must be a Python number or None, got {type(scale).__name__}")
-    platform, known = _common.target_platform(q, k, v)
+    platform, known = target_platform(q, k, v)
     return Problem(
         B=B,
         T=T,

@@ -40,8 +40,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from mlgen.ops.attention import _common, blockwise, pallas_tpu
+from mlgen.ops.attention import blockwise, pallas_tpu
 from mlgen.ops.attention.block_sizes import BlockSizes
+from mlgen.ops.platform import platform
 from mlgen.typing import Array, Float
 
 _F32 = jnp.float32
@@ -176,7 +177,7 @@ def ring_attention(
     why_not_kernel = _why_not_static_offsets(causal, sliding_window, kv_sharded)
     if local_backend == "auto":
         kernel_ok = why_not_kernel is None and pallas_tpu.kernel_unsupported(H, q.dtype) is None
-        local_backend = "pallas_tpu" if _common.platform(q) == "tpu" and kernel_ok else "blockwise"
+        local_backend = "pallas_tpu" if platform(q) == "tpu" and kernel_ok else "blockwise"
     elif not _LOCAL[local_backend].traced_offset and why_not_kernel:
         raise ValueError(
             f"ring_attention: local_backend={local_backend!r} {why_not_kernel}; use 'blockwise'"

@@ -65,6 +65,11 @@ def run(argv: list[str]) -> None:
         choices=["float32", "bfloat16"],
         help="compute dtype; parameters and optimizer state stay float32",
     )
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="also trace --steps steps into DIR and print the step's op time by kind of op",
+    )
     a = ap.parse_args(argv)
 
     if a.model == "unet":
@@ -104,7 +109,9 @@ def run(argv: list[str]) -> None:
         "images": rng.standard_normal((a.batch, a.size, a.size, 1)).astype(np.float32),
         "labels": np.zeros((a.batch,), np.int32),
     }
-    med, n_params = time_train_step(cfg, host, steps=a.steps, warmup=a.warmup)
+    med, n_params = time_train_step(
+        cfg, host, steps=a.steps, warmup=a.warmup, profile_dir=a.profile
+    )
     print(
         json.dumps(
             {

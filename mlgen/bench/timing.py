@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import jax
+from etils import epath
 
 from mlgen import runs, sharding
+from mlgen.bench.profile import format_split, op_split
 from mlgen.config import Config
 from mlgen.train.step import make_train_step
 
@@ -24,12 +27,21 @@ def median_time(fn, *, steps: int, warmup: int) -> float:
     return times[len(times) // 2]
 
 
-def time_train_step(cfg: Config, host_batch: dict, *, steps: int, warmup: int) -> tuple[float, int]:
+def time_train_step(
+    cfg: Config,
+    host_batch: dict,
+    *,
+    steps: int,
+    warmup: int,
+    profile_dir: str | None = None,
+) -> tuple[float, int]:
     """Median seconds of the real train step of ``cfg`` on one fixed host batch,
     and the param count.
 
     The step is what ``mlgen train`` runs: config -> sharded init -> ``make_train_step`` ->
     jit with donation, so a benchmark measures the framework, not a copy of it.
+    ``profile_dir``: after timing, trace ``steps`` more steps there and print where their time
+    went, op by op (:mod:`mlgen.bench.profile`), to stderr.
     """
     s = runs.setup(cfg.validate())
     step = make_train_step(s.task.make_loss(s.graphdef), s.optimizer)
@@ -44,4 +56,13 @@ def time_train_step(cfg: Config, host_batch: dict, *, steps: int, warmup: int) -
             m["loss"].block_until_ready()
 
         med = median_time(one, steps=steps, warmup=warmup)
+        if profile_dir is not None:
+            hlo = jstep.lower(holder["state"], batch, key).compile().as_text()
+            out = epath.Path(profile_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "step.hlo.txt").write_text(hlo)
+            with jax.profiler.trace(str(out)):
+                for _ in range(steps):
+                    one()
+            print(format_split(op_split(hlo, str(out), steps)), file=sys.stderr)
     return med, int(sum(x.size for x in jax.tree.leaves(holder["state"]["params"])))

@@ -50,6 +50,12 @@ def run(argv: list[str]) -> None:
         default=0,
         help="positions per output-layer + loss chunk (0 = all)",
     )
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="also trace --steps steps into DIR (jax.profiler + the optimized HLO) and print "
+        "the step's op time by kind of op",
+    )
     a = ap.parse_args(argv)
 
     cfg = Config(
@@ -79,7 +85,11 @@ def run(argv: list[str]) -> None:
     rng = np.random.default_rng(1)
     tok = rng.integers(0, a.vocab, (a.batch, a.seq + 1)).astype(np.int32)
     med, n_params = time_train_step(
-        cfg, {"inputs": tok[:, :-1], "targets": tok[:, 1:]}, steps=a.steps, warmup=a.warmup
+        cfg,
+        {"inputs": tok[:, :-1], "targets": tok[:, 1:]},
+        steps=a.steps,
+        warmup=a.warmup,
+        profile_dir=a.profile,
     )
     flops_per_token = transformer_flops_per_token(cfg.model, a.seq)
     peak, peak_source = peak_flops(jax.devices())  # the mesh: data=-1 over every device

@@ -9,6 +9,7 @@ the test's 8 simulated CPU devices and mean nothing.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -49,7 +50,7 @@ def test_diffusion(capsys, extra):
     assert r["params"] > 10_000
 
 
-def test_train(capsys):
+def test_train(capsys, tmp_path):
     run(
         "train",
         [
@@ -69,10 +70,21 @@ def test_train(capsys):
             "1",
             "--loss-chunk",
             "8",
+            "--profile",
+            str(tmp_path / "prof"),
         ],
     )
-    (r,) = _json_lines(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    (r,) = _json_lines(out)
     assert r["bench"] == "mlgen-train" and r["tokens_per_s"] > 0 and r["loss_chunk"] == 8
+    # --profile: the op-time table by kind, whose ops are the compiled step's own instructions.
+    hlo = (tmp_path / "prof" / "step.hlo.txt").read_text()
+    rows = [line for line in err.splitlines() if line.startswith("matmul ")]
+    assert len(rows) == 1, err
+    shares = [float(m) for m in re.findall(r" ([0-9.]+)%  ", err)]
+    assert shares and sum(shares) == pytest.approx(100, abs=0.5)
+    top_matmul = rows[0].split("%  ")[1].split(",")[0].rsplit(" ", 1)[0]
+    assert f"%{top_matmul} = " in hlo
     assert abs(r["tokens_per_s"] * r["step_s"] - 8 * 16) < 1e-6
     # gpt2, D=32, 2 heads of 16, MLP 128, V=512, one layer, T=16: 6 * (4*32*32 + 2*32*128 +
     # 32*512) weights + causal attention 6 * 16 * 32 (tests/train/test_throughput.py counts)

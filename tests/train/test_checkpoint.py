@@ -46,6 +46,15 @@ class _Manager:
     def latest_step(self):
         return max(self.steps, default=None)
 
+    def all_steps(self):
+        return list(self.steps)
+
+    def check_for_errors(self):
+        pass
+
+    def is_saving_in_progress(self):
+        return False
+
     def save(self, step, args, force=False):
         self.steps.append(step)
         return True

@@ -143,9 +143,6 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001  (a failed save is reported, the run goes on)
             self._failed(self.pending, e)
             self.pending = None
-            return
-        if not self.manager.is_saving_in_progress():
-            self.pending = None
 
     def wait(self) -> None:
         """Waits for an async save; a failure is reported (one line), not raised."""
@@ -344,7 +341,7 @@ class Checkpointer:
                 multihost_utils.sync_global_devices(f"mlgen: checkpoint {step} set aside")
             self.manager.reload()
             where = f"moved to {dest}"
-        log.warning("checkpoint %d is unreadable (%s): %s; %s", step, one_line(err), where, then)
+        log.warning("checkpoint %d is unusable (%s): %s; %s", step, one_line(err), where, then)
 
     def close(self) -> None:
         """Waits for a pending save (a failure: one line) and closes orbax's manager (once)."""

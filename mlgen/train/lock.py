@@ -61,10 +61,11 @@ class WorkdirLock:
                 self._acquire()
             except WorkdirLocked as e:
                 error = e
-        if not distributed.any_process(error is None):  # process 0's answer, on every process
-            raise WorkdirLocked(f"workdir: {self.workdir} is locked (see process 0's error)")
+        refused = distributed.any_process(error is not None)  # process 0's answer, on all
         if error is not None:
             raise error
+        if refused:
+            raise WorkdirLocked(f"workdir: {self.workdir} is locked (see process 0's error)")
         return self
 
     def __exit__(self, *exc) -> None:

@@ -37,6 +37,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import time
 from typing import Any
 
@@ -213,7 +214,7 @@ class _Logger:
             self._rewrite()
         if self.writer is not None:
             for k, v in record.items():
-                if k != "step":
+                if k != "step" and math.isfinite(v):  # a skipped step's NaN: metrics.jsonl only
                     self.writer.add_scalar(k, v, step)
             self.writer.flush()
         if self.bar is not None:
@@ -422,8 +423,10 @@ def _fit(s: Setup, workdir: epath.Path, preemption: Preemption) -> TrainResult:
                 is_log = done % tc.log_every == 0 or is_last or stopped
                 is_ckpt = done % tc.checkpoint_every == 0 or is_last or stopped
                 streak.push(done, metrics)
-                if is_ckpt:
+                if is_ckpt and streak.count < tc.max_bad_steps:
                     streak.flush()
+                if streak.count >= tc.max_bad_steps:
+                    raise _diverged(streak, done, tc.max_bad_steps, ckpt)
                 ckpt.poll()
                 if is_log:
                     record = _mean_metrics(pending)
@@ -444,8 +447,6 @@ def _fit(s: Setup, workdir: epath.Path, preemption: Preemption) -> TrainResult:
                     pending, steps_since, timed, t_last = [], 0, 0, time.perf_counter()
                 else:
                     is_eval = False
-                if streak.count >= tc.max_bad_steps:
-                    raise _diverged(streak, tc.max_bad_steps, ckpt)
                 if is_ckpt:
                     _save(ckpt, done, state, cfg, data, force=is_last or stopped, sync=stopped)
                 if is_eval:  # after the checkpoint: a failing hook never costs it
@@ -486,7 +487,7 @@ def _save(ckpt: Checkpointer, done: int, state, cfg, data, *, force: bool, sync:
         ckpt.wait()
 
 
-def _diverged(streak: _Streak, limit: int, ckpt: Checkpointer) -> Diverged:
+def _diverged(streak: _Streak, done: int, limit: int, ckpt: Checkpointer) -> Diverged:
     ckpt.wait()
     latest = ckpt.latest_step()
     good = (
@@ -496,8 +497,8 @@ def _diverged(streak: _Streak, limit: int, ckpt: Checkpointer) -> Diverged:
     )
     return Diverged(
         f"train.max_bad_steps: {streak.count} steps in a row (steps {streak.first}-{streak.last}) "
-        f"had a non-finite loss or gradient and were skipped (limit {limit}); stopped at step "
-        f"{streak.last}; {good} (lower optim.lr, or raise train.max_bad_steps)"
+        f"had a non-finite loss or gradient and were skipped (limit {limit}); stopped after "
+        f"step {done}; {good} (lower optim.lr, or raise train.max_bad_steps)"
     )
 
 

@@ -52,9 +52,6 @@ class _Manager:
     def check_for_errors(self):
         pass
 
-    def is_saving_in_progress(self):
-        return False
-
     def save(self, step, args, force=False):
         self.steps.append(step)
         return True

@@ -495,6 +495,8 @@ def _diverged(streak: _Streak, done: int, limit: int, ckpt: Checkpointer) -> Div
         if latest is not None
         else "no checkpoint was written"
     )
+    if latest is not None and latest >= streak.first:  # saved during the streak: state kept
+        good += f" (the parameters after step {streak.first - 1})"
     return Diverged(
         f"train.max_bad_steps: {streak.count} steps in a row (steps {streak.first}-{streak.last}) "
         f"had a non-finite loss or gradient and were skipped (limit {limit}); stopped after "

@@ -169,35 +169,6 @@ with Preemption():
     assert out.stderr == "mlgen: second SIGTERM: exiting now, without saving\n"
 
 
-def test_a_signal_from_python_returns_a_preempted_result_and_restores_the_handlers(tmp_path):
-    s = mlgen.setup(_cfg(tmp_path, num_steps=8, checkpoint_every=100))
-    make_data = s.task.train_data
-
-    def data():  # SIGTERM while the third batch is read: step 3 finishes, then it stops
-        it, n = make_data(), [0]
-
-        class Signalling:
-            def __next__(self):
-                n[0] += 1
-                if n[0] == 3:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                return next(it)
-
-            def get_state(self):
-                return it.get_state()
-
-            def set_state(self, state):
-                it.set_state(state)
-
-        return Signalling()
-
-    before = signal.getsignal(signal.SIGTERM)
-    s.task = dataclasses.replace(s.task, train_data=data)
-    result = trainer.fit(s)
-    assert result.preempted and result.final_metrics["step"] == 3 and _steps(tmp_path) == [3]
-    assert signal.getsignal(signal.SIGTERM) is before
-
-
 # ----------------------------------------------------------------------------- divergence
 def test_non_finite_steps_are_skipped_and_the_run_stops_after_max_bad_steps(tmp_path, caplog):
     cfg = _cfg(tmp_path, num_steps=40, max_bad_steps=3)
@@ -404,17 +375,46 @@ def test_a_full_disk_is_one_line_per_lost_save_and_the_previous_checkpoint_survi
     )
 
 
-def test_a_failing_hook_is_one_line_and_the_checkpoint_is_still_written(tmp_path, caplog):
+def test_a_failing_hook_costs_no_checkpoint_and_a_signal_from_python_returns_preempted(
+    tmp_path, caplog
+):
+    """The loss-plot hook raises (no matplotlib) at step 2: one warning, checkpoint 2 written.
+    SIGTERM while batch 5 is read: ``fit`` finishes step 5, saves it and returns a result
+    marked preempted, with the previous signal handler back."""
+
     def loss_plot(step, state, graphdef, workdir):
         raise ModuleNotFoundError("No module named 'matplotlib'")
 
-    s = mlgen.setup(_cfg(tmp_path, num_steps=4, eval_every=2))
-    s.task = dataclasses.replace(s.task, hooks=(loss_plot,))
+    s = mlgen.setup(_cfg(tmp_path, num_steps=8, eval_every=2, checkpoint_every=2))
+    make_data = s.task.train_data
+
+    def data():
+        it, n = make_data(), [0]
+
+        class Signalling:
+            def __next__(self):
+                n[0] += 1
+                if n[0] == 5:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return next(it)
+
+            def get_state(self):
+                return it.get_state()
+
+            def set_state(self, state):
+                it.set_state(state)
+
+        return Signalling()
+
+    s.task = dataclasses.replace(s.task, hooks=(loss_plot,), train_data=data)
+    before = signal.getsignal(signal.SIGTERM)
     with caplog.at_level(logging.WARNING, logger="mlgen"):
-        trainer.fit(s)
+        result = trainer.fit(s)
     assert _said(caplog, "hook loss_plot failed") == [
         f"hook loss_plot failed at step {n} (ModuleNotFoundError: No module named 'matplotlib'); "
         "training goes on"
         for n in (2, 4)
     ]
-    assert _steps(tmp_path) == [2, 4]
+    assert result.preempted and result.final_metrics["step"] == 5
+    assert _steps(tmp_path) == [2, 4, 5] and signal.getsignal(signal.SIGTERM) is before
+    assert _said(caplog, "SIGTERM: stopped after step 5 and saved it in")

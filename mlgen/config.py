@@ -253,6 +253,9 @@ class TrainConfig:
         0  # EMA decay ramps as min(decay, (1 + step) / (10 + step)) for this many steps
     )
     progress_bar: bool = True
+    # A step whose loss or gradient is not finite is skipped (the state is kept); after this
+    # many in a row the run stops. >= 1: skipping forever would burn the compute silently.
+    max_bad_steps: int = 10
 
     def validate(self) -> None:
         _positive(self, "num_steps", "log_every", "checkpoint_every", "keep_checkpoints")
@@ -261,6 +264,12 @@ class TrainConfig:
         check(self.sample_every >= 0, "sample_every", f"must be >= 0, got {self.sample_every}")
         check(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         check(self.ema_warmup >= 0, "ema_warmup", f"must be >= 0, got {self.ema_warmup}")
+        check(
+            self.max_bad_steps >= 1,
+            "max_bad_steps",
+            f"must be >= 1 (non-finite steps in a row before the run stops), got "
+            f"{self.max_bad_steps}",
+        )
 
 
 DTYPES = ("float32", "bfloat16")
@@ -461,6 +470,22 @@ def from_dict(d: dict, cls: type | None = None) -> Any:
             v = tuple(v)
         kwargs[f.name] = v
     return cls(**kwargs)
+
+
+def differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Where two configs (or sections) differ: ``(dotted field, old value, new value)`` in
+    field order. A section of another registered class is one difference (its class names)."""
+    a = to_dict(old) if dataclasses.is_dataclass(old) else old
+    b = to_dict(new) if dataclasses.is_dataclass(new) else new
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [(prefix, a, b)]
+    if a.get("__class__") != b.get("__class__"):
+        return [(prefix, a.get("__class__"), b.get("__class__"))]
+    out = []
+    for k in [*a, *(k for k in b if k not in a)]:
+        if k != "__class__":
+            out += differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+    return out
 
 
 def save_json(cfg: Config, path: str | os.PathLike) -> None:

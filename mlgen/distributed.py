@@ -158,3 +158,10 @@ def fewest(n: int) -> int:
     if jax.process_count() == 1:
         return n
     return int(multihost_utils.process_allgather(np.array([n], np.int32)).min())
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (the same answer on all). A collective."""
+    if jax.process_count() == 1:
+        return flag
+    return fewest(0 if flag else 1) == 0

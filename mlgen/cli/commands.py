@@ -11,6 +11,7 @@ from mlgen.cli.generate import generate_main
 from mlgen.cli.sample import eval_main, sample_main
 from mlgen.config import ConfigError
 from mlgen.data.tokenizer import tokenizer_main
+from mlgen.train.errors import RunError
 
 
 def train_main(argv: list[str]) -> int:
@@ -21,6 +22,8 @@ def train_main(argv: list[str]) -> int:
     )
     a = ap.parse_args(argv)
     result = runs.train(a.config, a.overrides)
+    if result.preempted:  # the trainer said so in one line; the run resumes from there
+        return 0
     final = {k: round(v, 5) for k, v in result.final_metrics.items() if isinstance(v, float)}
     print(f"done: step {result.final_metrics.get('step')} {final}")
     return 0
@@ -76,12 +79,19 @@ COMMANDS = {
 
 
 def run(command: str, argv: list[str], *, usage: str) -> int:
-    """Runs ``command``; a config error is one line on stderr and exit status 2."""
+    """Runs ``command``; a config error is one line on stderr and exit status 2; a run that
+    cannot go on (``mlgen.train.errors``) one line and its status (3: diverged)."""
     if command not in COMMANDS:
         print(f"mlgen: unknown command {command!r}\n\n{usage}", file=sys.stderr)
         return 2
     try:
         return COMMANDS[command](argv) or 0
+    except RunError as e:
+        print(f"mlgen: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # before training started (the trainer handles its own)
+        print("mlgen: interrupted", file=sys.stderr)
+        return 130
     except ConfigError as e:
         print(f"mlgen: config error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,12 @@ come here with their ``loss(params, model_state, batch, rng) -> (loss, (metrics,
 The state is a plain dict ``{"step", "params", "model_state", "opt_state"}`` plus ``"ema"`` (an
 exponential moving average of the parameters) when EMA is on. ``model_state`` holds the
 model's non-trainable variables (batch statistics, counters), threaded through the loss.
+
+A step whose loss or gradient is not finite changes nothing but the step counter (the
+divergence guard, :func:`keep_if`, inside the compiled step: no host round trip) and reports
+``skipped = 1`` in its metrics; the trainer stops the run after ``train.max_bad_steps`` in a
+row. The counter still moves so that checkpoint numbers, the data position and the per-step
+randomness stay one and the same count of batches.
 """
 
 from __future__ import annotations
@@ -78,6 +84,16 @@ def ema_decay_at(step, decay: float, warmup: int):
     return jnp.where(step < warmup, ramp, decay)
 
 
+def keep_if(ok, new: TrainState, old: TrainState) -> TrainState:
+    """``new`` where the scalar ``ok`` is true, else ``old`` (its ``step`` counter advanced):
+    the divergence guard, a select over the state inside the jitted step. A task that brings
+    its own step can guard it with this too."""
+    kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    if "step" in old:
+        kept["step"] = old["step"] + 1
+    return kept
+
+
 def make_train_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -147,10 +163,12 @@ def make_train_step(
             new["ema"] = jax.tree.map(
                 lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state["ema"], params
             )
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~ok).astype(jnp.float32))
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(state["step"])
-        return new, metrics
+        return keep_if(ok, new, state), metrics
 
     return step
 

@@ -46,6 +46,12 @@ class _Manager:
     def latest_step(self):
         return max(self.steps, default=None)
 
+    def all_steps(self):
+        return list(self.steps)
+
+    def check_for_errors(self):
+        pass
+
     def save(self, step, args, force=False):
         self.steps.append(step)
         return True

@@ -154,7 +154,7 @@ from mlgen.train.preemption import Preemption
 before = signal.getsignal(signal.SIGINT)
 with Preemption() as p:
     os.kill(os.getpid(), signal.SIGINT)
-    print("noted", p.requested(), p.name, flush=True)
+    print("noted", p.requested(1), p.name, flush=True)
 print("restored", signal.getsignal(signal.SIGINT) is before, flush=True)
 with Preemption():
     os.kill(os.getpid(), signal.SIGTERM)

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import sys
+import traceback
 import types
 import typing
 from pathlib import Path
@@ -40,10 +41,16 @@ class ConfigError(ValueError):
     """A bad config value. ``str(err)`` is one line naming the field."""
 
 
-def check(cond: bool, field: str, msg: str) -> None:
-    """Raises ``ConfigError("field: msg")`` unless ``cond``."""
+class InputError(ConfigError):
+    """A bad input that is no config field: a command-line flag (``--top-p: ...``), a workdir
+    (``workdir: ...``), a file. ``str(err)`` is one line naming it; the CLI prints it without a
+    traceback (``mlgen --debug`` shows one)."""
+
+
+def check(cond: bool, field: str, msg: str, error: type[ConfigError] = ConfigError) -> None:
+    """Raises ``error("field: msg")`` (a ConfigError) unless ``cond``."""
     if not cond:
-        raise ConfigError(f"{field}: {msg}")
+        raise error(f"{field}: {msg}")
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -585,20 +592,41 @@ def apply_overrides(cfg: Config, overrides: typing.Iterable[str]) -> Config:
     return cfg
 
 
+def _run_config_file(path: Path) -> Config:
+    """``get_config()`` of the config file ``path``; any exception it raises (a syntax error, a
+    typo) is a one-line ``config:`` error naming the file and line (chained to the original)."""
+    spec = importlib.util.spec_from_file_location(f"mlgen_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        check(hasattr(module, "get_config"), "config", f"{path} defines no get_config()")
+        cfg = module.get_config()
+    except ConfigError:
+        raise
+    except SyntaxError as e:
+        raise ConfigError(f"config: {path}:{e.lineno}: {type(e).__name__}: {e.msg}") from e
+    except Exception as e:  # noqa: BLE001  (the user's code: reported in one line, chained)
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == str(path)]
+        where = f"{path}:{lines[-1]}" if lines else str(path)
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ConfigError(f"config: {where}: {type(e).__name__}: {first}") from e
+    check(
+        isinstance(cfg, Config),
+        "config",
+        f"{path}: get_config() returned a {type(cfg).__qualname__}, not a mlgen.config.Config",
+    )
+    return cfg
+
+
 def load(path_or_config: "str | Path | Config", overrides: typing.Iterable[str] = ()) -> Config:
     """Loads a config file (or takes a Config), applies overrides, validates (no devices)."""
     if isinstance(path_or_config, Config):
         cfg = path_or_config
     else:
         path = Path(path_or_config)
-        if not path.is_file():
-            raise ConfigError(f"config: no such file {str(path)!r}")
-        spec = importlib.util.spec_from_file_location(f"mlgen_config_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        if not hasattr(module, "get_config"):
-            raise ConfigError(f"config: {path} defines no get_config()")
-        cfg = module.get_config()
+        check(not path.is_dir(), "config", f"{str(path)!r} is a directory, not a config file")
+        check(path.is_file(), "config", f"no such file {str(path)!r}")
+        cfg = _run_config_file(path)
     cfg = apply_overrides(cfg, overrides)
     return cfg.validate()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import time
 from collections.abc import Iterable, Sequence
 
@@ -38,7 +39,7 @@ import numpy as np
 
 from mlgen import config as config_lib
 from mlgen import runs, sharding
-from mlgen.config import ConfigError
+from mlgen.config import ConfigError, InputError, check
 from mlgen.ops.attention import describe, recording
 from mlgen.train import throughput, trainer
 
@@ -166,13 +167,19 @@ class Plan:
 def topology_devices(topology: str) -> list:
     """The devices of a TPU pod slice (``"v5p:4x4x4"``, ``"v5e:2x2"``), from libtpu's compiler:
     nothing is opened, the slice need not exist."""
+    check(
+        re.fullmatch(r"v\d+[a-z]*:\d+(x\d+)*", topology) is not None,
+        "--topology",
+        f"{topology!r} is no TPU slice name; name one like v5p:4x4x4 or v5e:2x2",
+        InputError,
+    )
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # we compile only
     from jax.experimental import topologies
 
     try:
         return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
     except Exception as e:  # libtpu missing, or a topology it does not know
-        raise ConfigError(
+        raise InputError(
             f"--topology: cannot describe TPU slice {topology!r} "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "install libtpu (pip install 'mlgen[tpu]') and name a slice like v5p:4x4x4"

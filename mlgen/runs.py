@@ -12,11 +12,14 @@ import os
 from collections.abc import Iterable
 
 import jax
+from etils import epath
 
 import mlgen.models  # noqa: F401  (registers the built-in model families)
 import mlgen.tasks  # noqa: F401  (registers the built-in tasks)
 from mlgen import config as config_lib
 from mlgen import sharding
+from mlgen.config import InputError, check, prefixed
+from mlgen.data.paths import unwritable
 from mlgen.models.family import family_of
 from mlgen.nn.policy import check_remat_devices
 from mlgen.tasks.base import rules_for
@@ -44,6 +47,13 @@ def setup(cfg: config_lib.Config, *, devices: list | None = None, abstract: bool
     return trainer.prepare(cfg, mesh, rules, task, abstract=abstract)
 
 
+def check_workdir(cfg: config_lib.Config) -> None:
+    """``workdir:`` is a directory that can be created or written (local paths; checked before
+    anything is created on disk)."""
+    why = unwritable(cfg.workdir)
+    check(why is None, "workdir", f"{cfg.workdir!r} {why}")
+
+
 def train(
     config: config_lib.Config | str | os.PathLike,
     overrides: Iterable[str] = (),
@@ -52,6 +62,10 @@ def train(
 ) -> TrainResult:
     """Trains (or resumes) the run described by ``config`` (a Config or a config file path).
 
+    Everything a mistake could be found in is checked before the workdir is created: the
+    config (against the devices too), the workdir itself, and the data source (its files
+    exist and hold text, ``TaskSpec.check_data``).
+
     Example (a notebook)::
 
         import mlgen
@@ -59,11 +73,57 @@ def train(
         print(result.final_metrics["eval_loss"])
     """
     cfg = config_lib.load(config, overrides)
+    check_workdir(cfg)
+    spec = config_lib.task_spec(cfg.task)
+    if spec.check_data is not None:
+        prefixed("data", spec.check_data, cfg.data)
     return trainer.fit(setup(cfg, devices=devices))
 
 
+def saved_steps(workdir: str | os.PathLike) -> list[int]:
+    """The checkpointed steps of the run in ``workdir``, oldest first.
+
+    Raises:
+      InputError: ``workdir:`` missing, not a directory, or holding no checkpoint (nothing is
+        created: orbax would make ``WORKDIR/checkpoints``).
+    """
+    text = os.fspath(workdir)
+    path = epath.Path(text)
+    check(path.exists(), "workdir", f"no such directory {text!r}", InputError)
+    check(path.is_dir(), "workdir", f"{text!r} is a file, not a run's directory", InputError)
+    ckpts = path / "checkpoints"
+    steps = (
+        sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
+    )
+    check(
+        bool(steps),
+        "workdir",
+        f"{text!r} holds no checkpoint (WORKDIR/checkpoints/<step>): not a run, or one that "
+        "has not saved yet",
+        InputError,
+    )
+    return steps
+
+
+def saved_config(
+    workdir: str | os.PathLike, overrides: Iterable[str] = (), *, step: int | None = None
+) -> config_lib.Config:
+    """The config the run in ``workdir`` saved (with its latest or ``step`` checkpoint), with
+    ``overrides`` applied and validated; ``workdir`` checked first (:func:`saved_steps`)."""
+    workdir = os.fspath(workdir)
+    steps = saved_steps(workdir)
+    check(
+        step is None or step in steps,
+        "step",
+        f"the run has no checkpoint {step}; saved: {steps}",
+        InputError,
+    )
+    cfg = dataclasses.replace(trainer.saved_config(workdir, step), workdir=workdir)
+    return config_lib.load(cfg, overrides)
+
+
 def restore(
-    workdir: str | os.PathLike,
+    workdir: str | os.PathLike | config_lib.Config,
     overrides: Iterable[str] = (),
     *,
     devices: list | None = None,
@@ -72,9 +132,11 @@ def restore(
     """Loads a run's saved config and latest (or given) checkpoint, onto the current devices.
 
     ``overrides`` change the saved config (e.g. ``mesh.data=4``) before restoring; the
-    checkpoint's state is resharded onto the new mesh.
+    checkpoint's state is resharded onto the new mesh. ``workdir`` may also be the config
+    :func:`saved_config` returned (its ``workdir`` is restored).
     """
-    workdir = os.fspath(workdir)
-    cfg = dataclasses.replace(trainer.saved_config(workdir, step), workdir=workdir)
-    cfg = config_lib.load(cfg, overrides)
+    if isinstance(workdir, config_lib.Config):
+        cfg = config_lib.load(workdir, overrides)
+    else:
+        cfg = saved_config(workdir, overrides, step=step)
     return trainer.restore_state(setup(cfg, devices=devices, abstract=True), step)

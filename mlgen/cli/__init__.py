@@ -10,6 +10,12 @@ each of them (or ``MLGEN_COORDINATOR`` / ``MLGEN_NUM_PROCESSES`` / ``MLGEN_PROCE
 Open MPI, k8s): see :mod:`mlgen.distributed`. A bad combination is one line and exit status 2,
 before JAX starts.
 
+User errors (a bad flag, config value, config file, workdir or data path) are one line on stderr
+and exit status 2, never a traceback: ``mlgen: config error: <field>: ...`` for a config,
+``mlgen <command>: error: ...`` for the rest. ``--debug`` (before the command) shows the traceback.
+Global options are read before the command only: ``mlgen sample W --num 4`` is ``sample``'s
+``--num``, never an abbreviation of ``--num-processes``.
+
 The persistent compilation cache: compiled programs are kept under ``~/.cache/mlgen/jax`` so a
 rerun of the same config starts in seconds. ``--compilation-cache DIR`` (or the environment
 variable ``MLGEN_COMPILATION_CACHE=DIR``) moves it, ``off`` turns it off.
@@ -38,6 +44,8 @@ commands:
   tokenizer train --input GLOB ... train a sentencepiece tokenizer
 
 global options (before the command):
+  --debug                          show the Python traceback of a user error (a bad flag, config,
+                                   workdir), which is otherwise one line: mlgen ...: error: ...
   --cpu-devices N                  simulate N CPU devices (per process; XLA host platform devices)
   --platform NAME                  force a JAX platform (cpu, gpu, tpu)
   --compilation-cache DIR|off      where compiled programs are cached (default ~/.cache/mlgen/jax;
@@ -99,8 +107,11 @@ def _setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="mlgen", usage=USAGE, add_help=False)
+    # allow_abbrev=False and REMAINDER: only the options before the command are global ones
+    # (``--num`` of ``mlgen sample`` is no abbreviation of ``--num-processes``).
+    ap = argparse.ArgumentParser(prog="mlgen", usage=USAGE, add_help=False, allow_abbrev=False)
     ap.add_argument("-h", "--help", action="store_true")
+    ap.add_argument("--debug", action="store_true")
     ap.add_argument("--cpu-devices", type=int, default=None)
     ap.add_argument("--platform", default=None)
     ap.add_argument("--compilation-cache", default=None)
@@ -110,12 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     # MLGEN_DISTRIBUTED=1 is set by tpu_scripts/pod.sh on every pod worker.
     ap.add_argument("--distributed", action="store_true")
     ap.add_argument("command", nargs="?")
-    g, rest = ap.parse_known_args(argv)
+    ap.add_argument("rest", nargs=argparse.REMAINDER)
+    g, unknown = ap.parse_known_args(argv)
+    if unknown:
+        print(
+            f"mlgen: error: unknown global option {unknown[0]!r} (see mlgen --help)",
+            file=sys.stderr,
+        )
+        return 2
     if not g.command:
         print(USAGE)
         return 0
-    if g.help:
-        rest = ["--help"] + rest
+    rest = ["--help"] + g.rest if g.help else g.rest
     try:  # before JAX starts: a bad combination is one line
         world = dict(
             coordinator=g.coordinator or None,
@@ -131,4 +148,4 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     from mlgen.cli import commands  # after the JAX settings above: this imports JAX
 
-    return commands.run(g.command, rest, usage=USAGE)
+    return commands.run(g.command, rest, usage=USAGE, debug=g.debug)

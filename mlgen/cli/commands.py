@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from mlgen import bench, planner, runs
+from mlgen.cli.args import Parser
 from mlgen.cli.generate import generate_main
 from mlgen.cli.sample import eval_main, sample_main
-from mlgen.config import ConfigError
+from mlgen.config import ConfigError, InputError, check
 from mlgen.data.tokenizer import tokenizer_main
 from mlgen.train.errors import RunError
 
 
 def train_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="mlgen train", description="Train or resume a run.")
+    ap = Parser(prog="mlgen train", description="Train or resume a run.")
     ap.add_argument("config", help="a config file defining get_config(), e.g. configs/lm/tiny.py")
     ap.add_argument(
         "overrides", nargs="*", help="dotted key=value overrides, e.g. train.num_steps=100"
@@ -40,7 +40,7 @@ def bench_main(argv: list[str]) -> int:
 def plan_main(argv: list[str]) -> int:
     """``mlgen plan CONFIG [key=value ...] [--topology T] [--budget-gib G] [--json]``; exit 1
     when a problem is found."""
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="mlgen plan",
         description="Compile a run's train step ahead of time: memory, FLOPs, step time, problems.",
     )
@@ -56,6 +56,12 @@ def plan_main(argv: list[str]) -> int:
         help="count every layer of a scanned stack from 2- and 4-layer unrolled compiles",
     )
     a = ap.parse_intermixed_args(argv)
+    check(
+        a.budget_gib is None or a.budget_gib > 0,
+        "--budget-gib",
+        f"must be > 0 GiB, got {a.budget_gib}",
+        InputError,
+    )
     p = planner.plan(
         a.config,
         a.overrides,
@@ -78,20 +84,35 @@ COMMANDS = {
 }
 
 
-def run(command: str, argv: list[str], *, usage: str) -> int:
-    """Runs ``command``; a config error is one line on stderr and exit status 2; a run that
-    cannot go on (``mlgen.train.errors``) one line and its status (3: diverged)."""
+def run(command: str, argv: list[str], *, usage: str, debug: bool = False) -> int:
+    """Runs ``command``. A user error is one line on stderr and exit status 2:
+    ``mlgen: config error: <field>: ...`` for a config (``ConfigError``),
+    ``mlgen <command>: error: ...`` for a flag, workdir or file (``InputError``); a run that
+    cannot go on (``mlgen.train.errors``) one line and its status (3: diverged); ``debug``
+    re-raises either (the traceback)."""
     if command not in COMMANDS:
-        print(f"mlgen: unknown command {command!r}\n\n{usage}", file=sys.stderr)
+        del usage  # the commands are listed in one line; ``mlgen`` alone prints the usage
+        print(
+            f"mlgen: error: unknown command {command!r}; commands: {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     try:
         return COMMANDS[command](argv) or 0
     except RunError as e:
-        print(f"mlgen: {e}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"mlgen: {' '.join(str(e).split())}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # before training started (the trainer handles its own)
         print("mlgen: interrupted", file=sys.stderr)
         return 130
     except ConfigError as e:
-        print(f"mlgen: config error: {e}", file=sys.stderr)
+        if debug:
+            raise
+        line = " ".join(str(e).split())  # one line, whatever a message holds
+        if isinstance(e, InputError):
+            print(f"mlgen {command}: error: {line}", file=sys.stderr)
+        else:
+            print(f"mlgen: config error: {line}", file=sys.stderr)
         return 2

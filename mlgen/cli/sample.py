@@ -1,21 +1,61 @@
 """``mlgen sample WORKDIR`` and ``mlgen eval WORKDIR``: restore a diffusion run and sample
-from it."""
+from it.
+
+Every mistake is one line naming its flag, found before the weights are restored: the counts,
+the sampler settings (``--steps``, ``--guidance``, ``--eta`` are checked as the run's
+``objective.sampling`` would be: ``--steps`` in [1, max_steps]), ``--class`` (a conditional
+model's class), ``--out`` (a .png or .npz that can be written), the workdir (a diffusion run with
+a checkpoint; ``mlgen eval`` also writes ``WORKDIR/eval.json``, so it must be writable).
+"""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
-import sys
 
 import jax
 import numpy as np
+from etils import epath
 
 from mlgen import runs, sharding
+from mlgen.cli.args import Parser, at_least, output_file
+from mlgen.config import Config, ConfigError, InputError, check
 from mlgen.data.images import save_grid
+from mlgen.data.paths import unwritable
 from mlgen.evaluation.digits import scorer
+from mlgen.models.family import family_of
+from mlgen.objectives.diffusion import DiffusionObjectiveConfig, SamplerConfig
 from mlgen.samplers.diffusion import SAMPLERS, grid_labels, sample_model
 from mlgen.train.checkpoint import workdir_path
 from mlgen.train.trainer import TrainResult
+
+_FLAGS = {"steps": "--steps", "guidance": "--guidance", "eta": "--eta", "sampler": "--sampler"}
+
+
+def _diffusion_run(workdir: str, overrides, step: int | None) -> Config:
+    """The saved config of the diffusion run in ``workdir`` (InputError naming ``workdir`` for
+    a missing run or one of another kind)."""
+    cfg = runs.saved_config(workdir, overrides, step=step)
+    family = family_of(cfg.model)
+    check(
+        isinstance(cfg.objective, DiffusionObjectiveConfig),
+        "workdir",
+        f"{workdir!r} is a {cfg.task} run of a {family.name} {family.kind}, not a diffusion "
+        "model (mlgen generate samples language models)",
+        InputError,
+    )
+    return cfg
+
+
+def _sampler_overrides(scfg: SamplerConfig, **flags) -> dict:
+    """The flags given (not None), checked as the run's sampler config checks them."""
+    over = {k: v for k, v in flags.items() if v is not None}
+    try:
+        dataclasses.replace(scfg, **over).validate()
+    except ConfigError as e:
+        field, _, msg = str(e).partition(": ")
+        raise InputError(f"{_FLAGS.get(field, field)}: {msg}") from None
+    return over
 
 
 def _params(result: TrainResult, use_ema: bool):
@@ -25,9 +65,7 @@ def _params(result: TrainResult, use_ema: bool):
 
 def sample_main(argv: list[str]) -> int:
     """``mlgen sample WORKDIR --out grid.png|x.npz [...]``: sample images from a trained run."""
-    ap = argparse.ArgumentParser(
-        prog="mlgen sample", description="Sample images from a trained diffusion model."
-    )
+    ap = Parser(prog="mlgen sample", description="Sample images from a trained diffusion model.")
     ap.add_argument("workdir", help="a run's workdir (its checkpoints)")
     ap.add_argument(
         "--out",
@@ -47,16 +85,22 @@ def sample_main(argv: list[str]) -> int:
     ap.add_argument("--no-ema", action="store_true", help="use the raw parameters, not their EMA")
     ap.add_argument("overrides", nargs="*", help="config overrides for restoring, e.g. mesh.data=1")
     a = ap.parse_args(argv)
-
-    result = runs.restore(a.workdir, a.overrides, step=a.step)
-    cfg = result.config
+    at_least(a.num, 1, "--num")
+    output_file(a.out, "--out", (".png", ".npz"))
+    cfg = _diffusion_run(a.workdir, a.overrides, a.step)
     scfg = cfg.objective.sampling
+    overrides = _sampler_overrides(
+        scfg, sampler=a.sampler, steps=a.steps, guidance=a.guidance, eta=a.eta
+    )
     num_classes = cfg.model.num_classes
     if num_classes:
         if a.cls is not None:
-            if not 0 <= a.cls < num_classes:
-                print(f"mlgen sample: --class must be in [0, {num_classes})", file=sys.stderr)
-                return 2
+            check(
+                0 <= a.cls < num_classes,
+                "--class",
+                f"must be in [0, {num_classes}), got {a.cls}",
+                InputError,
+            )
             labels = np.full((a.num or scfg.per_class,), a.cls, np.int32)
         elif a.num is not None:
             labels = np.arange(a.num, dtype=np.int32) % num_classes
@@ -64,13 +108,12 @@ def sample_main(argv: list[str]) -> int:
             labels = grid_labels(num_classes, scfg.per_class)
         n = len(labels)
     else:
+        check(
+            a.cls is None, "--class", "the model is unconditional (model.num_classes=0)", InputError
+        )
         labels = None
         n = a.num or scfg.per_class * 10
-    overrides = {
-        k: v
-        for k, v in dict(sampler=a.sampler, steps=a.steps, guidance=a.guidance, eta=a.eta).items()
-        if v is not None
-    }
+    result = runs.restore(cfg, step=a.step)
     with sharding.use(result.mesh, result.rules):
         x = sample_model(
             result.graphdef,
@@ -85,6 +128,7 @@ def sample_main(argv: list[str]) -> int:
             **overrides,
         )
     images = np.asarray(jax.device_get(x))
+    epath.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     if a.out.endswith(".npz"):
         arrays = {"images": images}
         if labels is not None:
@@ -99,9 +143,7 @@ def sample_main(argv: list[str]) -> int:
 
 def eval_main(argv: list[str]) -> int:
     """``mlgen eval WORKDIR``: sample a digits diffusion run and score the samples."""
-    ap = argparse.ArgumentParser(
-        prog="mlgen eval", description="Score a digits diffusion model's samples."
-    )
+    ap = Parser(prog="mlgen eval", description="Score a digits diffusion model's samples.")
     ap.add_argument("workdir")
     ap.add_argument(
         "--num", type=int, default=1000, help="samples (spread evenly over the classes)"
@@ -115,18 +157,20 @@ def eval_main(argv: list[str]) -> int:
     ap.add_argument("--no-ema", action="store_true")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
-
-    result = runs.restore(a.workdir, a.overrides, step=a.step)
-    cfg = result.config
-    if getattr(cfg.data, "source", None) != "digits":
-        print("mlgen eval: only digits runs (data.source=digits) can be scored", file=sys.stderr)
-        return 2
+    at_least(a.num, 1, "--num")
+    at_least(a.batch, 1, "--batch")
+    cfg = _diffusion_run(a.workdir, a.overrides, a.step)
+    check(
+        cfg.data.source == "digits",
+        "workdir",
+        f"{a.workdir!r} trained on data.source={cfg.data.source!r}; only digits runs can be scored",
+        InputError,
+    )
+    why = unwritable(a.workdir)
+    check(why is None, "workdir", f"{a.workdir!r} {why} (eval writes eval.json there)", InputError)
     scfg = cfg.objective.sampling
-    over = {
-        k: v
-        for k, v in dict(sampler=a.sampler, steps=a.steps, guidance=a.guidance).items()
-        if v is not None
-    }
+    over = _sampler_overrides(scfg, sampler=a.sampler, steps=a.steps, guidance=a.guidance)
+    result = runs.restore(cfg, step=a.step)
     params = _params(result, scfg.use_ema and not a.no_ema)
     classes = cfg.model.num_classes
     labels = np.arange(a.num, dtype=np.int32) % classes if classes else None

@@ -37,6 +37,7 @@ from mlgen.data.pipeline import host_rows, host_shard, map_dataset, to_iter_data
 
 __all__ = [
     "ImageDataConfig",
+    "check_images",
     "class_names",
     "load_arrays",
     "make_image_data",
@@ -152,6 +153,14 @@ def _folder_items(path: str) -> list[tuple[str, int]]:
     if not items:
         raise ConfigError(f"path: no *.png files under {path!r}")
     return items
+
+
+def check_images(cfg: ImageDataConfig) -> None:
+    """Reads the folder source's listing before training: PNGs for both splits (ConfigError
+    ``path:``). The digits are bundled: nothing to check."""
+    if cfg.source == "folder":
+        n = len(_folder_items(cfg.path))
+        check(n >= 2, "path", f"{n} *.png file under {cfg.path!r}; need 2 (one per split)")
 
 
 def _split(n: int, val_fraction: float, split: str) -> np.ndarray:

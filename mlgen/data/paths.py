@@ -82,3 +82,29 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     tmp = epath.Path(f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.write_bytes(data)
     tmp.replace(dst)
+
+
+def unwritable(path: str | os.PathLike, *, kind: str = "directory") -> str | None:
+    """Why the local ``path`` (a ``kind``: ``"directory"`` or ``"file"``) cannot be written or
+    created here, in a few words (None if it can; remote paths are not checked). Nothing is
+    created: a missing path is judged by its nearest existing ancestor."""
+    if is_remote(path):
+        return None
+    target = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.exists(target):
+        if kind == "directory" and not os.path.isdir(target):
+            return "is a file, not a directory"
+        if kind == "file" and os.path.isdir(target):
+            return "is a directory"
+        folder = target if kind == "directory" else os.path.dirname(target)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return "is not writable" if folder == target else f"is in {folder!r}, not writable"
+        return None
+    ancestor = os.path.dirname(target)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        return f"cannot be created: {ancestor!r} is a file"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot be created: {ancestor!r} is not writable"
+    return None

@@ -41,6 +41,7 @@ __all__ = [
     "Document",
     "LMBatchIterator",
     "TextDataConfig",
+    "check_corpus",
     "get_tokenizer",
     "list_documents",
     "make_lm_data",
@@ -146,6 +147,47 @@ class TextDataConfig:
         check(self.max_docs >= 0, "max_docs", f"must be >= 0 (0 = all), got {self.max_docs}")
         check(self.max_docs != 1, "max_docs", "must be >= 2 (one document for each split), got 1")
         check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+
+
+def check_corpus(cfg: TextDataConfig, process_count: int | None = None) -> None:
+    """Reads the source before training: its files exist, split into train and validation with
+    a document for each of ``process_count`` hosts (default: the JAX processes), and the train
+    split holds text.
+
+    Raises:
+      ConfigError: ``paths:`` (or ``text_field:`` for a jsonl line without it) otherwise, e.g.
+        ``paths: the 3 files matching ['data/*.txt'] contain no text`` for empty files, which
+        would train on bos/eos tokens only.
+    """
+    hosts = jax.process_count() if process_count is None else process_count
+    docs = list_documents(cfg)
+    splits = {name: split_documents(cfg, name, docs) for name in ("train", "validation")}
+    for name, part in splits.items():
+        check(
+            len(part) >= hosts,
+            "paths",
+            f"the {name} split has {len(part)} documents, fewer than the {hosts} hosts",
+        )
+    if not any(_text(d, cfg.text_field) for d in splits["train"]):
+        what = "files" if cfg.source == "files" else "documents"
+        where = "" if cfg.source == "stdlib" else f" matching {list(cfg.paths)}"
+        check(
+            any(_text(d, cfg.text_field) for d in splits["validation"]),
+            "paths",
+            f"the {len(docs)} {what}{where} contain no text",
+        )
+        raise ConfigError(
+            f"paths: the {len(splits['train'])} {what} of the train split contain no text "
+            "(only validation documents do)"
+        )
+
+
+def _text(doc: Document, text_field: str) -> str:
+    try:
+        return read_document(doc, text_field)
+    except ValueError as e:  # a jsonl line that is no JSON object with the text field
+        field = "text_field" if "no field" in str(e) else "paths"
+        raise ConfigError(f"{field}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- tokenizer

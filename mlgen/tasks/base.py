@@ -35,6 +35,10 @@ class TaskSpec:
         (``ConfigError`` naming the field), after the shared ones.
       build: ``(config, family, mesh, rules) -> Task``.
       batch_axes: logical axes of batch keys the task adds to the family's.
+      check_data: ``(data config) -> None``: reads the data source before training (its files
+        exist and hold data; ``ConfigError`` naming the data field). ``mlgen.train`` runs it
+        before the workdir is created; ``Config.validate`` does not (``mlgen plan`` never reads
+        the data).
     """
 
     name: str
@@ -44,6 +48,7 @@ class TaskSpec:
     checks: Callable[[Config, Family, dict[str, int] | None], None]
     build: Callable[[Config, Family, Mesh, sharding.Rules], Task]
     batch_axes: dict[str, tuple] = dataclasses.field(default_factory=dict)
+    check_data: Callable[[object], None] | None = None
 
     def check(self, cfg: Config, mesh: dict[str, int] | None) -> None:
         """Every check of ``cfg`` for this task (``mesh``: axis sizes, when devices are known)."""

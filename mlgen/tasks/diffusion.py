@@ -20,7 +20,13 @@ from jax.sharding import Mesh
 
 from mlgen import sharding
 from mlgen.config import Config, check
-from mlgen.data.images import ImageDataConfig, make_image_data, num_classes, save_grid
+from mlgen.data.images import (
+    ImageDataConfig,
+    check_images,
+    make_image_data,
+    num_classes,
+    save_grid,
+)
 from mlgen.data.images import batch_spec as image_batch_spec
 from mlgen.data.paths import write_bytes_atomic
 from mlgen.models.family import Family
@@ -164,5 +170,6 @@ DIFFUSION = register(
         checks=_checks,
         build=_build,
         batch_axes={"images": ("batch", None, None, None), "labels": ("batch",)},
+        check_data=check_images,
     )
 )

@@ -8,7 +8,7 @@ from jax.sharding import Mesh
 
 from mlgen import sharding
 from mlgen.config import Config, check
-from mlgen.data.text import TextDataConfig, make_lm_data
+from mlgen.data.text import TextDataConfig, check_corpus, make_lm_data
 from mlgen.data.text import batch_spec as text_batch_spec
 from mlgen.models.family import Family
 from mlgen.objectives.lm import LMObjectiveConfig, make_loss
@@ -95,6 +95,7 @@ LM = register(
         data=TextDataConfig,
         checks=_checks,
         build=_build,
+        check_data=check_corpus,
         batch_axes={
             k: _TOKENS for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")
         },

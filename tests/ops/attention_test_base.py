@@ -28,6 +28,8 @@ CASES: dict[str, dict] = {
         B=1, T=33, S=33, N=2, K=1, causal=False, window=7, segments="docs"
     ),
     "bf16_causal_gqa2": dict(B=1, T=40, S=40, N=4, K=2, causal=True, dtype="bfloat16"),
+    # Between 64 and 128, no power of two: Pallas GPU's default blocks must fit (77 -> 128).
+    "causal_gqa2_t77": dict(B=1, T=77, S=77, N=2, K=1, causal=True),
 }
 
 

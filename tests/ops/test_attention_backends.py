@@ -36,6 +36,15 @@ class TestPallasGpuInterpret(AttentionTestBase):
     slow_cases = _PALLAS_SLOW
 
 
+class TestPallasGpuDefaultBlocks(AttentionTestBase):
+    """The backend's own default block sizes (``block_sizes.pallas_gpu_default``) at lengths that
+    are no power of two."""
+
+    backend = "pallas_gpu"
+    interpret = True
+    cases = ("causal_gqa2_t77", "cross_gqa2")
+
+
 class TestPallasTpuInterpret(AttentionTestBase):
     backend = "pallas_tpu"
     interpret = True

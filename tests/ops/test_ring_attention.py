@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from mlgen import ops
 from mlgen.ops.attention import BlockSizes, reference
+from mlgen.ops.attention import ring as ring_lib
 from mlgen.ops.attention.ring import _Ring, ring_attention
 from tests.ops.attention_test_base import fwd_and_grads, make_inputs
 
@@ -120,6 +121,32 @@ def test_cross_attention_with_replicated_kv(causal):
     kw = dict(causal=causal, segment_ids=seg)
     want = fwd_and_grads(lambda q, k, v: reference.attention(q, k, v, **kw), q, k, v, do)
     _check(want, _run(_mesh(4, 2), q, k, v, do, kv_sharded=False, **kw))
+
+
+@pytest.mark.parametrize("kv_sharded", [True, False], ids=["self", "cross-replicated-kv"])
+def test_eager_call_on_a_mesh_with_a_data_axis(kv_sharded):
+    """Outside ``jit``, on a (data, seq) mesh (a partial-manual ``shard_map``): values and
+    gradients, for inputs placed over both axes and for plain host arrays; a repeated eager
+    call reuses the compiled ring."""
+    S = 24 if kv_sharded else 32
+    q, k, v, do, seg = make_inputs(B=2, T=24, S=S, N=4, K=2, H=8, seed=7)
+    kw = dict(causal=True, segment_ids=seg)
+    want = fwd_and_grads(lambda q, k, v: reference.attention(q, k, v, **kw), q, k, v, do)
+    mesh = _mesh(4, 2)
+    sh = NamedSharding(mesh, P("data", "seq"))
+    kv_sh = sh if kv_sharded else NamedSharding(mesh, P("data"))
+    placed = (jax.device_put(q, sh), jax.device_put(k, kv_sh), jax.device_put(v, kv_sh))
+    for inputs in (placed, (np.asarray(q), np.asarray(k), np.asarray(v))):
+        with jax.set_mesh(mesh):
+            out, vjp = jax.vjp(
+                lambda q, k, v: ring_attention(q, k, v, block_sizes=BS, **kw), *inputs
+            )
+            grads = vjp(jax.device_put(do, sh))
+        _check(want, (out, *grads))
+    hits = ring_lib._sharded.cache_info().hits
+    with jax.set_mesh(mesh):
+        ring_attention(*placed, block_sizes=BS, **kw)
+    assert ring_lib._sharded.cache_info().hits > hits
 
 
 def test_attention_backend_ring_and_errors():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mlgen.ops.attention._common import round_up
+from mlgen.ops.attention._common import next_pow2, round_up
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,9 +53,13 @@ def blockwise_default(T: int, S: int, H: int) -> BlockSizes:
 
 def pallas_gpu_default(T: int, S: int, H: int) -> BlockSizes:
     # Triton-style tiles: 128x64 forward fits shared memory up to H=128; halve for H=256.
+    # The kernels take powers of two only (block iota ranges), so a short sequence gets the
+    # power of two that covers it (T=77: 128, not 80).
     bk = 64 if H <= 128 else 32
-    bs = BlockSizes(block_q=128, block_k=bk, block_q_bwd=64, block_k_bwd=64 if H <= 128 else 32)
-    return bs.clamp(T, S, multiple=16)
+    tq, tk = max(16, next_pow2(T)), max(16, next_pow2(S))
+    return BlockSizes(
+        block_q=min(128, tq), block_k=min(bk, tk), block_q_bwd=min(64, tq), block_k_bwd=min(bk, tk)
+    )
 
 
 def pallas_tpu_default(T: int, S: int, H: int) -> BlockSizes:

@@ -182,16 +182,8 @@ def ring_attention(
         raise ValueError(
             f"ring_attention: local_backend={local_backend!r} {why_not_kernel}; use 'blockwise'"
         )
-    extra = dict(interpret=interpret) if _LOCAL[local_backend].kernel else {}
-    local = functools.partial(
-        _LOCAL[local_backend].fwd,
-        causal=causal,
-        sliding_window=sliding_window,
-        scale=scale,
-        block_sizes=block_sizes,
-        **extra,
-    )
     if n == 1:
+        local = _local_call(local_backend, causal, sliding_window, scale, block_sizes, interpret)
         ids = None if q_ids is None else (q_ids, kv_ids)
         return local(q, k, v, segment_ids=ids)[0]
 
@@ -209,9 +201,37 @@ def ring_attention(
         block_sizes=block_sizes,
         interpret=bool(interpret),
     )
+    args = (q, k, v) + ((q_ids, kv_ids) if q_ids is not None else ())
+    return _sharded(mesh, cfg, kv_sharded, q_ids is not None, S - T)(*args)
+
+
+def _local_call(local_backend: str, causal, sliding_window, scale, block_sizes, interpret):
+    extra = dict(interpret=interpret) if _LOCAL[local_backend].kernel else {}
+    return functools.partial(
+        _LOCAL[local_backend].fwd,
+        causal=causal,
+        sliding_window=sliding_window,
+        scale=scale,
+        block_sizes=block_sizes,
+        **extra,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded(mesh, cfg: _Ring, kv_sharded: bool, has_ids: bool, q_offset: int) -> Callable:
+    """The ring as one jitted ``shard_map`` over ``cfg.axis`` (cached per static setting).
+
+    Under ``jit`` the inner jit is inlined. Called eagerly, a partial-manual ``shard_map`` (a
+    mesh with other axes besides ``cfg.axis``, e.g. ``data``) fails in JAX's eager path
+    ("out_specs refers to 'data'"); jitted it runs, and the cache keeps repeated eager calls
+    from compiling again.
+    """
+    axis, n, Tl = cfg.axis, cfg.n, cfg.chunk * cfg.chunks
+    local_backend, zigzag = cfg.local, cfg.chunks == 2
+    local = _local_call(
+        local_backend, cfg.causal, cfg.window, cfg.scale, cfg.block_sizes, cfg.interpret
+    )
     seq, rep = P(None, axis), P()
-    has_ids = q_ids is not None
-    args = (q, k, v) + ((q_ids, kv_ids) if has_ids else ())
     kv_spec = seq if kv_sharded else rep
     in_specs = (seq, kv_spec, kv_spec) + ((seq, kv_spec) if has_ids else ())
 
@@ -220,11 +240,9 @@ def ring_attention(
         if not kv_sharded:
             d = lax.axis_index(axis)
             pair = None if q_ids is None else (q_ids, kv_ids)
-            if not _LOCAL[
-                local_backend
-            ].traced_offset:  # non-causal (checked above): no offset needed
+            if not _LOCAL[local_backend].traced_offset:  # non-causal (checked): no offset needed
                 return local(q, k, v, segment_ids=pair)[0]
-            return local(q, k, v, segment_ids=pair, q_offset=S - T + d * Tl)[0]
+            return local(q, k, v, segment_ids=pair, q_offset=q_offset + d * Tl)[0]
         if zigzag:
             q, k, v, q_ids, kv_ids = (
                 None if x is None else _to_zigzag(x, axis, n) for x in (q, k, v, q_ids, kv_ids)
@@ -234,9 +252,11 @@ def ring_attention(
 
     # check_vma=False: the local backend's loops start from constants (not device-varying);
     # every collective here is explicit and the ring's gradient is our own custom_vjp.
-    return jax.shard_map(
-        body, mesh=mesh, in_specs=in_specs, out_specs=seq, axis_names={axis}, check_vma=False
-    )(*args)
+    return jax.jit(
+        jax.shard_map(
+            body, mesh=mesh, in_specs=in_specs, out_specs=seq, axis_names={axis}, check_vma=False
+        )
+    )
 
 
 def _why_not_static_offsets(causal: bool, sliding_window, kv_sharded: bool) -> str | None:

@@ -47,7 +47,7 @@ class Checkpoint(contextlib.AbstractContextManager):
             pickled = sorted(n for n in os.listdir(path) if n.endswith(_PICKLED))
             found = f"only pickled weights ({', '.join(pickled)})" if pickled else "no weights"
             raise ConvertError(
-                f"{path}: {found}, no {WEIGHTS} (mlgen reads safetensors only and never unpickles): "
+                f"{path}: {found}, no {WEIGHTS} (mlgen reads safetensors only, never unpickles): "
                 "convert them with transformers: AutoModelForCausalLM.from_pretrained(path)"
                 ".save_pretrained(path, safe_serialization=True)"
             )

@@ -7,7 +7,8 @@ the same logits. ``mlgen convert import-hf SRC WORKDIR`` / ``export-hf WORKDIR D
 for run directories.
 """
 
+from mlgen.convert.exporter import export_hf
 from mlgen.convert.importer import import_hf
 from mlgen.convert.layout import ARCHITECTURES, ConvertError
 
-__all__ = ["ARCHITECTURES", "ConvertError", "import_hf"]
+__all__ = ["ARCHITECTURES", "ConvertError", "export_hf", "import_hf"]

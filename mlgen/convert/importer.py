@@ -8,7 +8,6 @@ layer of a stacked weight), so no device, and no host buffer, ever holds a whole
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import flax
 import jax
@@ -36,27 +35,6 @@ def policy_for(dtype: str | None) -> Policy:
     return Policy(params=dtype, compute=dtype)
 
 
-def _flat(tree: dict, prefix: tuple[str, ...] = ()) -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, (*prefix, str(k))))
-        else:
-            out["/".join((*prefix, str(k)))] = v
-    return out
-
-
-def _nest(flat: dict[str, Any]) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        *parents, leaf = path.split("/")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
-
-
 def _gpt2_prefix(names: set[str]) -> str:
     return "transformer." if any(n.startswith("transformer.") for n in names) else ""
 
@@ -65,7 +43,7 @@ def load_params(path: str, arch: str, cfg: TransformerConfig, abstract: dict) ->
     """The parameters of ``cfg`` read from the checkpoint in ``path``, as ``abstract`` (a pure
     dict of ``jax.ShapeDtypeStruct``; with shardings: each device reads only its shard) gives
     them."""
-    flat = _flat(abstract)
+    flat = layout.flatten(abstract)
     with Checkpoint(path) as ckpt:
         prefix = _gpt2_prefix(ckpt.names) if arch == layout.GPT2 else ""
         srcs = layout.sources(cfg, arch, prefix)
@@ -97,7 +75,7 @@ def load_params(path: str, arch: str, cfg: TransformerConfig, abstract: dict) ->
                 return read(ckpt, src, shape, index, stacked=key.startswith("blocks/"), dtype=dtype)
 
             out[key] = jax.make_array_from_callback(shape, target, callback)
-    return _nest(out)
+    return layout.nest(out)
 
 
 def _active_mesh() -> Mesh | None:

@@ -126,6 +126,28 @@ def _gpt2(cfg: TransformerConfig, prefix: str) -> dict[str, Source]:
     return out
 
 
+def flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``{"a": {"b": x}}`` -> ``{"a/b": x}`` (mlgen parameter paths)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, (*prefix, str(k))))
+        else:
+            out["/".join((*prefix, str(k)))] = v
+    return out
+
+
+def nest(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        *parents, leaf = path.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
 def _unknown(arch: Any) -> str:
     return f"architectures: {arch!r} is not supported; mlgen converts {list(ARCHITECTURES)}"
 

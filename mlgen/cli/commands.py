@@ -7,6 +7,7 @@ import json
 import sys
 
 from mlgen import bench, planner, runs
+from mlgen.cli.convert import convert_main
 from mlgen.cli.generate import generate_main
 from mlgen.cli.sample import eval_main, sample_main
 from mlgen.config import ConfigError
@@ -75,6 +76,7 @@ COMMANDS = {
     "bench": bench_main,
     "plan": plan_main,
     "tokenizer": tokenizer_main,
+    "convert": convert_main,
 }
 
 

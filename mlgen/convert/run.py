@@ -9,7 +9,6 @@ on from it and ``mlgen plan WORKDIR`` plans it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil

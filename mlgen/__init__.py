@@ -7,12 +7,13 @@ The curated public API::
     run = mlgen.restore("/tmp/tiny")          # a trained run, onto the current devices
     mlgen.ops.attention(q, k, v, causal=True)  # every attention backend behind one call
     print(mlgen.plan("configs/lm/llama3_8b.py", topology="v5p:4x4x4").report())  # fits? how fast?
+    cfg, model = mlgen.convert.import_hf("path/to/hf-model")  # Llama, Mistral, Qwen2, GPT-2
 
 Importing mlgen registers the built-in model families (``mlgen.models``) and tasks
 (``mlgen.tasks``) by name.
 """
 
-from mlgen import config, ops, sharding
+from mlgen import config, convert, ops, sharding
 from mlgen.config import (
     Config,
     ConfigError,
@@ -41,6 +42,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "config",
+    "convert",
     "make_train_step",
     "ops",
     "plan",

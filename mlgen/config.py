@@ -620,9 +620,19 @@ def _run_config_file(path: Path) -> Config:
 
 
 def load(path_or_config: "str | Path | Config", overrides: typing.Iterable[str] = ()) -> Config:
-    """Loads a config file (or takes a Config), applies overrides, validates (no devices)."""
+    """Loads a config file (or takes a Config), applies overrides, validates (no devices).
+
+    A ``.json`` file is a run's saved config; a directory is a run directory (its
+    ``config.json``: ``mlgen train WORKDIR`` resumes it, ``mlgen plan WORKDIR`` plans it).
+    """
     if isinstance(path_or_config, Config):
         cfg = path_or_config
+    elif Path(path_or_config).is_dir() or Path(path_or_config).suffix == ".json":
+        path = Path(path_or_config)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise ConfigError(f"config: no such file {str(path)!r}")
+        cfg = load_json(path)
     else:
         path = Path(path_or_config)
         check(not path.is_dir(), "config", f"{str(path)!r} is a directory, not a config file")

@@ -1,4 +1,4 @@
-"""``mlgen`` command line: train | generate | sample | eval | bench | tokenizer.
+"""``mlgen`` command line: train | plan | generate | sample | eval | bench | tokenizer | convert.
 
 Global JAX settings (simulated CPU devices, platform, compilation cache, multi-host start) are
 set here and only here, before anything imports JAX: that is why the commands are imported
@@ -42,6 +42,8 @@ commands:
   eval WORKDIR                     score a digits diffusion model's samples
   bench NAME [flags]               benchmarks: train, generate, attention, ring, diffusion, peak
   tokenizer train --input GLOB ... train a sentencepiece tokenizer
+  convert import-hf SRC WORKDIR    a Hugging Face model (Llama, Mistral, Qwen2, GPT-2) as a run
+  convert export-hf WORKDIR DST    a run's transformer as a Hugging Face model directory
 
 global options (before the command):
   --debug                          show the Python traceback of a user error (a bad flag, config,

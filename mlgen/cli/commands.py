@@ -7,6 +7,7 @@ import sys
 
 from mlgen import bench, planner, runs
 from mlgen.cli.args import Parser
+from mlgen.cli.convert import convert_main
 from mlgen.cli.generate import generate_main
 from mlgen.cli.sample import eval_main, sample_main
 from mlgen.config import ConfigError, InputError, check
@@ -81,6 +82,7 @@ COMMANDS = {
     "bench": bench_main,
     "plan": plan_main,
     "tokenizer": tokenizer_main,
+    "convert": convert_main,
 }
 
 

@@ -33,6 +33,7 @@ from mlgen.config import ConfigError, check, register
 from mlgen.data.packing import LMBatchIterator
 from mlgen.data.paths import is_remote
 from mlgen.data.pipeline import host_rows, host_shard, map_dataset, to_iter_dataset, track
+from mlgen.data.pretrained import load_pretrained
 from mlgen.data.sources import Document, list_documents, read_document, split_documents, stdlib_root
 from mlgen.data.tokenizer import ByteTokenizer, Tokenizer
 
@@ -63,14 +64,17 @@ class TextDataConfig:
     ``tokenizer="byte"`` has ``vocab_size`` 256 (bos/eos/pad share the ASCII control codes
     STX/ETX/NUL) or 259 (three extra ids); ``bpe``/``unigram`` train a sentencepiece model of
     ``vocab_size`` pieces on the train split into ``WORKDIR/tokenizer.model`` unless
-    ``tokenizer_path`` names one. ``paths`` and ``tokenizer_path`` may be local or remote
+    ``tokenizer_path`` names one. ``pretrained``: a pretrained model's tokenizer
+    (``tokenizer.json`` or a sentencepiece ``tokenizer.model`` with its own special ids,
+    ``mlgen.data.pretrained``) in the directory ``tokenizer_path``, default the workdir (what
+    ``mlgen convert import-hf`` writes). ``paths`` and ``tokenizer_path`` may be local or remote
     (``gs://bucket/...``).
     """
 
     source: Literal["stdlib", "files", "jsonl"] = "stdlib"
     paths: tuple[str, ...] = ()
     text_field: str = "text"
-    tokenizer: Literal["byte", "bpe", "unigram"] = "byte"
+    tokenizer: Literal["byte", "bpe", "unigram", "pretrained"] = "byte"
     vocab_size: int = 256
     tokenizer_path: str = ""
     seq_len: int = 256
@@ -106,11 +110,13 @@ class TextDataConfig:
         if self.source == "jsonl":
             check(bool(self.text_field), "text_field", "must be non-empty for source='jsonl'")
         check(
-            self.tokenizer in ("byte", "bpe", "unigram"),
+            self.tokenizer in ("byte", "bpe", "unigram", "pretrained"),
             "tokenizer",
-            f"must be 'byte', 'bpe' or 'unigram', got {self.tokenizer!r}",
+            f"must be 'byte', 'bpe', 'unigram' or 'pretrained', got {self.tokenizer!r}",
         )
-        if self.tokenizer == "byte":
+        if self.tokenizer == "pretrained":
+            check(self.vocab_size > 0, "vocab_size", f"must be > 0, got {self.vocab_size}")
+        elif self.tokenizer == "byte":
             check(
                 self.vocab_size in (256, 259),
                 "vocab_size",
@@ -214,7 +220,14 @@ def get_tokenizer(cfg: TextDataConfig, workdir: str | None = None) -> Tokenizer:
     """
     if cfg.tokenizer == "byte":
         return ByteTokenizer(cfg.vocab_size)
-    if cfg.tokenizer_path:
+    if cfg.tokenizer == "pretrained":
+        check(
+            bool(cfg.tokenizer_path or workdir),
+            "data.tokenizer_path",
+            "tokenizer='pretrained' needs a directory (or a workdir holding the tokenizer)",
+        )
+        tok = load_pretrained(cfg.tokenizer_path or str(workdir))
+    elif cfg.tokenizer_path:
         check(
             epath.Path(cfg.tokenizer_path).is_file(),
             "data.tokenizer_path",

@@ -1,8 +1,10 @@
 """Decoder-only transformer language model.
 
 Supports:
-- the Llama flavour: RMSNorm, RoPE (configurable theta), SwiGLU, grouped-query attention,
-  no biases, untied embeddings by default;
+- the Llama flavour: RMSNorm, RoPE (configurable theta, Llama 3 frequency scaling),
+  SwiGLU, grouped-query attention, no biases (q/k/v biases as Qwen2 with ``qkv_bias``),
+  untied embeddings by default (tied with ``tie_embeddings``), sliding-window attention
+  (Mistral) with ``sliding_window``;
 - the GPT-2 flavour: LayerNorm, learned positions, GELU MLP, biases, tied embeddings;
 - layers stacked on a leading ``layers`` axis and run with a scan (compile time does not grow
   with depth), each block rematerialised by the run's policy (``mlgen.nn.policy``: ``none``,
@@ -33,6 +35,7 @@ from mlgen.nn.attention import KVCache, SelfAttention
 from mlgen.nn.core import Embed, LayerNorm, Linear, RMSNorm, dropout, normal_init, param
 from mlgen.nn.mlp import MLP
 from mlgen.nn.policy import Policy
+from mlgen.nn.rope import Llama3Scaling
 from mlgen.ops.attention import AttentionConfig
 from mlgen.sharding import constrain
 from mlgen.typing import Array, Float, Int
@@ -50,6 +53,15 @@ class TransformerConfig:
     mlp_dim: int = 0  # 0 = 4 * d_model (gpt2) or 8/3 * d_model rounded up to 64 (llama)
     max_len: int = 1024  # learned position table size (gpt2)
     rope_theta: float = 10000.0
+    # RoPE frequency scaling: "none" or "llama3" (Llama 3.1's long-context scaling, with the
+    # four rope_scaling_* parameters below; Hugging Face's ``rope_scaling`` dict).
+    rope_scaling: Literal["none", "llama3"] = "none"
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    qkv_bias: bool = False  # llama flavour: biases on the q/k/v projections (Qwen2); gpt2 has all
+    sliding_window: int = 0  # > 0: a token attends to the last this-many positions (Mistral)
     tie_embeddings: bool | None = None  # None = flavour default (gpt2 tied, llama untied)
     norm_eps: float = 1e-5
     dropout: float = 0.0
@@ -77,6 +89,17 @@ class TransformerConfig:
         if self.flavour == "gpt2":
             return 4 * self.d_model
         return -(-int(8 * self.d_model / 3) // 64) * 64
+
+    @property
+    def rope_scaler(self) -> Llama3Scaling | None:
+        if self.rope_scaling == "none":
+            return None
+        return Llama3Scaling(
+            factor=self.rope_scaling_factor,
+            low_freq_factor=self.rope_low_freq_factor,
+            high_freq_factor=self.rope_high_freq_factor,
+            original_max_len=self.rope_original_max_len,
+        )
 
     @property
     def tied(self) -> bool:
@@ -109,6 +132,38 @@ class TransformerConfig:
         )
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        check(
+            self.rope_scaling in ("none", "llama3"),
+            "rope_scaling",
+            f"must be 'none' or 'llama3', got {self.rope_scaling!r}",
+        )
+        if self.rope_scaling == "llama3":
+            check(
+                self.flavour == "llama",
+                "rope_scaling",
+                "gpt2 has learned positions, no RoPE",
+            )
+            check(
+                self.rope_scaling_factor > 0,
+                "rope_scaling_factor",
+                f"must be > 0, got {self.rope_scaling_factor}",
+            )
+            check(
+                self.rope_high_freq_factor > self.rope_low_freq_factor,
+                "rope_high_freq_factor",
+                f"must be > rope_low_freq_factor={self.rope_low_freq_factor}, "
+                f"got {self.rope_high_freq_factor}",
+            )
+            check(
+                self.rope_original_max_len > 0,
+                "rope_original_max_len",
+                f"must be > 0, got {self.rope_original_max_len}",
+            )
+        check(
+            self.sliding_window >= 0,
+            "sliding_window",
+            f"must be >= 0 (0 = none), got {self.sliding_window}",
+        )
         prefixed("attention", self.attention.validate)
 
     @property
@@ -131,7 +186,10 @@ class Block(nnx.Module):
             cfg.kv_heads,
             cfg.head_size,
             use_bias=gpt2,
+            qkv_bias=gpt2 or cfg.qkv_bias,
             rope_theta=None if gpt2 else cfg.rope_theta,
+            rope_scaling=None if gpt2 else cfg.rope_scaler,
+            sliding_window=cfg.sliding_window or None,
             attention=cfg.attention,
             dtype=dtype,
             param_dtype=pdtype,

@@ -1,5 +1,5 @@
-"""Multi-head self-attention (GQA, optional RoPE) over ``mlgen.ops.attention``,
-with its own KV cache."""
+"""Multi-head self-attention (GQA, optional RoPE, optional sliding window) over
+``mlgen.ops.attention``, with its own KV cache."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from flax import nnx
 
 from mlgen import ops
 from mlgen.nn.core import Linear
-from mlgen.nn.rope import apply_rope
+from mlgen.nn.rope import Llama3Scaling, apply_rope
 from mlgen.ops.attention import AttentionConfig
 from mlgen.sharding import constrain
 from mlgen.typing import Array, Float, Int
@@ -55,7 +55,10 @@ class SelfAttention(nnx.Module):
         head_dim: int,
         *,
         use_bias: bool = False,
+        qkv_bias: bool | None = None,
         rope_theta: float | None = 10000.0,
+        rope_scaling: Llama3Scaling | None = None,
+        sliding_window: int | None = None,
         attention: AttentionConfig | None = None,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
@@ -66,7 +69,8 @@ class SelfAttention(nnx.Module):
                 f"SelfAttention: num_heads={num_heads} is not a multiple of "
                 f"num_kv_heads={num_kv_heads}"
             )
-        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        qkv_bias = use_bias if qkv_bias is None else qkv_bias
+        kw = dict(use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q = Linear(
             d_model,
             (num_heads, head_dim),
@@ -93,9 +97,10 @@ class SelfAttention(nnx.Module):
             d_model,
             in_names=("heads", "head_dim"),
             out_names=("embed",),
-            **kw,
+            **{**kw, "use_bias": use_bias},
         )
-        self.rope_theta = rope_theta
+        self.rope_theta, self.rope_scaling = rope_theta, rope_scaling
+        self.sliding_window = sliding_window
         self.attention = attention or AttentionConfig()
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
 
@@ -104,8 +109,8 @@ class SelfAttention(nnx.Module):
         k = constrain(self.k(x), ("batch", "length", "act_kv_heads", None))
         v = constrain(self.v(x), ("batch", "length", "act_kv_heads", None))
         if self.rope_theta is not None:
-            q = apply_rope(q, positions, theta=self.rope_theta)
-            k = apply_rope(k, positions, theta=self.rope_theta)
+            q = apply_rope(q, positions, theta=self.rope_theta, scaling=self.rope_scaling)
+            k = apply_rope(k, positions, theta=self.rope_theta, scaling=self.rope_scaling)
         return q, k, v
 
     def __call__(
@@ -118,7 +123,15 @@ class SelfAttention(nnx.Module):
     ) -> Float[Array, "B T D"]:
         """x ``[B, T, D]``; positions ``[B, T]`` (RoPE; may be None without it)."""
         q, k, v = self._qkv(x, positions)
-        out = ops.attention(q, k, v, causal=causal, segment_ids=segment_ids, config=self.attention)
+        out = ops.attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            segment_ids=segment_ids,
+            sliding_window=self.sliding_window,
+            config=self.attention,
+        )
         return self.o(constrain(out, ("batch", "length", "act_heads", None)))
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
@@ -135,7 +148,7 @@ class SelfAttention(nnx.Module):
         """
         q, k, v = self._qkv(x, jnp.maximum(positions, 0))
         cache = _write(cache, k, v, (positions >= 0).astype(jnp.int32))
-        out = _cached_attention(q, cache)
+        out = _cached_attention(q, cache, self.sliding_window)
         return self.o(constrain(out, ("batch", "length", "act_heads", None))), cache
 
 
@@ -150,15 +163,18 @@ def _write(cache: KVCache, k, v, ids) -> KVCache:
     )
 
 
-def _cached_attention(q, cache: KVCache):
+def _cached_attention(q, cache: KVCache, sliding_window: int | None = None):
     """New queries at slots ``index - T .. index - 1`` attend to real cache slots
-    up to their own."""
+    up to their own (and less than ``sliding_window`` slots back, when set: prompts are
+    left-padded, so slot distances between real tokens are position distances)."""
     B, T, N, H = q.shape
     K, S = cache.k.shape[1], cache.k.shape[2]
     q_slot = cache.index - T + jnp.arange(T)
     visible = (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & (
         cache.kv_ids[:, None, :] != 0
     )  # [B, T, S]
+    if sliding_window is not None:
+        visible = visible & (q_slot[:, None] - jnp.arange(S)[None, :] < sliding_window)[None]
     qg = q.reshape(B, T, K, N // K, H)
     logits = (
         jnp.einsum(

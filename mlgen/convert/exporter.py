@@ -1,0 +1,77 @@
+"""``export_hf``: mlgen's transformer -> a Hugging Face model directory (``config.json`` +
+``model.safetensors``) that ``transformers.AutoModelForCausalLM.from_pretrained`` loads."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from mlgen.convert import layout
+from mlgen.convert.reader import WEIGHTS
+from mlgen.models.transformer import Transformer, TransformerConfig
+
+
+def _to_tensor(src: layout.Source, value: np.ndarray, out: np.ndarray) -> None:
+    """Writes one layer's mlgen ``value`` into its checkpoint tensor ``out``."""
+    order = [d for g in src.groups for d in g]
+    block = value.transpose(order).reshape(
+        [int(np.prod([value.shape[d] for d in g])) for g in src.groups]
+    )
+    where = [slice(None)] * out.ndim
+    if src.offset is not None:
+        dim, start, _ = src.offset
+        where[dim] = slice(start, start + block.shape[dim])
+    out[tuple(where)] = block
+
+
+def hf_tensors(cfg: TransformerConfig, params: dict) -> dict[str, np.ndarray]:
+    """Checkpoint name -> tensor of mlgen ``params`` (a pure dict; gathered to the host one
+    parameter at a time)."""
+    arch = layout.export_architecture(cfg)
+    srcs = layout.sources(cfg, arch, "transformer." if arch == layout.GPT2 else "")
+    flat = layout.flatten(params)
+    out: dict[str, np.ndarray] = {}
+    for key, src in srcs.items():
+        value = np.asarray(jax.device_get(flat[key]))
+        stacked = key.startswith("blocks/")
+        layers = value if stacked else value[None]
+        for i, each in enumerate(layers):
+            name = src.name.format(i=i)
+            if name not in out:
+                out[name] = np.zeros(src.tensor_shape(each.shape), each.dtype)
+            _to_tensor(src, each, out[name])
+    return out
+
+
+def export_hf(model_config: TransformerConfig, model: Transformer | dict, path: str | os.PathLike):
+    """Writes ``config.json`` and ``model.safetensors`` of ``model`` into the directory ``path``.
+
+    Args:
+      model_config: the model's config: llama flavour exports as ``LlamaForCausalLM``
+        (``MistralForCausalLM`` with a sliding window, ``Qwen2ForCausalLM`` with q/k/v biases),
+        gpt2 as ``GPT2LMHeadModel``.
+      model: the module, or its parameters as a pure dict (``nnx.to_pure_dict``).
+      path: the output directory (created).
+
+    Raises:
+      ConvertError: a model that no supported Hugging Face class can hold (one line).
+    """
+    path = os.fspath(path)
+    params = (
+        nnx.to_pure_dict(nnx.state(model, nnx.Param)) if isinstance(model, nnx.Module) else model
+    )
+    tensors = hf_tensors(model_config, params)
+    dtypes = {t.dtype for t in tensors.values()}
+    dtype = "bfloat16" if dtypes == {np.dtype(jnp.bfloat16)} else "float32"
+    if dtype == "float32":
+        tensors = {k: v.astype(np.float32) for k, v in tensors.items()}
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(layout.to_hf(model_config, dtype), f, indent=2, sort_keys=True)

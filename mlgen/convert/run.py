@@ -1,0 +1,113 @@
+"""Run directories from Hugging Face models and back (``mlgen convert import-hf | export-hf``).
+
+:func:`import_run` writes exactly what ``mlgen train`` leaves in a workdir: ``config.json``
+(an ``lm`` task whose data use the model's own tokenizer, ``data.tokenizer="pretrained"``), a
+step-0 checkpoint of the full train state (the imported parameters, fresh optimizer state)
+and the tokenizer. ``mlgen generate WORKDIR`` samples from it, ``mlgen train WORKDIR`` trains
+on from it and ``mlgen plan WORKDIR`` plans it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+
+import jax
+
+from mlgen import config as config_lib
+from mlgen import runs, sharding
+from mlgen.config import Config, PrecisionConfig
+from mlgen.convert import layout
+from mlgen.convert.exporter import export_hf
+from mlgen.convert.importer import load_params, policy_for
+from mlgen.convert.layout import ConvertError
+from mlgen.convert.reader import read_config
+from mlgen.data.pretrained import HF_TOKENIZER, SP_TOKENIZER, SPECIALS, has_pretrained
+from mlgen.data.pretrained import load_pretrained as load_tokenizer
+from mlgen.data.text import TextDataConfig
+from mlgen.models.transformer import TransformerConfig
+from mlgen.objectives.lm import LMObjectiveConfig
+from mlgen.train.checkpoint import Checkpointer
+from mlgen.train.trainer import saved_config
+
+_TOKENIZER_FILES = (HF_TOKENIZER, SP_TOKENIZER, "tokenizer_config.json")
+
+
+def import_run(
+    src: str, workdir: str, *, dtype: str | None = None, overrides: Iterable[str] = ()
+) -> Config:
+    """Writes the run directory ``workdir`` of the Hugging Face model in ``src``.
+
+    Args:
+      src: a model directory (``config.json``, safetensors weights, ``tokenizer.json`` or
+        ``tokenizer.model``).
+      workdir: the new run directory (must hold no checkpoint yet).
+      dtype: the run's parameter / compute dtype (default float32).
+      overrides: ``key=value`` changes to the run's config (``data.seq_len=512``, ``mesh.fsdp=8``).
+
+    Returns:
+      The run's config.
+    """
+    arch, model_cfg = layout.to_mlgen(read_config(src))
+    if not has_pretrained(src):
+        raise ConvertError(
+            f"{src}: no {HF_TOKENIZER} or {SP_TOKENIZER}; a run directory needs the tokenizer"
+        )
+    tok = load_tokenizer(src)
+    policy = policy_for(dtype)
+    cfg = Config(
+        task="lm",
+        workdir=os.fspath(workdir),
+        model=model_cfg,
+        data=TextDataConfig(
+            tokenizer="pretrained",
+            vocab_size=model_cfg.vocab_size,
+            seq_len=min(1024, model_cfg.max_len),
+            add_bos=arch != layout.GPT2,
+        ),
+        objective=LMObjectiveConfig(),
+        precision=PrecisionConfig(params=policy.params, compute=policy.compute),
+    )
+    cfg = config_lib.load(cfg, overrides)
+    ckpt = Checkpointer(cfg.workdir, async_save=False)
+    try:
+        if ckpt.latest_step() is not None:
+            raise ConvertError(
+                f"workdir: {cfg.workdir} already holds checkpoints; import into a new directory"
+            )
+        for name in _TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copyfile(os.path.join(src, name), os.path.join(cfg.workdir, name))
+        with open(os.path.join(cfg.workdir, SPECIALS), "w") as f:
+            json.dump({"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}, f)
+        s = runs.setup(cfg, abstract=True)
+        with sharding.use(s.mesh, s.rules):
+            params = load_params(src, arch, model_cfg, s.state["params"])
+            state = jax.jit(s.train_step.init, out_shardings=s.state_shardings)(params, {})
+        ckpt.save(0, state, config=cfg, force=True)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    if jax.process_index() == 0:
+        config_lib.save_json(cfg, os.path.join(cfg.workdir, "config.json"))
+    return cfg
+
+
+def export_run(workdir: str, dst: str, *, step: int | None = None, ema: bool = True) -> None:
+    """Writes a run's model (latest or ``step`` checkpoint; its EMA, if it has one and ``ema``)
+    as a Hugging Face model directory ``dst``, with the run's pretrained tokenizer files."""
+    saved = saved_config(workdir, step)
+    if not isinstance(saved.model, TransformerConfig):
+        raise ConvertError(
+            f"model: {type(saved.model).__qualname__} has no Hugging Face export "
+            "(mlgen exports its transformer)"
+        )
+    result = runs.restore(workdir, step=step)
+    state = result.state
+    params = state["ema"] if ema and "ema" in state else state["params"]
+    export_hf(result.config.model, params, dst)
+    for name in (*_TOKENIZER_FILES, SPECIALS):
+        if os.path.isfile(os.path.join(workdir, name)):
+            shutil.copyfile(os.path.join(workdir, name), os.path.join(dst, name))

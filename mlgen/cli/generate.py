@@ -19,6 +19,7 @@ from etils import epath
 from mlgen import runs, sharding
 from mlgen.cli.args import Parser, at_least
 from mlgen.config import Config, InputError, check
+from mlgen.data.pretrained import HF_TOKENIZER, SP_TOKENIZER
 from mlgen.data.text import TOKENIZER_FILENAME, TextDataConfig, get_tokenizer
 from mlgen.models.family import family_of
 from mlgen.samplers.lm import Sampling, best_of_n, candidates, generate, max_length
@@ -89,11 +90,13 @@ def _check_run(cfg: Config, workdir: str) -> None:
     )
     d = cfg.data
     if d.tokenizer != "byte" and not d.tokenizer_path:
-        path = epath.Path(workdir) / TOKENIZER_FILENAME
+        names = (
+            (HF_TOKENIZER, SP_TOKENIZER) if d.tokenizer == "pretrained" else (TOKENIZER_FILENAME,)
+        )
         check(
-            path.is_file(),
+            any((epath.Path(workdir) / name).is_file() for name in names),
             "workdir",
-            f"{workdir!r} has no {TOKENIZER_FILENAME} (the run's trained {d.tokenizer} tokenizer)",
+            f"{workdir!r} has no {' or '.join(names)} (the run's {d.tokenizer} tokenizer)",
             InputError,
         )
 

@@ -1,9 +1,7 @@
 """Tiny random Hugging Face models, built offline by transformers itself (2 layers, width 64,
-vocab 128, float32), saved as safetensors."""
+vocab 128, float32), saved as safetensors. Needs torch (the 3.11 CI leg; see
+tests/convert/__init__.py)."""
 
-import json
-
-import tokenizers
 import torch
 from transformers import (
     GPT2Config,
@@ -16,7 +14,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-VOCAB = 128
+from tests.convert.tokenizer_files import TEXT, VOCAB, write_tokenizer  # noqa: F401
+
 _COMMON = dict(
     vocab_size=VOCAB,
     hidden_size=64,
@@ -79,26 +78,3 @@ def save(name: str, path, **kw):
     model = build(name)
     model.save_pretrained(path, safe_serialization=True, **kw)
     return model
-
-
-TEXT = [
-    "def hello(world):\n    return world + 1\n",
-    "the quick brown fox jumps over the lazy dog\n",
-    "añadir ünïcode ✓ and tabs\there\n",
-] * 20
-
-
-def write_tokenizer(path, vocab_size: int = VOCAB) -> tokenizers.Tokenizer:
-    """A byte-level BPE ``tokenizer.json`` trained on TEXT, with ``tokenizer_config.json``
-    naming its specials (ids 0, 1, 2: pad, bos, eos, as the models above)."""
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False
-    )
-    tok.train_from_iterator(TEXT, trainer)
-    tok.save(str(path / "tokenizer.json"))
-    specials = {"pad_token": "<pad>", "bos_token": {"content": "<s>"}, "eos_token": "</s>"}
-    (path / "tokenizer_config.json").write_text(json.dumps(specials))
-    return tok

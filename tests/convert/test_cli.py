@@ -1,8 +1,13 @@
 """``mlgen convert import-hf SRC WORKDIR`` -> a run directory that ``mlgen generate`` samples
 from (greedy: transformers' tokens) and training resumes from; ``export-hf`` back."""
+# ruff: noqa: E402  (torch through importorskip before the imports that need it)
 
 import numpy as np
-import torch
+import pytest
+
+from tests.convert import NO_TORCH
+
+torch = pytest.importorskip("torch", reason=NO_TORCH)
 from transformers import AutoModelForCausalLM
 
 from mlgen import config as config_lib

@@ -1,13 +1,17 @@
 """Hugging Face import / export against transformers itself (tiny random float32 models)."""
+# ruff: noqa: E402  (torch through importorskip before the imports that need it)
 
 import json
 import os
 
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
+
+from tests.convert import NO_TORCH
+
+torch = pytest.importorskip("torch", reason=NO_TORCH)
 from transformers import AutoModelForCausalLM
 
 from mlgen import sharding

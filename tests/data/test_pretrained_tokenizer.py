@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from mlgen.config import ConfigError
 from mlgen.data.pretrained import HFTokenizer, PretrainedSentencePieceTokenizer, load_pretrained
-from tests.convert.hf_models import TEXT, write_tokenizer
+from tests.convert.tokenizer_files import TEXT, write_tokenizer
 
 SAMPLES = ["hello world", "def f(x):\n\treturn x  + ✓", "the lazy añadir"]  # chars of TEXT
 

@@ -263,9 +263,19 @@ class TrainConfig:
     # A step whose loss or gradient is not finite is skipped (the state is kept); after this
     # many in a row the run stops. >= 1: skipping forever would burn the compute silently.
     max_bad_steps: int = 10
+    # Several processes: steps between their agreement on a stop signal (SIGTERM on some
+    # hosts), a collective that waits for the step before it; one process checks every step.
+    preemption_sync_every: int = 10
 
     def validate(self) -> None:
-        _positive(self, "num_steps", "log_every", "checkpoint_every", "keep_checkpoints")
+        _positive(
+            self,
+            "num_steps",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "preemption_sync_every",
+        )
         check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         check(self.eval_steps >= 0, "eval_steps", f"must be >= 0, got {self.eval_steps}")
         check(self.sample_every >= 0, "sample_every", f"must be >= 0, got {self.sample_every}")

@@ -7,10 +7,11 @@ orbax writes each checkpoint into a temporary directory that it renames when com
 previous checkpoint is left as it was. The previous handlers come back on exit.
 
 With several processes a signal may reach only some of them, or each at another step: every
-``SYNC_EVERY`` steps (and at the last), all processes share their flags (one tiny collective,
-``distributed.any_process``), so all stop after the same step and join the same save. Not
-every step: the collective waits for the step before it, which would stop the host from
-queueing the next step while the devices run this one. One process checks every step.
+``train.preemption_sync_every`` steps (default 10) and at the last, all processes share their
+flags (one tiny collective, ``distributed.any_process``), so all stop after the same step and
+join the same save. Not every step: the collective waits for the step before it, which would
+stop the host from queueing the next step while the devices run this one. One process checks
+every step.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import jax
 from mlgen import distributed
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-SYNC_EVERY = 10  # steps between the processes' agreement (a TPU's preemption notice is ~30 s)
 
 
 class Preemption:
@@ -69,10 +69,10 @@ class Preemption:
             else "another process's signal"
         )
 
-    def requested(self, step: int, last: bool = False) -> bool:
+    def requested(self, step: int, last: bool = False, every: int = 10) -> bool:
         """Whether any process was signalled, asked after ``step``: the same answer on all.
-        With several processes only every ``SYNC_EVERY`` steps or at the ``last`` one (False
-        in between), since it is a collective every process must join at the same step."""
-        if jax.process_count() > 1 and not (last or step % SYNC_EVERY == 0):
+        With several processes only every ``every`` steps or at the ``last`` one (False in
+        between), since it is a collective every process must join at the same step."""
+        if jax.process_count() > 1 and not (last or step % every == 0):
             return False
         return distributed.any_process(self.signum is not None)

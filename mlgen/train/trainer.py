@@ -419,7 +419,7 @@ def _fit(s: Setup, workdir: epath.Path, preemption: Preemption) -> TrainResult:
                 steps_since += 1
                 done = step + 1
                 is_last = done == tc.num_steps
-                stopped = preemption.requested(done, is_last)  # the same answer on all processes
+                stopped = preemption.requested(done, is_last, tc.preemption_sync_every)
                 is_log = done % tc.log_every == 0 or is_last or stopped
                 is_ckpt = done % tc.checkpoint_every == 0 or is_last or stopped
                 streak.push(done, metrics)

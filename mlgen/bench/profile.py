@@ -21,7 +21,7 @@ from etils import epath
 # A category per op: the first rule whose pattern is in the op's HLO (its own line and, for a
 # fusion, the body it calls) wins; the order matters (a fusion with a dot in it is a matmul).
 _RULES = (
-    ("matmul", (" dot(", " convolution(", "__onednn", "ynn_fusion", "xnn_fusion")),
+    ("matmul", (" dot(", " convolution(", "__onednn", "ynn_fusion", "xnn_fusion")),  # + names
     ("scatter (embedding / index gradients)", (" scatter(",)),
     ("gather", (" gather(",)),
     ("transpose (physical copy)", (" transpose(",)),
@@ -45,7 +45,7 @@ class OpGroup:
 def _hlo_index(hlo_text: str) -> Callable[[str], str]:
     bodies = {
         m.group(1): m.group(2)
-        for m in re.finditer(r"^%?([\w.\-]+) \(.*?\{\n(.*?)\n\}", hlo_text, re.S | re.M)
+        for m in re.finditer(r"^%?([\w.\-]+) \([^\n]*\{\n(.*?)\n\}", hlo_text, re.S | re.M)
     }
     lines = {}
     for line in hlo_text.splitlines():
@@ -57,15 +57,15 @@ def _hlo_index(hlo_text: str) -> Callable[[str], str]:
     def category(op: str) -> str:
         if op not in cache:
             line = lines.get(op)
-            if line is None or any(c in line for c in _CONTAINERS):
+            opcode = re.search(r" = .*?\b([a-z][\w\-]*)\(", line) if line else None
+            if opcode is None or f" {opcode.group(1)}(" in _CONTAINERS:
                 cache[op] = ""  # a runtime span, or a loop containing ops counted themselves
             else:
+                # The op's own name and opcode and, for a fusion, the body it calls; not its
+                # operands (a copy of a dot's output is no matmul).
                 called = re.search(r"calls=%([\w.\-]+)", line)
-                text = (
-                    op
-                    + " "
-                    + line.split(" = ", 1)[1]
-                    + (bodies.get(called.group(1), "") if called else "")
+                text = f"{op} {opcode.group(1)}(" + (
+                    bodies.get(called.group(1), "") if called else ""
                 )
                 cache[op] = next(
                     (name for name, pats in _RULES if any(p in text for p in pats)), "elementwise"

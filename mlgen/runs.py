@@ -78,7 +78,7 @@ def train(
     spec = config_lib.task_spec(cfg.task)
     if spec.check_data is not None:
         prefixed("data", spec.check_data, cfg.data)
-    kind = init_from.check_source(cfg)
+    kind = init_from.check_source(cfg) if cfg.init_from else None
     s = setup(cfg, devices=devices)
     if kind is not None:
         log.info("%s", init_from.describe(cfg, kind))

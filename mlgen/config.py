@@ -337,6 +337,10 @@ class Config:
     ``remat`` apply to whichever model is trained; ``remat`` is one of ``REMATS``:
     ``none``, ``full`` (recompute each block), ``dots`` (keep matmul outputs), ``dots_no_batch``
     (keep those without batch dimensions), ``offload`` (those, in host memory).
+
+    ``init_from`` (fine-tuning): a run directory or a Hugging Face model directory whose
+    weights a new run starts from (``mlgen.init_from``); used only while the workdir holds no
+    checkpoint of its own.
     """
 
     task: str = "lm"
@@ -350,6 +354,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
     remat: Remat = "none"
+    init_from: str = ""
 
     def validate(self, num_devices: int | None = None) -> "Config":
         """Checks every section, then the task's cross-section checks (against the mesh's

@@ -17,7 +17,7 @@ from etils import epath
 import mlgen.models  # noqa: F401  (registers the built-in model families)
 import mlgen.tasks  # noqa: F401  (registers the built-in tasks)
 from mlgen import config as config_lib
-from mlgen import sharding
+from mlgen import init_from, sharding
 from mlgen.config import InputError, check, prefixed
 from mlgen.data.paths import unwritable
 from mlgen.models.family import family_of
@@ -25,7 +25,7 @@ from mlgen.nn.policy import check_remat_devices
 from mlgen.tasks.base import rules_for
 from mlgen.train import trainer
 from mlgen.train.task import Task
-from mlgen.train.trainer import Setup, TrainResult
+from mlgen.train.trainer import Setup, TrainResult, log
 
 
 def build_task(cfg: config_lib.Config, mesh) -> tuple[Task, sharding.Rules]:
@@ -63,8 +63,9 @@ def train(
     """Trains (or resumes) the run described by ``config`` (a Config or a config file path).
 
     Everything a mistake could be found in is checked before the workdir is created: the
-    config (against the devices too), the workdir itself, and the data source (its files
-    exist and hold text, ``TaskSpec.check_data``).
+    config (against the devices too), the workdir itself, the data source (its files
+    exist and hold text, ``TaskSpec.check_data``) and, for a new run with ``init_from``, the
+    source directory and its model config (:mod:`mlgen.init_from`).
 
     Example (a notebook)::
 
@@ -77,7 +78,12 @@ def train(
     spec = config_lib.task_spec(cfg.task)
     if spec.check_data is not None:
         prefixed("data", spec.check_data, cfg.data)
-    return trainer.fit(setup(cfg, devices=devices))
+    kind = init_from.check_source(cfg) if cfg.init_from else None
+    s = setup(cfg, devices=devices)
+    if kind is not None:
+        log.info("%s", init_from.describe(cfg, kind))
+        s = dataclasses.replace(s, state=init_from.initial_state(s, kind))
+    return trainer.fit(s)
 
 
 def saved_steps(workdir: str | os.PathLike) -> list[int]:

@@ -263,7 +263,7 @@ class Checkpointer:
             return
         way_out = (
             "the checkpoint's state does not fit this config: train in a new workdir "
-            "(or start from its weights with init_from=, once mlgen has it)"
+            "(or start a new run from its weights: init_from=WORKDIR)"
         )
         rest = differences(saved, config) if saved and config else []
         rest = [d for d in rest if d[0] != "workdir" and not d[0].startswith("model")]

@@ -1,4 +1,5 @@
-"""``mlgen train`` on two processes is the run on one: same losses, one metrics log, resume.
+"""``mlgen train`` on two processes is the run on one: same losses, one metrics log, a stop
+signal to one process stopping both at the same step, resume.
 
 Two real processes on localhost (4 CPU devices each, gloo collectives) form one 8-device JAX
 world through the CLI's ``--coordinator/--num-processes/--process-id``, the stand-in for two
@@ -73,11 +74,14 @@ def _env() -> dict:
     return env
 
 
-def _mlgen(logs: Path, argvs: list[list[str]], timeout_s: float) -> list[tuple[int, str, str]]:
+def _mlgen(
+    logs: Path, argvs: list[list[str]], timeout_s: float, poke=None
+) -> list[tuple[int, str, str]]:
     """Runs ``python -m mlgen ARGV`` for each argv at once; (rc, stdout, stderr) of each.
 
-    A child still running after ``timeout_s`` (a hang at a barrier) fails the test: its whole
-    process group is killed.
+    ``poke(procs)``, if given, is called every 20 ms while they run until it returns True (e.g.
+    to signal one of them). A child still running after ``timeout_s`` (a hang at a barrier)
+    fails the test: its whole process group is killed.
     """
     logs.mkdir(parents=True, exist_ok=True)
     procs, files = [], []
@@ -98,6 +102,10 @@ def _mlgen(logs: Path, argvs: list[list[str]], timeout_s: float) -> list[tuple[i
                         start_new_session=True,  # its own process group, killed as one
                     )
                 )
+        while poke is not None and time.monotonic() < deadline:
+            if poke(procs) or all(p.poll() is not None for p in procs):
+                break
+            time.sleep(0.02)
         for p in procs:
             try:
                 p.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -169,44 +177,69 @@ def _passes(data: str) -> list[int]:
     ]
 
 
-def test_two_processes_train_and_resume_as_one(tmp_path):
+def test_two_processes_train_stop_on_one_signal_and_resume_as_one(tmp_path):
+    """Two processes train as one; a SIGTERM to process 1 only stops both after the same step,
+    which both save (each its data iterator) and exit 0; the resumed run's losses are the
+    one-process run's."""
     data = _corpus(tmp_path / "corpus")
     # Eval steps are collectives: hosts whose validation passes differ in length must still
     # run as many (they hung before).
     assert len(set(_passes(data))) == 2
     one, two = tmp_path / "one", tmp_path / "two"
+    steps = 12  # the documents outlast 12 rows of 32 tokens per lane
     t0 = time.monotonic()
+    signalled: list[int] = []
 
-    # The reference (one process, 8 devices) beside the first two-process run (to step 4).
+    def sigterm_process_1(procs) -> bool:
+        # Once process 0 has logged step 2: SIGTERM to process 1 only (procs: ref, p0, p1).
+        metrics = two / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            procs[2].send_signal(signal.SIGTERM)
+            signalled.append(len(metrics.read_text().splitlines()))
+            return True
+        return False
+
+    # The reference (one process, 8 devices) beside the two-process run, stopped by the signal.
+    sync = ["train.preemption_sync_every=1"]  # agree after every step (default 10)
     ref, *first = _mlgen(
         tmp_path / "logs" / "first",
-        [[*_cache(tmp_path), "--cpu-devices", "8", *_train_args(one, data, 6)]]
-        + _world(tmp_path, _train_args(two, data, 4)),
+        [[*_cache(tmp_path), "--cpu-devices", "8", *_train_args(one, data, steps)]]
+        + _world(tmp_path, [*_train_args(two, data, steps), *sync]),
         _TIMEOUT_S,
+        poke=sigterm_process_1,
     )
     for name, (rc, _, err) in zip(["one process", "process 0", "process 1"], [ref, *first]):
         assert rc == 0, f"{name}: exit {rc}\n{err[-3000:]}"
+    assert signalled, "the two-process run ended before process 0 logged step 2"
     expected = {r["step"]: r["loss"] for r in _lines(one)}
-    assert sorted(expected) == [1, 2, 3, 4, 5, 6]
+    assert sorted(expected) == list(range(1, steps + 1))
+    said = [[ln for ln in err.splitlines() if "stopped after step" in ln] for _, _, err in first]
+    assert all(len(lines) == 1 for lines in said), said
+    assert "another process's signal" in said[0][0] and "SIGTERM" in said[1][0], said
+    k = int(said[0][0].split("stopped after step ")[1].split()[0])
+    assert k == int(said[1][0].split("stopped after step ")[1].split()[0])  # the same step
+    assert signalled[0] <= k < steps, (signalled, k)
     before = (two / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(ln)["step"] for ln in before] == [1, 2, 3, 4]  # process 0's only
-    assert (two / "checkpoints" / "4" / "data_1").is_dir()  # both processes' data iterators
+    assert [json.loads(ln)["step"] for ln in before] == list(range(1, k + 1))  # process 0's
+    assert (two / "checkpoints" / str(k) / "data_1").is_dir()  # both processes' data iterators
+    for _, out, _ in first:
+        assert "done: step" not in out  # stopped, not finished
     t1 = time.monotonic()
 
     resumed = _mlgen(
-        tmp_path / "logs" / "resumed", _world(tmp_path, _train_args(two, data, 6)), _TIMEOUT_S
+        tmp_path / "logs" / "resumed", _world(tmp_path, _train_args(two, data, steps)), _TIMEOUT_S
     )
     for i, (rc, _, err) in enumerate(resumed):
         assert rc == 0, f"resumed process {i}: exit {rc}\n{err[-3000:]}"
     after = (two / "metrics.jsonl").read_text().splitlines()
-    assert after[:4] == before  # kept as they were: the resumed run started at step 5
+    assert after[:k] == before  # kept as they were: the resumed run started at step k + 1
     got = {r["step"]: r["loss"] for r in _lines(two)}
-    assert list(got) == [1, 2, 3, 4, 5, 6]  # one line per step: none from process 1
-    diff = max(abs(got[k] - expected[k]) for k in expected)
-    print(f"max |loss(2 processes) - loss(1 process)| = {diff:.3g}")
+    assert list(got) == list(range(1, steps + 1))  # one line per step: none from process 1
+    diff = max(abs(got[s] - expected[s]) for s in expected)
+    print(f"stopped after step {k}; max |loss(2 processes) - loss(1 process)| = {diff:.3g}")
     assert diff <= 1e-5, (got, expected)
-    assert "eval_loss" in _lines(two)[3] and "eval_loss" in _lines(two)[5]
-    for _, out, _ in [*first, *resumed]:
+    assert "eval_loss" in _lines(two)[steps - 1]  # a stopped run does not evaluate
+    for _, out, _ in resumed:
         assert "done: step" in out
     t2 = time.monotonic()
     print(f"wall: reference + first run {t1 - t0:.1f} s, resumed {t2 - t1:.1f} s")

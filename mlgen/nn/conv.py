@@ -24,7 +24,6 @@ from flax import nnx
 from mlgen import ops
 from mlgen.nn.core import Linear, dropout, fan_in_init, ones_init, param, zeros_init
 from mlgen.ops.attention import AttentionConfig
-from mlgen.ops.platform import dense
 from mlgen.sharding import constrain
 from mlgen.typing import Array, Float
 
@@ -45,7 +44,7 @@ def conv2d(
     k = w.shape[0]
     if impl in ("auto", "xla") or k == 1:
         if k == 1 and stride == 1:
-            return dense(x, w[0, 0], 1, out_dtype=out_dtype)  # a 2-D dot on CPU
+            return jnp.einsum("bhwc,co->bhwo", x, w[0, 0], preferred_element_type=out_dtype)
         pad = (k - 1) // 2
         return jax.lax.conv_general_dilated(
             x,
@@ -69,7 +68,9 @@ def conv2d(
         ],
         axis=-1,
     )
-    return dense(cols, w.reshape(k * k * C, -1), 1, out_dtype=out_dtype)
+    return jnp.einsum(
+        "bhwk,ko->bhwo", cols, w.reshape(k * k * C, -1), preferred_element_type=out_dtype
+    )
 
 
 class Conv2d(nnx.Module):

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlgen.ops.platform import dense
 from mlgen.sharding.partition import constrain
 from mlgen.sharding.rules import check_names
 
@@ -110,11 +109,16 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array, *, out_dtype=None) -> jax.Array:
         """``out_dtype``: accumulate and return in that dtype (float32 outputs from bfloat16
         compute: an LM's logits); default: the compute dtype."""
-        y = dense(
+        n_in, n_out = len(self.in_features), len(self.out_features)
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        batch = letters[: x.ndim - n_in]
+        ins = letters[x.ndim - n_in : x.ndim]
+        outs = letters[x.ndim : x.ndim + n_out]
+        y = jnp.einsum(
+            f"{batch}{ins},{ins}{outs}->{batch}{outs}",
             x.astype(self.dtype),
             self.kernel[...].astype(self.dtype),
-            len(self.in_features),
-            out_dtype=out_dtype,
+            preferred_element_type=out_dtype,
         )
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
@@ -151,8 +155,12 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array, *, out_dtype=None) -> jax.Array:
         """Tied output logits ``x @ table.T`` (``out_dtype`` as in ``Linear``)."""
-        table = self.embedding[...].astype(self.dtype)
-        return dense(x.astype(self.dtype), table.T, 1, out_dtype=out_dtype)
+        return jnp.einsum(
+            "...d,vd->...v",
+            x.astype(self.dtype),
+            self.embedding[...].astype(self.dtype),
+            preferred_element_type=out_dtype,
+        )
 
 
 class RMSNorm(nnx.Module):

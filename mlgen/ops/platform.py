@@ -1,17 +1,12 @@
-"""The platform a computation is compiled for (not the host it is traced on), and the
-matmul form that platform runs best.
+"""The platform a computation is compiled for, not the host it is traced on.
 
 ``mlgen plan`` compiles for a TPU pod on a CPU host, so "which platform" is read from the
-arrays and the active mesh at trace time; the attention API picks its kernels by it, and
-:func:`dense` picks its dot form by it.
+arrays and the active mesh at trace time; the attention API picks its kernels by it.
 """
 
 from __future__ import annotations
 
-import math
-
 import jax
-import jax.numpy as jnp
 
 
 def platform(*arrays) -> str:
@@ -57,36 +52,3 @@ def _mesh_platform(mesh) -> str | None:
 
 def _normal(name: str) -> str:
     return "gpu" if name in ("cuda", "rocm", "gpu") else name
-
-
-def _seq_sharded() -> bool:
-    mesh = jax.sharding.get_abstract_mesh()
-    return not getattr(mesh, "empty", True) and dict(mesh.shape).get("seq", 1) > 1
-
-
-def dense(x: jax.Array, w: jax.Array, n_in: int, *, out_dtype=None) -> jax.Array:
-    """``x``'s last ``n_in`` axes contracted with ``w``'s first ``n_in``: ``[..., IN] x
-    [IN, OUT] -> [..., OUT]`` (``IN``/``OUT`` may be several axes each).
-
-    On CPU (without a sequence-sharded mesh) the batch axes and each feature group are
-    flattened into one 2-D dot. XLA:CPU runs the weight gradient of a dot with several batch
-    axes (``einsum("btc,cd->btd")``, whose transpose contracts ``b`` and ``t``) as a physical
-    transpose of the activation gradient followed by the dot, and its transpose loop is slow:
-    ~100 ms for an 8 MB ``[2048, 1024]`` float32 array on this 2-core CPU, 16-23% of an LM
-    train step (``mlgen bench train --flavour llama --mlp 1024``, profiled op by op). A 2-D
-    dot's transposed operands are read in place, so the copies go. Elsewhere the einsum stays:
-    TPU and GPU layouts handle it, and flattening ``[B, T]`` would break a ``seq`` sharding.
-    """
-    n_out = w.ndim - n_in
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    if platform(x) == "cpu" and not _seq_sharded():
-        lead, ins, outs = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
-        k, n = math.prod(ins), math.prod(outs)
-        y = jnp.dot(x.reshape(-1, k), w.reshape(k, n), preferred_element_type=out_dtype)
-        return y.reshape(*lead, *outs)
-    batch = letters[: x.ndim - n_in]
-    ins = letters[x.ndim - n_in : x.ndim]
-    outs = letters[x.ndim : x.ndim + n_out]
-    return jnp.einsum(
-        f"{batch}{ins},{ins}{outs}->{batch}{outs}", x, w, preferred_element_type=out_dtype
-    )

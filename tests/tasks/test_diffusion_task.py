@@ -108,7 +108,7 @@ def test_loss_falls_and_artifacts_are_written(run):
 def test_lm_and_diffusion_train_through_the_same_step(run, tmp_path, monkeypatch):
     """Both tasks get their step from train/step.py via the trainer, and neither grows its own."""
     monkeypatch.setattr(step_lib, "make_train_step", _recording(step_lib.make_train_step))
-    cfg = tiny_lm_config(str(tmp_path))
+    cfg = tiny_lm_config(str(tmp_path), num_layers=1, d_model=32)  # which step, not its size
     mlgen.train(
         replace(cfg, train=replace(cfg.train, num_steps=1, eval_every=0, checkpoint_every=1))
     )

@@ -644,9 +644,14 @@ def load(path_or_config: "str | Path | Config", overrides: typing.Iterable[str] 
         cfg = path_or_config
     elif Path(path_or_config).is_dir() or Path(path_or_config).suffix == ".json":
         path = Path(path_or_config)
+        check(
+            not path.is_dir() or (path / "config.json").is_file(),
+            "config",
+            f"{str(path)!r} is a directory, not a config file (nor a run directory: no "
+            "config.json in it)",
+        )
         path = path / "config.json" if path.is_dir() else path
-        if not path.is_file():
-            raise ConfigError(f"config: no such file {str(path)!r}")
+        check(path.is_file(), "config", f"no such file {str(path)!r}")
         cfg = load_json(path)
     else:
         path = Path(path_or_config)

@@ -21,7 +21,7 @@ from etils import epath
 
 from mlgen.config import ConfigError
 from mlgen.data.paths import read_bytes
-from mlgen.data.tokenizer import Tokenizer
+from mlgen.data.tokenizer import SentencePieceTokenizer, Tokenizer
 
 HF_TOKENIZER = "tokenizer.json"
 SP_TOKENIZER = "tokenizer.model"
@@ -82,8 +82,9 @@ class HFTokenizer(_Specials, Tokenizer):
         return self._tok.token_to_id(token)
 
 
-class PretrainedSentencePieceTokenizer(_Specials, Tokenizer):
-    """A pretrained sentencepiece model (e.g. Llama 2's ``tokenizer.model``) with its own ids."""
+class PretrainedSentencePieceTokenizer(_Specials, SentencePieceTokenizer):
+    """A pretrained sentencepiece model (e.g. Llama 2's ``tokenizer.model``) with its own ids:
+    mlgen's ``SentencePieceTokenizer`` without its check that the ids are mlgen's own."""
 
     def __init__(self, model_proto: bytes, *, bos_id: int, eos_id: int, pad_id: int):
         super().__init__(bos_id, eos_id, pad_id)
@@ -99,16 +100,6 @@ class PretrainedSentencePieceTokenizer(_Specials, Tokenizer):
 
     def __repr__(self) -> str:
         return f"PretrainedSentencePieceTokenizer(vocab_size={self.vocab_size})"
-
-    @property
-    def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
 
 
 def _is_file(path: str) -> bool:

@@ -1,10 +1,11 @@
-"""``mlgen convert import-hf SRC WORKDIR`` | ``export-hf WORKDIR DST``: Hugging Face models to
-run directories and back (``mlgen.convert.run``)."""
+"""``mlgen convert import-hf SRC WORKDIR`` | ``export-hf WORKDIR DST`` | ``merge-lora WORKDIR
+DST``: Hugging Face models to run directories and back, LoRA runs to plain ones
+(``mlgen.convert.run``)."""
 
 from __future__ import annotations
 
 from mlgen.cli.args import Parser
-from mlgen.convert.run import export_run, import_run
+from mlgen.convert.run import export_run, import_run, merge_lora_run
 
 
 def convert_main(argv: list[str]) -> int:
@@ -24,6 +25,13 @@ def convert_main(argv: list[str]) -> int:
     exp.add_argument("dst")
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     exp.add_argument("--no-ema", action="store_true", help="the raw parameters, not their EMA")
+    merge = sub.add_parser(
+        "merge-lora", help="a LoRA run -> a run with the adapters folded into its weights"
+    )
+    merge.add_argument("workdir")
+    merge.add_argument("dst", help="the new run directory")
+    merge.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    merge.add_argument("--no-ema", action="store_true", help="the raw parameters, not their EMA")
     a = ap.parse_args(argv)
     if a.command == "import-hf":
         cfg = import_run(a.src, a.workdir, dtype=a.dtype, overrides=a.overrides)
@@ -31,6 +39,12 @@ def convert_main(argv: list[str]) -> int:
         print(
             f"wrote {cfg.workdir}: {m.flavour} transformer, {m.num_layers} layers, d_model "
             f"{m.d_model}, vocab {m.vocab_size} (mlgen generate {cfg.workdir} --prompt ...)"
+        )
+    elif a.command == "merge-lora":
+        cfg = merge_lora_run(a.workdir, a.dst, step=a.step, ema=not a.no_ema)
+        print(
+            f"wrote {cfg.workdir}: the adapters folded into the weights, model.lora_rank=0 "
+            f"(mlgen convert export-hf {cfg.workdir} DST)"
         )
     else:
         export_run(a.workdir, a.dst, step=a.step, ema=not a.no_ema)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -15,6 +16,7 @@ from safetensors.numpy import save_file
 from mlgen.convert import layout
 from mlgen.convert.reader import WEIGHTS
 from mlgen.models.transformer import Transformer, TransformerConfig
+from mlgen.nn.core import merge_adapters
 
 
 def _to_tensor(src: layout.Source, value: np.ndarray, out: np.ndarray) -> None:
@@ -56,7 +58,9 @@ def export_hf(model_config: TransformerConfig, model: Transformer | dict, path: 
       model_config: the model's config: llama flavour exports as ``LlamaForCausalLM``
         (``MistralForCausalLM`` with a sliding window, ``Qwen2ForCausalLM`` with q/k/v biases),
         gpt2 as ``GPT2LMHeadModel``.
-      model: the module, or its parameters as a pure dict (``nnx.to_pure_dict``).
+      model: the module, or its parameters as a pure dict (``nnx.to_pure_dict``). LoRA
+        adapters (``model_config.lora_rank`` > 0) are folded into their weights first
+        (``mlgen.nn.core.merge_adapters``): Hugging Face's classes have no place for them.
       path: the output directory (created).
 
     Raises:
@@ -66,6 +70,9 @@ def export_hf(model_config: TransformerConfig, model: Transformer | dict, path: 
     params = (
         nnx.to_pure_dict(nnx.state(model, nnx.Param)) if isinstance(model, nnx.Module) else model
     )
+    if model_config.lora_rank:
+        params = merge_adapters(params, model_config.lora.scale)
+        model_config = dataclasses.replace(model_config, lora_rank=0)
     tensors = hf_tensors(model_config, params)
     dtypes = {t.dtype for t in tensors.values()}
     dtype = "bfloat16" if dtypes == {np.dtype(jnp.bfloat16)} else "float32"

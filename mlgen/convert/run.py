@@ -1,4 +1,5 @@
-"""Run directories from Hugging Face models and back (``mlgen convert import-hf | export-hf``).
+"""Run directories from Hugging Face models and back (``mlgen convert import-hf | export-hf``),
+and LoRA runs folded into plain ones (``mlgen convert merge-lora``).
 
 :func:`import_run` writes exactly what ``mlgen train`` leaves in a workdir: ``config.json``
 (an ``lm`` task whose data use the model's own tokenizer, ``data.tokenizer="pretrained"``), a
@@ -9,10 +10,11 @@ on from it and ``mlgen plan WORKDIR`` plans it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import jax
 
@@ -28,6 +30,7 @@ from mlgen.data.pretrained import HF_TOKENIZER, SP_TOKENIZER, SPECIALS, has_pret
 from mlgen.data.pretrained import load_pretrained as load_tokenizer
 from mlgen.data.text import TextDataConfig
 from mlgen.models.transformer import TransformerConfig
+from mlgen.nn.core import merge_adapters
 from mlgen.objectives.lm import LMObjectiveConfig
 from mlgen.train.checkpoint import Checkpointer
 from mlgen.train.trainer import saved_config
@@ -71,20 +74,40 @@ def import_run(
         precision=PrecisionConfig(params=policy.params, compute=policy.compute),
     )
     cfg = config_lib.load(cfg, overrides)
+    specials = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}
+
+    def copy_tokenizer(dst: str) -> None:
+        _copy_files(src, dst, _TOKENIZER_FILES)
+        with open(os.path.join(dst, SPECIALS), "w") as f:
+            json.dump(specials, f)
+
+    _write_run(cfg, lambda abstract: load_params(src, arch, model_cfg, abstract), copy_tokenizer)
+    return cfg
+
+
+def _copy_files(src: str, dst: str, names: Iterable[str]) -> None:
+    for name in names:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+
+
+def _write_run(
+    cfg: Config, make_params: Callable[[dict], dict], write_files: Callable[[str], None]
+) -> None:
+    """Writes the run directory ``cfg.workdir``: a step-0 checkpoint of the train state whose
+    parameters are ``make_params(abstract params with the run's shardings)`` (fresh optimizer),
+    the files of ``write_files(workdir)`` and ``config.json`` (last: a directory with a config
+    is a finished run)."""
     ckpt = Checkpointer(cfg.workdir, async_save=False)
     try:
         if ckpt.latest_step() is not None:
             raise ConvertError(
-                f"workdir: {cfg.workdir} already holds checkpoints; import into a new directory"
+                f"workdir: {cfg.workdir} already holds checkpoints; write into a new directory"
             )
-        for name in _TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(src, name)):
-                shutil.copyfile(os.path.join(src, name), os.path.join(cfg.workdir, name))
-        with open(os.path.join(cfg.workdir, SPECIALS), "w") as f:
-            json.dump({"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}, f)
+        write_files(cfg.workdir)
         s = runs.setup(cfg, abstract=True)
         with sharding.use(s.mesh, s.rules):
-            params = load_params(src, arch, model_cfg, s.state["params"])
+            params = make_params(s.state["params"])
             state = jax.jit(s.train_step.init, out_shardings=s.state_shardings)(params, {})
         ckpt.save(0, state, config=cfg, force=True)
         ckpt.wait()
@@ -92,12 +115,44 @@ def import_run(
         ckpt.close()
     if jax.process_index() == 0:
         config_lib.save_json(cfg, os.path.join(cfg.workdir, "config.json"))
+
+
+def merge_lora_run(workdir: str, dst: str, *, step: int | None = None, ema: bool = True) -> Config:
+    """Writes the run directory ``dst``: the LoRA run in ``workdir`` (latest or ``step``
+    checkpoint; its EMA, if it has one and ``ema``) with every adapter folded into its weight
+    (``W + alpha / rank * A @ B``) and ``model.lora_rank=0``, at step 0 with a fresh optimizer:
+    what ``mlgen generate``, ``mlgen train`` and ``mlgen convert export-hf`` take like any run.
+
+    Returns:
+      The merged run's config.
+    """
+    saved = saved_config(workdir, step)
+    model = saved.model
+    if not getattr(model, "lora_rank", 0):
+        raise ConvertError(f"{workdir}: model.lora_rank is 0, there are no adapters to merge")
+    result = runs.restore(workdir, step=step)
+    state = result.state
+    params = state["ema"] if ema and "ema" in state else state["params"]
+    merged = merge_adapters(params, model.lora.scale)
+    cfg = dataclasses.replace(
+        result.config,
+        workdir=os.fspath(dst),
+        model=dataclasses.replace(model, lora_rank=0),
+        init_from="",
+    )
+    cfg.validate()
+    _write_run(
+        cfg,
+        lambda abstract: jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), merged, abstract),
+        lambda d: _copy_files(workdir, d, (*_TOKENIZER_FILES, SPECIALS)),
+    )
     return cfg
 
 
 def export_run(workdir: str, dst: str, *, step: int | None = None, ema: bool = True) -> None:
     """Writes a run's model (latest or ``step`` checkpoint; its EMA, if it has one and ``ema``)
-    as a Hugging Face model directory ``dst``, with the run's pretrained tokenizer files."""
+    as a Hugging Face model directory ``dst``, with the run's pretrained tokenizer files (a LoRA
+    run's adapters are folded into the weights: ``export_hf``)."""
     saved = saved_config(workdir, step)
     if not isinstance(saved.model, TransformerConfig):
         raise ConvertError(
@@ -108,6 +163,4 @@ def export_run(workdir: str, dst: str, *, step: int | None = None, ema: bool = T
     state = result.state
     params = state["ema"] if ema and "ema" in state else state["params"]
     export_hf(result.config.model, params, dst)
-    for name in (*_TOKENIZER_FILES, SPECIALS):
-        if os.path.isfile(os.path.join(workdir, name)):
-            shutil.copyfile(os.path.join(workdir, name), os.path.join(dst, name))
+    _copy_files(workdir, dst, (*_TOKENIZER_FILES, SPECIALS))

@@ -50,6 +50,9 @@ class Family:
         matmuls by formula, ``mlgen.train.throughput``) for the trainer's MFU; a decoder's
         tokens are its sequence positions, a denoiser's the pixels of an image (``seq_len`` =
         H * W). None = the family reports no model FLOPs (no MFU).
+      trainable: ``config -> predicate | None``: which parameters train, a predicate on a
+        parameter's path (``"blocks/attn/q/lora_a"``), or None when all of them do. The others
+        are frozen: no gradient, no optimizer state (LoRA: only the adapters train).
     """
 
     name: str
@@ -63,6 +66,7 @@ class Family:
     check: Callable[[Any, Callable[[str], int]], None] | None = None
     renamed: Mapping[str, str] = dataclasses.field(default_factory=dict)
     flops_per_token: Callable[[Any, int], float] | None = None
+    trainable: Callable[[Any], Callable[[str], bool] | None] = lambda config: None
 
 
 _FAMILIES: dict[type, Family] = {}

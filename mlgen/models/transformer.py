@@ -15,7 +15,9 @@ Supports:
 - the decoder protocol the LM sampler talks to: ``init_cache`` (one KV cache per layer, owned
   by its attention layer), ``decode`` (the per-layer loop), ``max_length``, ``for_decoding``;
 - every attention backend of ``mlgen.ops.attention`` (``attention``: one ``AttentionConfig``);
-- logical axis names on every parameter and activation constraints at block boundaries.
+- logical axis names on every parameter and activation constraints at block boundaries;
+- LoRA (``lora_rank`` > 0): low-rank adapters on the projections named in ``lora_targets``;
+  only the adapters train (the family's ``trainable``), the base stays frozen.
 
 The family spec (``FAMILY``, registered as ``"transformer"``) is at the end of the file.
 """
@@ -32,7 +34,17 @@ from flax import nnx
 from mlgen.config import check, prefixed
 from mlgen.models.family import Family, register
 from mlgen.nn.attention import KVCache, SelfAttention
-from mlgen.nn.core import Embed, LayerNorm, Linear, RMSNorm, dropout, normal_init, param
+from mlgen.nn.core import (
+    Embed,
+    LayerNorm,
+    Linear,
+    LoRA,
+    RMSNorm,
+    dropout,
+    is_adapter,
+    normal_init,
+    param,
+)
 from mlgen.nn.mlp import MLP
 from mlgen.nn.policy import Policy
 from mlgen.nn.rope import Llama3Scaling
@@ -65,6 +77,12 @@ class TransformerConfig:
     tie_embeddings: bool | None = None  # None = flavour default (gpt2 tied, llama untied)
     norm_eps: float = 1e-5
     dropout: float = 0.0
+    # LoRA: rank > 0 adds low-rank adapters to the projections in ``lora_targets`` (comma
+    # separated: q, k, v, o, gate, up, down; "attn" = q,k,v,o, "mlp" = the MLP's, "all"), scaled
+    # by lora_alpha / lora_rank; the base weights are frozen (no gradient, no optimizer state).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "q,k,v,o"
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     # Dtypes and remat are the run's (``precision``, ``remat``: ``mlgen.nn.policy.Policy``).
     # Run the stacked layers with a lax.scan (compile time independent of depth) or unrolled,
@@ -100,6 +118,23 @@ class TransformerConfig:
             high_freq_factor=self.rope_high_freq_factor,
             original_max_len=self.rope_original_max_len,
         )
+
+    @property
+    def lora(self) -> LoRA | None:
+        return LoRA(self.lora_rank, self.lora_alpha) if self.lora_rank else None
+
+    @property
+    def adapted(self) -> frozenset[str]:
+        """The projections that carry LoRA adapters (empty without LoRA)."""
+        if not self.lora_rank:
+            return frozenset()
+        mlp = ("up", "down") if self.flavour == "gpt2" else ("gate", "up", "down")
+        groups = {"attn": ("q", "k", "v", "o"), "mlp": mlp}
+        groups["all"] = groups["attn"] + mlp
+        out: set[str] = set()
+        for name in self.lora_targets.split(","):
+            out.update(groups.get(name.strip(), (name.strip(),)))
+        return frozenset(out)
 
     @property
     def tied(self) -> bool:
@@ -164,6 +199,19 @@ class TransformerConfig:
             "sliding_window",
             f"must be >= 0 (0 = none), got {self.sliding_window}",
         )
+        check(self.lora_rank >= 0, "lora_rank", f"must be >= 0 (0 = none), got {self.lora_rank}")
+        if self.lora_rank:
+            check(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
+            known = {"q", "k", "v", "o", "up", "down"} | (
+                set() if self.flavour == "gpt2" else {"gate"}
+            )
+            unknown = sorted(self.adapted - known)
+            check(
+                not unknown,
+                "lora_targets",
+                f"unknown projection(s) {unknown} for the {self.flavour} flavour; choose from "
+                f"{sorted(known)}, attn, mlp or all",
+            )
         prefixed("attention", self.attention.validate)
 
     @property
@@ -191,6 +239,8 @@ class Block(nnx.Module):
             rope_scaling=None if gpt2 else cfg.rope_scaler,
             sliding_window=cfg.sliding_window or None,
             attention=cfg.attention,
+            lora=cfg.lora,
+            lora_targets=cfg.adapted,
             dtype=dtype,
             param_dtype=pdtype,
             rngs=rngs,
@@ -201,6 +251,8 @@ class Block(nnx.Module):
             cfg.hidden,
             kind="gelu" if gpt2 else "swiglu",
             use_bias=gpt2,
+            lora=cfg.lora,
+            lora_targets=cfg.adapted,
             dtype=dtype,
             param_dtype=pdtype,
             rngs=rngs,
@@ -426,6 +478,10 @@ def transformer_flops_per_token(
       FLOPs per token and layer forward, 3x that for training: ``12 * L * T * N_q * H``
       for the full square, halved for causal attention (only the lower triangle is needed).
 
+    With LoRA (``lora_rank`` > 0) the frozen weights count 4 FLOPs per token (forward and the
+    input's gradient: no weight gradient is computed) and the adapters' ``r * (in + out)``
+    weights per adapted projection the full 6.
+
     Not counted: rematerialised recomputation (this is MFU, not hardware FLOPs utilisation),
     softmax, norms, activations and other elementwise work, the loss and the optimizer. Packed
     rows count the full ``T x T`` like unpacked ones.
@@ -444,12 +500,20 @@ def transformer_flops_per_token(
       seq_len: ``T``, tokens per row.
       causal: the attention mask.
     """
-    D, N, K, H = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
+    D, N, K, H, F = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.hidden
     mlp_mats = 3 if cfg.flavour == "llama" else 2
-    per_layer = D * H * (2 * N + 2 * K) + mlp_mats * D * cfg.hidden
+    per_layer = D * H * (2 * N + 2 * K) + mlp_mats * D * F
     weights = cfg.num_layers * per_layer + D * cfg.vocab_size
     attention = 12 * cfg.num_layers * seq_len * N * H
-    return 6.0 * weights + (attention / 2 if causal else attention)
+    attention = attention / 2 if causal else attention
+    if not cfg.lora_rank:
+        return 6.0 * weights + attention
+    # LoRA: the frozen base costs its forward and the input gradient, 4 per weight (no weight
+    # gradient); each adapter ``[in, r] + [r, out]`` the full 6.
+    sizes = {"q": (D, N * H), "k": (D, K * H), "v": (D, K * H), "o": (N * H, D)}
+    sizes.update(gate=(D, F), up=(D, F), down=(F, D))
+    adapters = cfg.num_layers * sum(cfg.lora_rank * sum(sizes[t]) for t in cfg.adapted)
+    return 4.0 * weights + 6.0 * adapters + attention
 
 
 FAMILY = register(
@@ -485,5 +549,6 @@ FAMILY = register(
             "attention_interpret": "attention.interpret",
         },
         flops_per_token=transformer_flops_per_token,
+        trainable=lambda cfg: is_adapter if cfg.lora_rank else None,
     )
 )

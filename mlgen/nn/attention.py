@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import NamedTuple
 
 import jax
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mlgen import ops
-from mlgen.nn.core import Linear
+from mlgen.nn.core import Linear, LoRA
 from mlgen.nn.rope import Llama3Scaling, apply_rope
 from mlgen.ops.attention import AttentionConfig
 from mlgen.sharding import constrain
@@ -44,7 +45,8 @@ class SelfAttention(nnx.Module):
     """``o(attention(q(x), k(x), v(x)))`` with grouped K/V heads and optional RoPE.
 
     Training / scoring is ``__call__`` (every token at once, any ``mlgen.ops.attention``
-    backend per ``attention``); decoding is :meth:`init_cache` + :meth:`decode`.
+    backend per ``attention``); decoding is :meth:`init_cache` + :meth:`decode`. ``lora``
+    adapts the projections named in ``lora_targets`` (``q``, ``k``, ``v``, ``o``).
     """
 
     def __init__(
@@ -60,6 +62,8 @@ class SelfAttention(nnx.Module):
         rope_scaling: Llama3Scaling | None = None,
         sliding_window: int | None = None,
         attention: AttentionConfig | None = None,
+        lora: LoRA | None = None,
+        lora_targets: Collection[str] = (),
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -71,11 +75,16 @@ class SelfAttention(nnx.Module):
             )
         qkv_bias = use_bias if qkv_bias is None else qkv_bias
         kw = dict(use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        def adapter(name):
+            return lora if name in lora_targets else None
+
         self.q = Linear(
             d_model,
             (num_heads, head_dim),
             in_names=("embed",),
             out_names=("heads", "head_dim"),
+            lora=adapter("q"),
             **kw,
         )
         self.k = Linear(
@@ -83,6 +92,7 @@ class SelfAttention(nnx.Module):
             (num_kv_heads, head_dim),
             in_names=("embed",),
             out_names=("kv_heads", "head_dim"),
+            lora=adapter("k"),
             **kw,
         )
         self.v = Linear(
@@ -90,6 +100,7 @@ class SelfAttention(nnx.Module):
             (num_kv_heads, head_dim),
             in_names=("embed",),
             out_names=("kv_heads", "head_dim"),
+            lora=adapter("v"),
             **kw,
         )
         self.o = Linear(
@@ -97,6 +108,7 @@ class SelfAttention(nnx.Module):
             d_model,
             in_names=("heads", "head_dim"),
             out_names=("embed",),
+            lora=adapter("o"),
             **{**kw, "use_bias": use_bias},
         )
         self.rope_theta, self.rope_scaling = rope_theta, rope_scaling

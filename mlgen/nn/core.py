@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import jax
@@ -64,11 +65,68 @@ def dropout(x, rate: float, rng):
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
+ADAPTERS = ("lora_a", "lora_b")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+    """A low-rank adapter on a :class:`Linear` (Hu et al. 2021, "LoRA"):
+    ``y = x W + (alpha / rank) * (x A) B``.
+
+    ``A`` ``[in..., rank]`` starts random (variance 1 / fan-in), ``B`` ``[rank, out...]`` at zero,
+    so an adapted model computes what its base does until ``B`` has trained. The adapters are the
+    parameters named :data:`ADAPTERS` (``lora_a``, ``lora_b``); :func:`is_adapter` tells them
+    from the frozen base by their path.
+    """
+
+    rank: int
+    alpha: float
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def is_adapter(path: str) -> bool:
+    """Whether the parameter at ``path`` (``"blocks/attn/q/lora_a"``) is a LoRA adapter."""
+    return path.rsplit("/", 1)[-1] in ADAPTERS
+
+
+def merge_adapters(params: dict, scale: float) -> dict:
+    """``params`` (a pure dict) with every adapted linear's ``kernel + scale * A @ B`` folded in
+    and its adapters dropped: the same function, computed by the plain layers.
+
+    Works on stacked layers too: ``A`` ``[*lead, *in, r]``, ``B`` ``[*lead, r, *out]``, kernel
+    ``[*lead, *in, *out]``. Summed in float32 and rounded once to the kernel's dtype.
+    """
+    out = {}
+    for name, value in params.items():
+        if isinstance(value, dict):
+            out[name] = merge_adapters(value, scale)
+        elif name not in ADAPTERS:
+            out[name] = value
+    if "lora_a" in params:
+        a, b, w = params["lora_a"], params["lora_b"], params["kernel"]
+        lead = a.ndim + b.ndim - 2 - w.ndim
+        n_in, n_out = a.ndim - lead - 1, b.ndim - lead - 1
+        letters = "abcdefghijklmnopqrstuvwxy"
+        ls, ins = letters[:lead], letters[lead : lead + n_in]
+        outs = letters[lead + n_in : lead + n_in + n_out]
+        delta = jnp.einsum(
+            f"{ls}{ins}z,{ls}z{outs}->{ls}{ins}{outs}",
+            a.astype(jnp.float32),
+            b.astype(jnp.float32),
+        )
+        out["kernel"] = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+    return out
+
+
 class Linear(nnx.Module):
     """``y = einsum(x, w) (+ b)`` with multi-dimensional in/out features.
 
     ``in_features`` / ``out_features`` are tuples so a projection can map ``D -> (N, H)``
-    without reshapes; ``in_names`` / ``out_names`` are their logical axis names.
+    without reshapes; ``in_names`` / ``out_names`` are their logical axis names. ``lora``
+    adds a low-rank adapter (:class:`LoRA`) beside the kernel.
     """
 
     def __init__(
@@ -80,6 +138,7 @@ class Linear(nnx.Module):
         out_names: Sequence[str | None],
         use_bias: bool = False,
         init: Initializer | None = None,
+        lora: LoRA | None = None,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -104,6 +163,30 @@ class Linear(nnx.Module):
             if use_bias
             else None
         )
+        # The rank axis has no logical name: replicated, it is tiny.
+        self.lora_a = (
+            param(
+                rngs,
+                fan_in_init(fan_in),
+                self.in_features + (lora.rank,),
+                tuple(in_names) + (None,),
+                param_dtype,
+            )
+            if lora is not None
+            else None
+        )
+        self.lora_b = (
+            param(
+                rngs,
+                zeros_init,
+                (lora.rank,) + self.out_features,
+                (None,) + tuple(out_names),
+                param_dtype,
+            )
+            if lora is not None
+            else None
+        )
+        self.lora_scale = lora.scale if lora is not None else 0.0
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, *, out_dtype=None) -> jax.Array:
@@ -120,6 +203,20 @@ class Linear(nnx.Module):
             self.kernel[...].astype(self.dtype),
             preferred_element_type=out_dtype,
         )
+        if self.lora_a is not None:
+            r = letters[x.ndim + n_out]
+            low = jnp.einsum(
+                f"{batch}{ins},{ins}{r}->{batch}{r}",
+                x.astype(self.dtype),
+                self.lora_a[...].astype(self.dtype),
+            )
+            delta = jnp.einsum(
+                f"{batch}{r},{r}{outs}->{batch}{outs}",
+                low,
+                self.lora_b[...].astype(self.dtype),
+                preferred_element_type=out_dtype,
+            )
+            y = y + (self.lora_scale * delta).astype(y.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

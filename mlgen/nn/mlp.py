@@ -1,18 +1,20 @@
 """Feed-forward blocks: SwiGLU (Llama) and GELU MLP (GPT-2)."""
 
+from collections.abc import Collection
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlgen.nn.core import Linear
+from mlgen.nn.core import Linear, LoRA
 from mlgen.sharding import constrain
 
 
 class MLP(nnx.Module):
     """``kind="swiglu"``: ``down(silu(gate(x)) * up(x))``; ``kind="gelu"``:
-    ``down(gelu(up(x)))``."""
+    ``down(gelu(up(x)))``. ``lora`` adapts the projections named in ``lora_targets``
+    (``gate``, ``up``, ``down``)."""
 
     def __init__(
         self,
@@ -21,6 +23,8 @@ class MLP(nnx.Module):
         *,
         kind: Literal["swiglu", "gelu"] = "swiglu",
         use_bias: bool = False,
+        lora: LoRA | None = None,
+        lora_targets: Collection[str] = (),
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -36,14 +40,21 @@ class MLP(nnx.Module):
             param_dtype=param_dtype,
             rngs=rngs,
         )
-        self.up = Linear(d_model, mlp_dim, **kw)
-        self.gate = Linear(d_model, mlp_dim, **kw) if kind == "swiglu" else None
+
+        def adapter(name):
+            return lora if name in lora_targets else None
+
+        self.up = Linear(d_model, mlp_dim, lora=adapter("up"), **kw)
+        self.gate = (
+            Linear(d_model, mlp_dim, lora=adapter("gate"), **kw) if kind == "swiglu" else None
+        )
         self.down = Linear(
             mlp_dim,
             d_model,
             in_names=("mlp",),
             out_names=("embed",),
             use_bias=use_bias,
+            lora=adapter("down"),
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,

@@ -76,6 +76,7 @@ def _build(cfg: Config, family: Family, mesh: Mesh, rules: sharding.Rules) -> Ta
     return Task(
         name=f"diffusion / {family.name}",
         make_model=lambda: family.build(cfg.model, nnx.Rngs(params=cfg.seed), policy(cfg)),
+        trainable=family.trainable(cfg.model),
         make_loss=lambda gd: make_loss(gd, obj, num_classes=classes, train=True),
         make_eval_loss=lambda gd: make_loss(gd, obj, num_classes=classes, train=False),
         train_data=lambda: make_image_data(

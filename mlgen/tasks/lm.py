@@ -63,6 +63,7 @@ def _build(cfg: Config, family: Family, mesh: Mesh, rules: sharding.Rules) -> Ta
     return Task(
         name=f"lm / {family.name}",
         make_model=lambda: family.build(cfg.model, nnx.Rngs(params=cfg.seed), policy(cfg)),
+        trainable=family.trainable(cfg.model),
         make_loss=lambda gd: make_loss(gd, train=True, **objective),
         make_eval_loss=lambda gd: make_loss(gd, train=False, **objective),
         train_data=lambda: make_lm_data(

@@ -28,16 +28,42 @@ from jax.sharding import PartitionSpec as P
 from mlgen.train.task import LossFn, TrainStep
 
 TrainState = dict[str, Any]
+Trainable = Callable[[str], bool] | None
+
+
+def trainable_part(tree: Any, trainable: Trainable) -> Any:
+    """``tree`` (shaped like the parameters) with the frozen leaves replaced by None: what the
+    gradient is taken of and the optimizer sees (``trainable``: a predicate on a leaf's
+    ``/``-joined path; None = every leaf trains)."""
+    if trainable is None:
+        return tree
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: (
+            x if trainable(jax.tree_util.keystr(path, simple=True, separator="/")) else None
+        ),
+        tree,
+    )
+
+
+def with_part(full: Any, part: Any) -> Any:
+    """``full`` with the leaves of ``part`` (a :func:`trainable_part`) put in."""
+    return jax.tree.map(lambda p, f: f if p is None else p, part, full, is_leaf=lambda x: x is None)
 
 
 def init_state(
-    params, optimizer: optax.GradientTransformation, *, model_state: Any = None, ema: bool = False
+    params,
+    optimizer: optax.GradientTransformation,
+    *,
+    model_state: Any = None,
+    ema: bool = False,
+    trainable: Trainable = None,
 ) -> TrainState:
+    """The train state at step 0; the optimizer state covers the trainable parameters only."""
     state = {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
         "model_state": {} if model_state is None else model_state,
-        "opt_state": optimizer.init(params),
+        "opt_state": optimizer.init(trainable_part(params, trainable)),
     }
     if ema:
         state["ema"] = jax.tree.map(jnp.copy, params)
@@ -45,7 +71,13 @@ def init_state(
 
 
 def state_shardings(
-    optimizer: optax.GradientTransformation, abstract: TrainState, param_sh, model_state_sh, mesh
+    optimizer: optax.GradientTransformation,
+    abstract: TrainState,
+    param_sh,
+    model_state_sh,
+    mesh,
+    *,
+    trainable: Trainable = None,
 ) -> dict:
     """Shardings of :func:`init_state`'s dict: optimizer moments where their parameters live."""
     replicated = NamedSharding(mesh, P())
@@ -58,7 +90,7 @@ def state_shardings(
             optimizer,
             lambda _, s: s,
             abstract["opt_state"],
-            param_sh,
+            trainable_part(param_sh, trainable),
             transform_non_params=lambda _: replicated,
         )
         return 0
@@ -102,6 +134,7 @@ def make_train_step(
     lr_schedule: Callable | None = None,
     ema_decay: float = 0.0,
     ema_warmup: int = 0,
+    trainable: Trainable = None,
 ):
     """Returns the pure ``step(state, batch, rng) -> (state, metrics)``.
 
@@ -109,11 +142,22 @@ def make_train_step(
     draws the same randomness. With ``grad_accum_steps = k`` the batch's leading dimension is
     split into k micro-batches whose gradients are averaged (a scan: one compiled body); the
     model state runs through the micro-batches in order.
+
+    ``trainable`` (a predicate on a parameter's path; None = all): the gradient is taken of
+    those parameters only and the optimizer updates only them (its state, from
+    :func:`init_state` with the same ``trainable``, holds nothing for the others); the frozen
+    ones are carried through unchanged, bit for bit (LoRA's base). ``grad_norm`` is the
+    trainable parameters' gradient norm.
     """
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def compute_grads(params, model_state, batch, rng):
+    def compute_grads(full, params, model_state, batch, rng):
+        # Differentiates with respect to ``params`` (the trainable part of ``full``) only.
+        if trainable is None:
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        else:
+            grad_fn = jax.value_and_grad(
+                lambda p, *rest: loss_fn(with_part(full, p), *rest), has_aux=True
+            )
         if grad_accum_steps == 1:
             (loss, (metrics, model_state)), grads = grad_fn(params, model_state, batch, rng)
             return loss, metrics, grads, model_state
@@ -147,11 +191,13 @@ def make_train_step(
 
     def step(state: TrainState, batch, rng) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(rng, state["step"])
+        full = state["params"]
+        part = trainable_part(full, trainable)
         loss, metrics, grads, model_state = compute_grads(
-            state["params"], state["model_state"], batch, rng
+            full, part, state["model_state"], batch, rng
         )
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], part)
+        params = with_part(full, optax.apply_updates(part, updates))
         new = {
             "step": state["step"] + 1,
             "params": params,
@@ -181,16 +227,17 @@ def default_step(
     lr_schedule: Callable | None = None,
     ema_decay: float = 0.0,
     ema_warmup: int = 0,
+    trainable: Trainable = None,
 ) -> TrainStep:
     """The :class:`TrainStep` of one optax optimizer over ``make_loss(graphdef)``
-    (every built-in task)."""
+    (every built-in task); ``trainable`` as in :func:`make_train_step`."""
     ema = ema_decay > 0
     return TrainStep(
         init=lambda params, model_state: init_state(
-            params, optimizer, model_state=model_state, ema=ema
+            params, optimizer, model_state=model_state, ema=ema, trainable=trainable
         ),
         shardings=lambda abstract, p_sh, s_sh, mesh: state_shardings(
-            optimizer, abstract, p_sh, s_sh, mesh
+            optimizer, abstract, p_sh, s_sh, mesh, trainable=trainable
         ),
         make=lambda graphdef: make_train_step(
             make_loss(graphdef),
@@ -199,6 +246,7 @@ def default_step(
             lr_schedule=lr_schedule,
             ema_decay=ema_decay,
             ema_warmup=ema_warmup,
+            trainable=trainable,
         ),
     )
 

@@ -78,6 +78,9 @@ class Task:
         ``mlgen.train.throughput``) for the model-FLOP/s and MFU metrics (0: report neither).
       train_step: the task's own :class:`TrainStep` (several optimizers); None = the one
         default step over ``make_loss`` with the config's optimizer.
+      trainable: which parameters train, a predicate on a parameter's ``/``-joined path
+        (``mlgen.models.family.Family.trainable``); None = all. The default step gives the
+        others no gradient and no optimizer state; a task's own ``train_step`` must honour it.
       batch_spec: ``() -> {key: (global shape, dtype)}`` of one train batch, read from the
         config alone (no data, no tokenizer): what ``mlgen plan`` compiles the step for.
     """
@@ -93,4 +96,5 @@ class Task:
     tokens_per_example: int = 0
     flops_per_example: float = 0.0
     train_step: TrainStep | None = None
+    trainable: Callable[[str], bool] | None = None
     batch_spec: Callable[[], dict[str, tuple[tuple[int, ...], Any]]] | None = None

@@ -127,6 +127,7 @@ def prepare(
         lr_schedule=sched,
         ema_decay=tc.ema_decay,
         ema_warmup=tc.ema_warmup,
+        trainable=task.trainable,
     )
     with sharding.use(mesh, rules):
         graphdef, state, shardings = sharding.sharded_init(

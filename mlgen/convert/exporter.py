@@ -51,7 +51,13 @@ def hf_tensors(cfg: TransformerConfig, params: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def export_hf(model_config: TransformerConfig, model: Transformer | dict, path: str | os.PathLike):
+def export_hf(
+    model_config: TransformerConfig,
+    model: Transformer | dict,
+    path: str | os.PathLike,
+    *,
+    special_ids: dict[str, int] | None = None,
+):
     """Writes ``config.json`` and ``model.safetensors`` of ``model`` into the directory ``path``.
 
     Args:
@@ -62,6 +68,9 @@ def export_hf(model_config: TransformerConfig, model: Transformer | dict, path: 
         adapters (``model_config.lora_rank`` > 0) are folded into their weights first
         (``mlgen.nn.core.merge_adapters``): Hugging Face's classes have no place for them.
       path: the output directory (created).
+      special_ids: the tokenizer's ``bos_id`` / ``eos_id`` / ``pad_id`` (negative: none), written
+        as ``bos_token_id`` ... in ``config.json`` and ``generation_config.json``, so that
+        ``transformers.generate`` stops where ``mlgen generate`` does.
 
     Raises:
       ConvertError: a model that no supported Hugging Face class can hold (one line).
@@ -80,5 +89,15 @@ def export_hf(model_config: TransformerConfig, model: Transformer | dict, path: 
         tensors = {k: v.astype(np.float32) for k, v in tensors.items()}
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
+    config = layout.to_hf(model_config, dtype)
+    ids = {
+        f"{name}_token_id": int(special_ids[f"{name}_id"])
+        for name in ("bos", "eos", "pad")
+        if special_ids and special_ids.get(f"{name}_id", -1) >= 0
+    }
+    config.update(ids)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(layout.to_hf(model_config, dtype), f, indent=2, sort_keys=True)
+        json.dump(config, f, indent=2, sort_keys=True)
+    if ids:
+        with open(os.path.join(path, "generation_config.json"), "w") as f:
+            json.dump(ids, f, indent=2, sort_keys=True)

@@ -117,6 +117,15 @@ def _write_run(
         config_lib.save_json(cfg, os.path.join(cfg.workdir, "config.json"))
 
 
+def _tokenizer_dir(cfg: Config, workdir: str) -> str:
+    """Where a run's pretrained tokenizer files are: ``data.tokenizer_path`` (a fine-tuning run
+    reads its source's), else the run directory (``import-hf`` copies them there)."""
+    data = cfg.data
+    if getattr(data, "tokenizer", "") == "pretrained" and getattr(data, "tokenizer_path", ""):
+        return data.tokenizer_path
+    return workdir
+
+
 def merge_lora_run(workdir: str, dst: str, *, step: int | None = None, ema: bool = True) -> Config:
     """Writes the run directory ``dst``: the LoRA run in ``workdir`` (latest or ``step``
     checkpoint; its EMA, if it has one and ``ema``) with every adapter folded into its weight
@@ -129,29 +138,35 @@ def merge_lora_run(workdir: str, dst: str, *, step: int | None = None, ema: bool
     saved = saved_config(workdir, step)
     model = saved.model
     if not getattr(model, "lora_rank", 0):
-        raise ConvertError(f"{workdir}: model.lora_rank is 0, there are no adapters to merge")
+        raise ConvertError(f"model.lora_rank: the run in {workdir} has 0: no adapters to merge")
     result = runs.restore(workdir, step=step)
     state = result.state
     params = state["ema"] if ema and "ema" in state else state["params"]
     merged = merge_adapters(params, model.lora.scale)
+    tokenizer = _tokenizer_dir(result.config, workdir)
+    data = result.config.data
+    if tokenizer != workdir:  # the merged run carries its tokenizer files itself
+        data = dataclasses.replace(data, tokenizer_path="")
     cfg = dataclasses.replace(
         result.config,
         workdir=os.fspath(dst),
         model=dataclasses.replace(model, lora_rank=0),
+        data=data,
         init_from="",
     )
     cfg.validate()
     _write_run(
         cfg,
         lambda abstract: jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), merged, abstract),
-        lambda d: _copy_files(workdir, d, (*_TOKENIZER_FILES, SPECIALS)),
+        lambda d: _copy_files(tokenizer, d, (*_TOKENIZER_FILES, SPECIALS)),
     )
     return cfg
 
 
 def export_run(workdir: str, dst: str, *, step: int | None = None, ema: bool = True) -> None:
     """Writes a run's model (latest or ``step`` checkpoint; its EMA, if it has one and ``ema``)
-    as a Hugging Face model directory ``dst``, with the run's pretrained tokenizer files (a LoRA
+    as a Hugging Face model directory ``dst``, with the run's pretrained tokenizer files (its
+    ``data.tokenizer_path``'s or its own) and their special ids in ``config.json`` (a LoRA
     run's adapters are folded into the weights: ``export_hf``)."""
     saved = saved_config(workdir, step)
     if not isinstance(saved.model, TransformerConfig):
@@ -162,5 +177,11 @@ def export_run(workdir: str, dst: str, *, step: int | None = None, ema: bool = T
     result = runs.restore(workdir, step=step)
     state = result.state
     params = state["ema"] if ema and "ema" in state else state["params"]
-    export_hf(result.config.model, params, dst)
-    _copy_files(workdir, dst, (*_TOKENIZER_FILES, SPECIALS))
+    tokenizer = _tokenizer_dir(result.config, workdir)
+    specials = os.path.join(tokenizer, SPECIALS)
+    ids = None
+    if os.path.isfile(specials):
+        with open(specials) as f:
+            ids = json.load(f)
+    export_hf(result.config.model, params, dst, special_ids=ids)
+    _copy_files(tokenizer, dst, (*_TOKENIZER_FILES, SPECIALS))

@@ -108,6 +108,8 @@ CASES = [
     # train: data and workdir, before the workdir is created
     ("train-missing-data", f"train {TINY} workdir={{new}} data.source=files data.paths={{root}}/none/*.txt", CFG_ERR + "data.paths: no files match", "{new}"),
     ("train-empty-corpus", f"train {TINY} workdir={{new}} data.source=files data.paths={{empty}}/*.txt", CFG_ERR + "data.paths: the 3 files matching ['{empty}/*.txt'] contain no text", "{new}"),
+    ("train-lora-target", f"train {TINY} workdir={{new}} model.lora_rank=8 model.lora_targets=q,x", CFG_ERR + "model.lora_targets: unknown projection(s) ['x']", "{new}"),
+    ("merge-lora-no-adapters", "convert merge-lora {lm} {new}", CFG_ERR + "model.lora_rank: the run in {lm} has 0: no adapters", "{new}"),
     ("train-workdir-is-file", f"train {TINY} workdir={{file}}", CFG_ERR + "workdir: '{file}' is a file, not a directory", None),
     ("train-workdir-under-file", f"train {TINY} workdir={{file}}/run", CFG_ERR + "workdir: '{file}/run' cannot be created: '{file}' is a file", None),
     ("train-workdir-readonly", f"train {TINY} workdir={{readonly}}/run", CFG_ERR + "workdir: '{readonly}/run' cannot be created: '{readonly}' is not writable", "{readonly}/run"),

@@ -2,6 +2,8 @@
 from (greedy: transformers' tokens) and training resumes from; ``export-hf`` back."""
 # ruff: noqa: E402  (torch through importorskip before the imports that need it)
 
+import json
+
 import numpy as np
 import pytest
 
@@ -58,3 +60,7 @@ def test_import_hf_run_generates_as_transformers_and_exports_back(tmp_path, caps
     with torch.no_grad():
         assert np.abs(back(tokens).logits.numpy() - hf(tokens).logits.numpy()).max() <= 1e-5
     assert (dst / "tokenizer.json").is_file()
+    # The tokenizer's special ids travel in config.json and generation_config.json.
+    ids = json.loads((dst / "generation_config.json").read_text())
+    assert ids["bos_token_id"] == 1 and ids["eos_token_id"] == 2
+    assert back.config.eos_token_id == 2 and back.generation_config.bos_token_id == 1

@@ -152,35 +152,50 @@ def grouped_swiglu(
     by expert, in expert order); rows past ``sum(group_sizes)`` give zeros.
 
     Args:
-      impl: ``"ragged"``: three ``jax.lax.ragged_dot`` grouped matmuls. On TPU and GPU they
-        lower to XLA's ragged-dot instruction (no padding, no wasted FLOPs); on CPU jax lowers
-        ragged_dot by masking the input once per group, E times the FLOPs and memory of the
-        matmul. ``"blocked"``: sort + dense: each group is padded to a multiple of
-        ``block_size`` rows, every block takes its expert's weights (gathered per block) and
-        runs a dense batched matmul; at most ``E * (block_size - 1)`` padding rows.
+      impl: ``"ragged"``: three ``jax.lax.ragged_dot`` grouped matmuls. jax emits XLA's
+        ``chlo.ragged_dot`` for TPU and GPU; the TPU compiler turns it into grouped-matmul
+        kernels (no padding, no wasted FLOPs; compiled here for a v5e slice, not run; GPU not
+        checked). On CPU jax lowers ragged_dot by masking the input once per group: E times
+        the FLOPs and memory of the matmul. ``"blocked"``: sort + dense: each group is padded
+        to a multiple of ``block_size`` rows, every block takes its expert's weights (a
+        one-hot matmul) and runs a dense batched matmul; at most ``E * (block_size - 1)``
+        padding rows.
         ``"auto"`` (default): ragged on TPU / GPU, blocked elsewhere (the platform compiled
         for: ``mlgen.ops.platform``).
 
-        Measured on the 2-core CPU (AVX2), T=2048 tokens, D=256, F=512, E=8, k=2, float32,
-        jit forward + backward of the whole dispatch, median of 7 alternating runs
-        (``python -m mlgen bench moe``): ragged 0.60 s, blocked (128) 0.078 s, capacity
-        (factor 1.25) 0.083 s. Blocked is therefore CPU's choice; ragged keeps TPU's and
-        GPU's native grouped matmul.
+        Measured on the 2-core CPU (AVX2, shared with other jobs: load 3-7), T=2048 tokens,
+        D=256, F=512, E=8, k=2, float32, jit forward + backward of routing and dispatch,
+        median of 11 alternating rounds (``python -m mlgen bench moe --block-size 128 256``):
+        ragged 3.26 s, blocked 1.01 s (block 128) / 0.97 s (256), capacity (factor 1.25,
+        same padded rows: 5120) 0.65 s. Ragged is 3x slower than blocked here (its CPU
+        lowering does E times the FLOPs), so ``auto`` takes blocked on CPU; blocked trails
+        capacity by ~1.5x, the cost of 40 small per-block matmuls (and their per-block weight
+        gradients) against 8 large ones. Where XLA has the instruction, ``auto`` takes ragged.
       block_size: rows per block of ``"blocked"``.
     """
-    if impl not in GROUPED_IMPLS:
-        raise ValueError(f"grouped_swiglu: impl must be one of {GROUPED_IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = "ragged" if platform(xs) in ("tpu", "gpu") else "blocked"
-    if impl == "ragged":
+    if _grouped_impl(impl, xs) == "ragged":
         rd = jax.lax.ragged_dot
         h = jax.nn.silu(rd(xs, w_gate, group_sizes)) * rd(xs, w_up, group_sizes)
         return rd(h, w_down, group_sizes)
-    return _blocked_swiglu(xs, group_sizes, w_gate, w_up, w_down, block_size)
+    rows = jnp.arange(xs.shape[0], dtype=jnp.int32)
+    out, dest = _blocked_swiglu(xs, rows, group_sizes, w_gate, w_up, w_down, block_size)
+    return out[dest]
 
 
-def _blocked_swiglu(xs, group_sizes, w_gate, w_up, w_down, block_size):
-    M, D = xs.shape
+def _grouped_impl(impl: str, x: jax.Array) -> str:
+    if impl not in GROUPED_IMPLS:
+        raise ValueError(f"grouped matmuls: impl must be one of {GROUPED_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "ragged" if platform(x) in ("tpu", "gpu") else "blocked"
+    return impl
+
+
+def _blocked_swiglu(source, rows_of, group_sizes, w_gate, w_up, w_down, block_size):
+    """Sort + dense: the grouped SwiGLU of rows ``source[rows_of[i]]`` (i < M, grouped by
+    expert). Returns ``(out, dest)``: row i's output is ``out[dest[i]]`` (a zero row for rows
+    past the groups), so a caller composes its own permutation into that one gather."""
+    N, D = source.shape
+    M = rows_of.shape[0]
     E = w_gate.shape[0]
     b = max(1, min(block_size, M))
     nb = -(-M // b) + E  # sum_e ceil(g_e / b) <= ceil(M / b) + E blocks, whatever the groups
@@ -192,19 +207,19 @@ def _blocked_swiglu(xs, group_sizes, w_gate, w_up, w_down, block_size):
     group = jnp.searchsorted(ends, rows, side="right")  # E for rows past every group
     g = jnp.minimum(group, E - 1)
     dest = padded_ends[g] - padded[g] + rows - (ends[g] - group_sizes[g])
-    dest = jnp.where(group < E, dest, nb * b)  # -> the spare row, dropped below
-    # Gather (not scatter) both ways: src[p] is the input row padded row p holds (M = none).
-    src = jnp.full((nb * b + 1,), M, jnp.int32).at[dest].set(rows)[: nb * b]
-    xpad = jnp.concatenate([xs, jnp.zeros((1, D), xs.dtype)])[src].reshape(nb, b, D)
+    dest = jnp.where(group < E, dest, nb * b)  # -> the zero row
+    # Gathers both ways, no scatter of activations: padded row p holds source row src[p]
+    # (N: none, the zero row).
+    src = jnp.full((nb * b + 1,), N, jnp.int32).at[dest].set(rows_of.astype(jnp.int32))
+    xpad = jnp.concatenate([source, jnp.zeros((1, D), source.dtype)])[src[: nb * b]]
     block_expert = jnp.searchsorted(padded_ends, jnp.arange(nb, dtype=jnp.int32) * b, side="right")
     block_expert = jnp.minimum(block_expert, E - 1)  # trailing empty blocks: any expert
     # Each block's weights by a one-hot matmul, not a gather: the gradient is then a matmul
     # too, where a gather's is a scatter-add of nb weight matrices (slow on XLA:CPU).
     pick = jax.nn.one_hot(block_expert, E, dtype=w_gate.dtype)
     per_block = [jnp.einsum("nE,E...->n...", pick, w) for w in (w_gate, w_up, w_down)]
-    out = expert_swiglu(xpad, *per_block)
-    out = jnp.concatenate([out.reshape(nb * b, D), jnp.zeros((1, D), out.dtype)])
-    return out[dest]
+    out = expert_swiglu(xpad.reshape(nb, b, D), *per_block).reshape(nb * b, D)
+    return jnp.concatenate([out, jnp.zeros((1, D), out.dtype)]), dest
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -231,11 +246,16 @@ def dropless(
     T, D = x.shape
     k = experts.shape[1]
     order, group_sizes = sort_by_expert(experts, w_gate.shape[0])
-    ys = grouped_swiglu(
-        x[order // k], group_sizes, w_gate, w_up, w_down, impl=impl, block_size=block_size
-    )
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(T * k, dtype=order.dtype))
-    y = _combine(ys[inverse].reshape(T, k, D), weights, x.dtype)
+    if _grouped_impl(impl, x) == "blocked":
+        # Straight from the tokens into the padded blocks and back: one gather each way
+        # (grouped_swiglu of the sorted rows would add two, and their scatter-add gradients).
+        out, dest = _blocked_swiglu(x, order // k, group_sizes, w_gate, w_up, w_down, block_size)
+        ys = out[dest[inverse]]
+    else:
+        ys = grouped_swiglu(x[order // k], group_sizes, w_gate, w_up, w_down, impl="ragged")
+        ys = ys[inverse]
+    y = _combine(ys.reshape(T, k, D), weights, x.dtype)
     return y, {"tokens_per_expert": group_sizes, "dropped": jnp.zeros((), jnp.int32)}
 
 

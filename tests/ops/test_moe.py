@@ -209,6 +209,31 @@ def test_load_balancing_loss_matches_transformers():
         np.testing.assert_allclose(got, float(want), **TOL)
 
 
+def test_dispatch_runs_per_shard_under_shard_map():
+    """Each of 8 devices routes and dispatches its own tokens (what an expert-parallel layer
+    builds on); dispatch is per token, so the result is the global one."""
+    from jax.sharding import PartitionSpec as P
+
+    x, wr, *w = _problem(T=32)
+    weights, experts, _ = moe.route(x @ wr, 2, renormalize=True)
+    want = jax.jit(moe.dropless)(x, weights, experts, *w)[0]
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    for path in ("ragged", "blocked-4", "capacity"):
+        dispatch = _path(path)
+
+        def local(x, wr, *w):
+            weights, experts, _ = moe.route(x @ wr, 2, renormalize=True)
+            y, stats = dispatch(x, weights, experts, *w, E=4, k=2)
+            return y, jax.lax.psum(stats["dropped"], "data")
+
+        per_shard = jax.shard_map(
+            local, mesh=mesh, in_specs=(P("data"),) + (P(),) * 4, out_specs=(P("data"), P())
+        )
+        y, dropped = jax.jit(per_shard)(x, wr, *w)
+        np.testing.assert_allclose(y, want, **TOL)
+        assert int(dropped) == 0
+
+
 def test_auto_picks_blocked_on_cpu_and_ragged_when_lowering_for_tpu():
     x, wr, *w = _problem()
     weights, experts, _ = moe.route(x @ wr, 2, renormalize=True)

@@ -1,6 +1,6 @@
 """Benchmarks behind ``mlgen bench NAME``; each module has ``run(argv)`` and prints JSON lines."""
 
-from mlgen.bench import attention, diffusion, generate, peak, ring, train
+from mlgen.bench import attention, diffusion, generate, moe, peak, ring, train
 from mlgen.bench.timing import median_time, time_train_step
 
 BENCHES = {
@@ -10,6 +10,7 @@ BENCHES = {
     "ring": ring.run,
     "diffusion": diffusion.run,
     "peak": peak.run,
+    "moe": moe.run,
 }
 
 

@@ -1,7 +1,9 @@
-"""Pure array functions (no parameters, no Flax): attention backends, ring attention, losses."""
+"""Pure array functions (no parameters, no Flax): attention backends, ring attention, losses,
+mixture-of-experts routing and dispatch (``mlgen.ops.moe``)."""
 
+from mlgen.ops import moe
 from mlgen.ops.attention import attention
 from mlgen.ops.attention.ring import ring_attention
 from mlgen.ops.losses import cross_entropy
 
-__all__ = ["attention", "cross_entropy", "ring_attention"]
+__all__ = ["attention", "cross_entropy", "moe", "ring_attention"]

@@ -32,6 +32,7 @@ PARAM_AXES = (
     "kv_heads",  # key/value heads K
     "head_dim",  # H
     "mlp",  # F
+    "expert",  # E: the stacked experts of an MoE layer
     "vocab",  # V
     "channels",  # conv output channels / generic feature axis
     "channels_in",  # conv input channels

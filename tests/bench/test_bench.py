@@ -180,7 +180,22 @@ def test_peak(capsys):
     assert r["peak_flops"] == pytest.approx(r["cpu_gflops"] * 1e9)
 
 
+def test_moe(capsys):
+    run(
+        "moe",
+        ["--tokens", "16", "--d-model", "8", "--mlp-dim", "8", "--experts", "4"]
+        + ["--block-size", "4", "--rounds", "1"],
+    )
+    rows = _json_lines(capsys.readouterr().out)
+    assert [(r["path"], r.get("block_size")) for r in rows] == [
+        ("ragged", None),
+        ("blocked", 4),
+        ("capacity", None),
+    ]
+    assert all(r["bench"] == "mlgen-moe" and r["median_s"] > 0 for r in rows)
+
+
 def test_unknown_bench_is_named():
     with pytest.raises(SystemExit, match="unknown benchmark 'nope'"):
         run("nope", [])
-    assert set(BENCHES) == {"train", "generate", "attention", "ring", "diffusion", "peak"}
+    assert set(BENCHES) == {"train", "generate", "attention", "ring", "diffusion", "peak", "moe"}

@@ -41,10 +41,9 @@ def hf_tensors(cfg: TransformerConfig, params: dict) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for key, src in srcs.items():
         value = np.asarray(jax.device_get(flat[key]))
-        stacked = key.startswith("blocks/")
-        layers = value if stacked else value[None]
-        for i, each in enumerate(layers):
-            name = src.name.format(i=i)
+        n = src.lead(key)
+        names = src.names(tuple(range(k) for k in value.shape[:n]))
+        for name, each in zip(names, value.reshape((-1,) + value.shape[n:]), strict=True):
             if name not in out:
                 out[name] = np.zeros(src.tensor_shape(each.shape), each.dtype)
             _to_tensor(src, each, out[name])

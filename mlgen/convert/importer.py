@@ -52,12 +52,10 @@ def load_params(path: str, arch: str, cfg: TransformerConfig, abstract: dict) ->
             raise ConvertError(f"{missing[0]}: no checkpoint tensor maps to this parameter")
         used = set()
         for key, src in srcs.items():
-            stacked = key.startswith("blocks/")
+            n = src.lead(key)
             shape = tuple(flat[key].shape)
-            check_shapes(
-                ckpt, src, shape[1:] if stacked else shape, cfg.num_layers if stacked else None
-            )
-            used.update(src.name.format(i=i) for i in range(cfg.num_layers if stacked else 1))
+            check_shapes(ckpt, src, shape[n:], shape[:n])
+            used.update(src.names(tuple(range(k) for k in shape[:n])))
         extra = sorted(ckpt.names - used)
         if extra:
             raise ConvertError(
@@ -72,7 +70,7 @@ def load_params(path: str, arch: str, cfg: TransformerConfig, abstract: dict) ->
             dtype = np.dtype(leaf.dtype)
 
             def callback(index, src=src, shape=shape, key=key, dtype=dtype):
-                return read(ckpt, src, shape, index, stacked=key.startswith("blocks/"), dtype=dtype)
+                return read(ckpt, src, shape, index, lead=src.lead(key), dtype=dtype)
 
             out[key] = jax.make_array_from_callback(shape, target, callback)
     return layout.nest(out)
@@ -110,7 +108,8 @@ def import_hf(
 
     Reads ``config.json`` and ``model.safetensors`` (or the shards ``model.safetensors.index.json``
     lists) with ``safetensors``; pickled weights (``.bin``) are refused. Supported:
-    ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``GPT2LMHeadModel``.
+    ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``MixtralForCausalLM``,
+    ``GPT2LMHeadModel``.
 
     Args:
       path: the model directory.

@@ -9,7 +9,9 @@ and GPT-2's fused ``c_attn`` holds q, k and v side by side (``offset``). Importi
 both read these tables; nothing else knows a Hugging Face name.
 
 Supported: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (the llama
-flavour) and ``GPT2LMHeadModel`` (the gpt2 flavour).
+flavour), ``MixtralForCausalLM`` (the llama flavour with an MoE layer in every block: one
+checkpoint tensor per layer and expert, ``{i}`` and ``{j}`` in its name) and ``GPT2LMHeadModel``
+(the gpt2 flavour).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ LLAMA_FAMILY = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "MixtralForCausalLM": "mixtral",
 }
+MIXTRAL = "MixtralForCausalLM"
 GPT2 = "GPT2LMHeadModel"
 ARCHITECTURES = (*LLAMA_FAMILY, GPT2)
 
@@ -44,7 +48,8 @@ class Source:
     """One checkpoint tensor (per layer, for a stacked parameter) holding an mlgen parameter.
 
     Attributes:
-      name: the tensor's name; ``{i}`` stands for the layer index.
+      name: the tensor's name; ``{i}`` stands for the layer index, ``{j}`` for the expert's
+        (a parameter stacked over layers and experts: one tensor per layer and expert).
       groups: per checkpoint dimension, the mlgen dimensions (of one layer) it holds, outer
         to inner (a row-major merge).
       offset: ``(checkpoint dim, start, total size)`` when the parameter is a slice of that
@@ -54,6 +59,19 @@ class Source:
     name: str
     groups: tuple[tuple[int, ...], ...]
     offset: tuple[int, int, int] | None = None
+
+    def lead(self, key: str) -> int:
+        """How many leading dimensions of the mlgen parameter at ``key`` index tensors (layers,
+        then experts) rather than lie in one."""
+        return int(key.startswith("blocks/")) + int("{j}" in self.name)
+
+    def names(self, ranges: tuple[range, ...]) -> list[str]:
+        """The tensor names of the layers (and experts) in ``ranges``, outer to inner."""
+        if not ranges:
+            return [self.name]
+        if len(ranges) == 1:
+            return [self.name.format(i=i) for i in ranges[0]]
+        return [self.name.format(i=i, j=j) for i in ranges[0] for j in ranges[1]]
 
     def tensor_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The checkpoint tensor's shape, for an mlgen (per-layer) ``shape``."""
@@ -83,10 +101,15 @@ def sources(cfg: TransformerConfig, arch: str, prefix: str = "") -> dict[str, So
         "blocks/attn_norm/scale": Source(L + "input_layernorm.weight", ((0,),)),
         "blocks/mlp_norm/scale": Source(L + "post_attention_layernorm.weight", ((0,),)),
         "blocks/attn/o/kernel": Source(L + "self_attn.o_proj.weight", ((2,), (0, 1))),
-        "blocks/mlp/gate/kernel": Source(L + "mlp.gate_proj.weight", ((1,), (0,))),
-        "blocks/mlp/up/kernel": Source(L + "mlp.up_proj.weight", ((1,), (0,))),
-        "blocks/mlp/down/kernel": Source(L + "mlp.down_proj.weight", ((1,), (0,))),
     }
+    if arch == MIXTRAL:
+        moe = L + "block_sparse_moe."
+        out["blocks/moe/router/kernel"] = Source(moe + "gate.weight", ((1,), (0,)))
+        for ours, theirs in (("gate", "w1"), ("down", "w2"), ("up", "w3")):
+            out[f"blocks/moe/{ours}"] = Source(moe + f"experts.{{j}}.{theirs}.weight", ((1,), (0,)))
+    else:
+        for p in ("gate", "up", "down"):
+            out[f"blocks/mlp/{p}/kernel"] = Source(L + f"mlp.{p}_proj.weight", ((1,), (0,)))
     for p in "qkv":
         out[f"blocks/attn/{p}/kernel"] = Source(L + f"self_attn.{p}_proj.weight", ((1, 2), (0,)))
         if cfg.qkv_bias:
@@ -228,6 +251,21 @@ def to_mlgen(hf: dict) -> tuple[str, TransformerConfig]:
         window = hf.get("sliding_window") or 0
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    moe = {}
+    if kind == "mixtral":
+        moe = dict(
+            moe_every=1,
+            num_experts=hf["num_local_experts"],
+            experts_per_token=hf["num_experts_per_tok"],
+            moe_lb_weight=float(hf.get("router_aux_loss_coef", 0.001)),
+            moe_z_weight=0.0,  # Mixtral trains with the load-balancing loss alone
+        )
+        _need(
+            not hf.get("router_jitter_noise", 0.0),
+            "router_jitter_noise",
+            "router noise is not supported",
+        )
+        window = hf.get("sliding_window") or 0
     rope = {}
     if scaling:
         rope = dict(
@@ -253,6 +291,7 @@ def to_mlgen(hf: dict) -> tuple[str, TransformerConfig]:
         qkv_bias=kind == "qwen2",
         sliding_window=int(window),
         **rope,
+        **moe,
     )
     return arch, _validated(cfg)
 
@@ -274,6 +313,20 @@ def export_architecture(cfg: TransformerConfig) -> str:
                 "d_model / num_heads; this model cannot be exported as GPT2LMHeadModel"
             )
         return GPT2
+    if cfg.moe_every:
+        mixtral = (
+            cfg.moe_every == 1
+            and not cfg.num_shared_experts
+            and cfg.moe_score == "softmax"
+            and cfg.moe_renormalize
+            and not cfg.qkv_bias
+        )
+        if not mixtral:
+            raise ConvertError(
+                "model.moe_every: only Mixtral's MoE (every layer, softmax top-k renormalised, "
+                "no shared experts, no q/k/v biases) is exported"
+            )
+        return MIXTRAL
     if cfg.qkv_bias:
         if cfg.sliding_window:
             raise ConvertError(
@@ -341,4 +394,14 @@ def to_hf(cfg: TransformerConfig, dtype: str) -> dict:
         out["sliding_window"] = cfg.sliding_window
     if arch == "Qwen2ForCausalLM":
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=0)
+    if arch == MIXTRAL:
+        out.update(
+            intermediate_size=cfg.expert_hidden,
+            num_local_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.experts_per_token,
+            router_aux_loss_coef=cfg.moe_lb_weight,
+            router_jitter_noise=0.0,
+            output_router_logits=False,
+            sliding_window=cfg.sliding_window or None,
+        )
     return out

@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator
 
 import numpy as np
 from safetensors import safe_open
@@ -85,16 +84,12 @@ class Checkpoint(contextlib.AbstractContextManager):
         return self._slice(name)[slices]
 
 
-def _layer_names(src: Source, layers: range) -> Iterator[str]:
-    for i in layers:
-        yield src.name.format(i=i)
-
-
-def check_shapes(ckpt: Checkpoint, src: Source, shape: tuple[int, ...], layers: int | None):
+def check_shapes(ckpt: Checkpoint, src: Source, shape: tuple[int, ...], lead: tuple[int, ...]):
     """Raises a one-line :class:`ConvertError` naming the first tensor of ``src`` that is
-    missing or does not have the shape the config gives it (``shape``: mlgen's, per layer)."""
+    missing or does not have the shape the config gives it (``shape``: mlgen's, per tensor;
+    ``lead``: the sizes of the dimensions that index tensors, layers and experts)."""
     want = src.tensor_shape(shape)
-    for name in _layer_names(src, range(layers or 1)):
+    for name in src.names(tuple(range(n) for n in lead)):
         got = ckpt.shape(name)
         if got != want:
             raise ConvertError(
@@ -108,21 +103,19 @@ def read(
     shape: tuple[int, ...],
     index: tuple[slice, ...],
     *,
-    stacked: bool,
+    lead: int,
     dtype,
 ) -> np.ndarray:
-    """The block ``index`` of an mlgen parameter of ``shape`` (a leading layers axis when
-    ``stacked``), read from the checkpoint slices that hold it and nothing more."""
+    """The block ``index`` of an mlgen parameter of ``shape`` (whose ``lead`` leading
+    dimensions index tensors: layers, experts), read from the checkpoint slices that hold it
+    and nothing more."""
     index = tuple(s.indices(n) for s, n in zip(index, shape))
-    if stacked:
-        (l0, l1, _), index, shape = index[0], index[1:], shape[1:]
-        return np.stack(
-            [
-                _read_one(ckpt, src, name, shape, index, dtype)
-                for name in _layer_names(src, range(l0, l1))
-            ]
-        )
-    return _read_one(ckpt, src, src.name, shape, index, dtype)
+    outer, index, inner = index[:lead], index[lead:], shape[lead:]
+    ranges = tuple(range(a, b) for a, b, _ in outer)
+    blocks = [_read_one(ckpt, src, name, inner, index, dtype) for name in src.names(ranges)]
+    if not lead:
+        return blocks[0]
+    return np.stack(blocks).reshape(tuple(len(r) for r in ranges) + blocks[0].shape)
 
 
 def _read_one(ckpt, src: Source, name: str, shape, index, dtype) -> np.ndarray:

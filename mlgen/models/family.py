@@ -30,7 +30,9 @@ class Family:
         saved config).
       config: its frozen config class (with ``validate()``).
       kind: the interface its modules implement: ``"decoder"`` (``model(tokens, positions=,
-        segment_ids=, rng=, return_hidden=)``, ``model.logits``, ``init_cache`` / ``decode`` /
+        segment_ids=, rng=, return_hidden=, return_aux=)``: logits, or ``(logits, aux)`` with
+        ``aux`` a dict of float32 scalars (``aux["loss"]``, if any, joins the objective),
+        ``model.logits``, ``init_cache`` / ``decode`` /
         ``max_length`` / ``for_decoding``) or ``"denoiser"`` (``model(x, time, labels, rng=)``,
         with ``image_size``, ``in_channels``, ``output_channels``, ``num_classes`` on its config).
       build: ``(config, rngs, policy) -> nnx.Module``; ``policy`` (``mlgen.nn.policy.Policy``)

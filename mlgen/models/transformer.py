@@ -16,6 +16,10 @@ Supports:
   by its attention layer), ``decode`` (the per-layer loop), ``max_length``, ``for_decoding``;
 - every attention backend of ``mlgen.ops.attention`` (``attention``: one ``AttentionConfig``);
 - logical axis names on every parameter and activation constraints at block boundaries;
+- mixture of experts (``moe_every`` > 0): every ``moe_every``-th layer's MLP is an MoE layer
+  (``mlgen.nn.moe``: top-k routing, dropless or capacity dispatch, shared experts); the layer
+  scan runs over groups of ``moe_every`` layers, so compile time stays independent of depth,
+  and the routers' auxiliary losses come back with ``return_aux``;
 - LoRA (``lora_rank`` > 0): low-rank adapters on the projections named in ``lora_targets``;
   only the adapters train (the family's ``trainable``), the base stays frozen.
 
@@ -31,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlgen.config import check, prefixed
+from mlgen.config import ConfigError, check, prefixed
 from mlgen.models.family import Family, register
 from mlgen.nn.attention import KVCache, SelfAttention
 from mlgen.nn.core import (
@@ -46,6 +50,7 @@ from mlgen.nn.core import (
     param,
 )
 from mlgen.nn.mlp import MLP
+from mlgen.nn.moe import MoE, MoEConfig
 from mlgen.nn.policy import Policy
 from mlgen.nn.rope import Llama3Scaling
 from mlgen.ops.attention import AttentionConfig
@@ -83,6 +88,20 @@ class TransformerConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: str = "q,k,v,o"
+    # Mixture of experts: moe_every = k > 0 makes layers k-1, 2k-1, ... MoE layers (1: every
+    # layer, as Mixtral); each has num_experts SwiGLU experts of width moe_mlp_dim (0 = the
+    # dense MLP's), experts_per_token chosen per token, plus num_shared_experts always-on ones.
+    moe_every: int = 0
+    num_experts: int = 8
+    experts_per_token: int = 2
+    num_shared_experts: int = 0
+    moe_mlp_dim: int = 0
+    moe_score: Literal["softmax", "sigmoid"] = "softmax"
+    moe_renormalize: bool = True  # divide the k chosen scores by their sum (Mixtral)
+    moe_dispatch: Literal["dropless", "capacity"] = "dropless"
+    moe_capacity_factor: float = 1.25
+    moe_lb_weight: float = 0.01  # load-balancing loss weight (Mixtral's router_aux_loss_coef)
+    moe_z_weight: float = 0.001  # router z-loss weight
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     # Dtypes and remat are the run's (``precision``, ``remat``: ``mlgen.nn.policy.Policy``).
     # Run the stacked layers with a lax.scan (compile time independent of depth) or unrolled,
@@ -118,6 +137,22 @@ class TransformerConfig:
             high_freq_factor=self.rope_high_freq_factor,
             original_max_len=self.rope_original_max_len,
         )
+
+    @property
+    def moe(self) -> MoEConfig | None:
+        """The MoE layers' config (None for a dense model)."""
+        if not self.moe_every:
+            return None
+        return MoEConfig(**{ours: getattr(self, theirs) for theirs, ours in _MOE_FIELDS.items()})
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers // self.moe_every if self.moe_every else 0
+
+    @property
+    def expert_hidden(self) -> int:
+        """Each expert's MLP width."""
+        return self.moe_mlp_dim or self.hidden
 
     @property
     def lora(self) -> LoRA | None:
@@ -212,6 +247,28 @@ class TransformerConfig:
                 f"unknown projection(s) {unknown} for the {self.flavour} flavour; choose from "
                 f"{sorted(known)}, attn, mlp or all",
             )
+        check(self.moe_every >= 0, "moe_every", f"must be >= 0 (0 = dense), got {self.moe_every}")
+        if self.moe_every:
+            check(
+                self.num_layers % self.moe_every == 0,
+                "moe_every",
+                f"{self.moe_every} does not divide num_layers={self.num_layers}",
+            )
+            check(
+                self.flavour == "llama", "moe_every", "MoE layers need the llama flavour (SwiGLU)"
+            )
+            check(self.moe_mlp_dim >= 0, "moe_mlp_dim", f"must be >= 0, got {self.moe_mlp_dim}")
+            check(
+                not self.adapted & {"gate", "up", "down"},
+                "lora_targets",
+                "LoRA adapts dense projections; MoE experts take none (use q,k,v,o)",
+            )
+            try:
+                self.moe.validate()
+            except ConfigError as e:  # named by this config's field, not MoEConfig's
+                field, _, rest = str(e).partition(":")
+                ours = {v: k for k, v in _MOE_FIELDS.items()}.get(field, field)
+                raise ConfigError(f"{ours}:{rest}") from None
         prefixed("attention", self.attention.validate)
 
     @property
@@ -220,10 +277,41 @@ class TransformerConfig:
         return self.max_len if self.flavour == "gpt2" else None
 
 
-class Block(nnx.Module):
-    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+# TransformerConfig field -> MoEConfig field
+_MOE_FIELDS = {
+    "num_experts": "num_experts",
+    "experts_per_token": "experts_per_token",
+    "num_shared_experts": "num_shared_experts",
+    "moe_score": "score",
+    "moe_renormalize": "renormalize",
+    "moe_dispatch": "dispatch",
+    "moe_capacity_factor": "capacity_factor",
+    "moe_lb_weight": "load_balance_weight",
+    "moe_z_weight": "router_z_weight",
+}
 
-    def __init__(self, cfg: TransformerConfig, *, policy: Policy, rngs: nnx.Rngs):
+# How the MoE layers' auxiliary values combine over layers: the extremes of the expert load,
+# the mean of the rest (losses, the dropped fraction).
+_AUX_REDUCE = {"expert_load_max": jnp.maximum, "expert_load_min": jnp.minimum}
+
+
+def _aux_init(names) -> dict[str, jax.Array]:
+    start = {jnp.maximum: -jnp.inf, jnp.minimum: jnp.inf}
+    return {n: jnp.asarray(start.get(_AUX_REDUCE.get(n), 0.0), jnp.float32) for n in names}
+
+
+def _aux_add(acc: dict, new: dict) -> dict:
+    return {k: _AUX_REDUCE.get(k, jnp.add)(acc[k], new[k]) for k in acc}
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))`` (``moe``:
+    ``x + moe(norm(x))``, an MoE layer in place of the MLP). Returns ``(x, aux)``: the MoE
+    layer's auxiliary scalars, or ``{}``."""
+
+    def __init__(
+        self, cfg: TransformerConfig, *, policy: Policy, rngs: nnx.Rngs, moe: bool = False
+    ):
         dtype, pdtype = policy.dtype, policy.param_dtype
         gpt2 = cfg.flavour == "gpt2"
         Norm = LayerNorm if gpt2 else RMSNorm
@@ -246,25 +334,40 @@ class Block(nnx.Module):
             rngs=rngs,
         )
         self.mlp_norm = Norm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdtype, rngs=rngs)
-        self.mlp = MLP(
-            cfg.d_model,
-            cfg.hidden,
-            kind="gelu" if gpt2 else "swiglu",
-            use_bias=gpt2,
-            lora=cfg.lora,
-            lora_targets=cfg.adapted,
-            dtype=dtype,
-            param_dtype=pdtype,
-            rngs=rngs,
+        self.mlp = (
+            None
+            if moe
+            else MLP(
+                cfg.d_model,
+                cfg.hidden,
+                kind="gelu" if gpt2 else "swiglu",
+                use_bias=gpt2,
+                lora=cfg.lora,
+                lora_targets=cfg.adapted,
+                dtype=dtype,
+                param_dtype=pdtype,
+                rngs=rngs,
+            )
+        )
+        self.moe = (
+            MoE(cfg.d_model, cfg.expert_hidden, cfg.moe, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+            if moe
+            else None
         )
         self.dropout = cfg.dropout
+
+    def _ffn(self, x, segment_ids=None):
+        if self.moe is None:
+            return self.mlp(x), {}
+        return self.moe(x, mask=None if segment_ids is None else segment_ids > 0)
 
     def __call__(self, x, *, positions, segment_ids, rng=None):
         r1, r2 = jax.random.split(rng) if rng is not None else (None, None)
         h = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids)
         x = x + dropout(h, self.dropout, r1)
-        x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout, r2)
-        return constrain(x, _ACT)
+        h, aux = self._ffn(self.mlp_norm(x), segment_ids)
+        x = x + dropout(h, self.dropout, r2)
+        return constrain(x, _ACT), aux
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         return self.attn.init_cache(batch, max_len)
@@ -272,7 +375,62 @@ class Block(nnx.Module):
     def decode(self, x, positions, cache: KVCache) -> tuple[jax.Array, KVCache]:
         h, cache = self.attn.decode(self.attn_norm(x), positions, cache)
         x = x + h
-        return constrain(x + self.mlp(self.mlp_norm(x)), _ACT), cache
+        return constrain(x + self._ffn(self.mlp_norm(x))[0], _ACT), cache
+
+
+class LayerGroup(nnx.Module):
+    """``moe_every`` consecutive layers as one scan step: ``moe_every - 1`` dense blocks (stacked
+    on their own ``layers`` axis, run by an inner scan) and then one MoE block."""
+
+    def __init__(self, cfg: TransformerConfig, *, policy: Policy, rngs: nnx.Rngs):
+        self.dense = _stack(cfg.moe_every - 1, lambda r: Block(cfg, policy=policy, rngs=r), rngs)
+        self.moe = Block(cfg, policy=policy, rngs=rngs, moe=True)
+        self.size, self.policy = cfg.moe_every, policy
+
+    def __call__(self, x, *, positions, segment_ids, rng=None):
+        rngs = jax.random.split(rng, self.size) if rng is not None else None
+
+        def body(block, x, r):
+            return block(x, positions=positions, segment_ids=segment_ids, rng=r)[0]
+
+        x = _scan(self.dense, x, None if rngs is None else rngs[:-1], body)
+        return self.moe(
+            x, positions=positions, segment_ids=segment_ids, rng=None if rngs is None else rngs[-1]
+        )
+
+    def layers(self) -> list[Block]:
+        return [*_unstack(self.dense, self.size - 1), self.moe]
+
+
+def _stack(n: int, make, rngs: nnx.Rngs):
+    """``n`` modules ``make(rngs)`` stacked on a leading ``layers`` axis."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build(r):
+        return make(r)
+
+    return build(rngs)
+
+
+def _scan(stacked, carry, xs, body):
+    """``carry = body(layer, carry, x)`` over the layers of ``stacked`` (and ``xs``)."""
+
+    @nnx.scan(
+        in_axes=(0, nnx.Carry, 0),
+        out_axes=nnx.Carry,
+        transform_metadata={nnx.PARTITION_NAME: "layers"},
+    )
+    def run(layer, c, x):
+        return body(layer, c, x)
+
+    return run(stacked, carry, xs)
+
+
+def _unstack(stacked, n: int) -> list:
+    """The ``n`` modules of a stack (slices of its parameters)."""
+    graphdef, state = nnx.split(stacked)
+    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(n)]
 
 
 _ACT = ("batch", "length", "act_embed")
@@ -295,12 +453,16 @@ class Transformer(nnx.Module):
             else None
         )
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(r):
-            return Block(cfg, policy=policy, rngs=r)
-
-        self.blocks = make_blocks(rngs)
+        # The scanned stack: layers (dense, or every one MoE), or groups of moe_every layers.
+        if cfg.moe_every > 1:
+            self.blocks = _stack(
+                cfg.num_moe_layers, lambda r: LayerGroup(cfg, policy=policy, rngs=r), rngs
+            )
+        else:
+            moe = cfg.moe_every == 1
+            self.blocks = _stack(
+                cfg.num_layers, lambda r: Block(cfg, policy=policy, rngs=r, moe=moe), rngs
+            )
         Norm = LayerNorm if cfg.flavour == "gpt2" else RMSNorm
         self.final_norm = Norm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdtype, rngs=rngs)
         self.head = (
@@ -332,42 +494,51 @@ class Transformer(nnx.Module):
         segment_ids: Int[Array, "B T"] | None = None,
         rng: jax.Array | None = None,
         return_hidden: bool = False,
+        return_aux: bool = False,
     ):
         """Returns logits ``[B, T, V]`` (or final hidden states ``[B, T, D]``
-        with ``return_hidden``).
+        with ``return_hidden``); with ``return_aux``, ``(that, aux)``.
 
-        ``rng`` enables dropout (training); ``positions`` default to ``0..T-1``.
+        ``rng`` enables dropout (training); ``positions`` default to ``0..T-1``. ``aux``: the MoE
+        layers' auxiliary float32 scalars (``mlgen.nn.moe.MoE``), averaged over those layers
+        (``expert_load_max`` / ``_min``: their extremes); ``aux["loss"]`` is the weighted
+        router loss an objective adds to its own. ``{}`` for a dense model.
         """
         cfg = self.cfg
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x = self._embed(tokens, positions)
-        layer_rngs = (
-            jax.random.split(rng, cfg.num_layers) if rng is not None and cfg.dropout > 0 else None
+        stack = cfg.num_moe_layers if cfg.moe_every > 1 else cfg.num_layers
+        layer_rngs = jax.random.split(rng, stack) if rng is not None and cfg.dropout > 0 else None
+        names = (
+            "loss",
+            "lb_loss",
+            "z_loss",
+            "dropped_fraction",
+            "expert_load_max",
+            "expert_load_min",
         )
+        aux = _aux_init(names if cfg.moe_every else ())
 
-        def body(block: Block, x, lrng):
-            return block(x, positions=positions, segment_ids=segment_ids, rng=lrng)
+        def body(block, carry, lrng):
+            x, acc = carry
+            x, new = block(x, positions=positions, segment_ids=segment_ids, rng=lrng)
+            return x, _aux_add(acc, new)
 
         if cfg.scan_layers:
             scanned = self.policy.remat_block(body, prevent_cse=False)  # inside the layer scan
-
-            @nnx.scan(
-                in_axes=(0, nnx.Carry, 0),
-                out_axes=nnx.Carry,
-                transform_metadata={nnx.PARTITION_NAME: "layers"},
-            )
-            def run(block, x, lrng):
-                return scanned(block, x, lrng)
-
-            x = run(self.blocks, x, layer_rngs)
+            x, aux = _scan(self.blocks, (x, aux), layer_rngs, scanned)
         else:  # one call per layer on its slice of the stacked weights: no loop in the program
             unrolled = self.policy.remat_block(body, prevent_cse=True)
-            for i, block in enumerate(self._layers()):
-                x = unrolled(block, x, None if layer_rngs is None else layer_rngs[i])
+            for i, block in enumerate(_unstack(self.blocks, stack)):
+                x, aux = unrolled(block, (x, aux), None if layer_rngs is None else layer_rngs[i])
         x = self.final_norm(x)
-        return x if return_hidden else self.logits(x)
+        out = x if return_hidden else self.logits(x)
+        if not return_aux:
+            return out
+        n = max(cfg.num_moe_layers, 1)
+        return out, {k: v if k in _AUX_REDUCE else v / n for k, v in aux.items()}
 
     def logits(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         # Accumulated and returned in float32 whatever the compute dtype: bfloat16 logits keep
@@ -426,14 +597,14 @@ class Transformer(nnx.Module):
         return out
 
     def _layers(self) -> list[Block]:
-        """One module per layer (slices of the stacked block parameters)."""
+        """One module per layer, in order (slices of the stacked block parameters)."""
         if isinstance(self.blocks, nnx.List):
             return list(self.blocks)
-        block_def, stacked = nnx.split(self.blocks)
-        return [
-            nnx.merge(block_def, jax.tree.map(lambda a, i=i: a[i], stacked))
-            for i in range(self.cfg.num_layers)
-        ]
+        cfg = self.cfg
+        if cfg.moe_every > 1:
+            groups = _unstack(self.blocks, cfg.num_moe_layers)
+            return [layer for group in groups for layer in group.layers()]
+        return _unstack(self.blocks, cfg.num_layers)
 
 
 # Named size presets.
@@ -454,6 +625,14 @@ def _check_mesh(cfg: TransformerConfig, shards) -> None:
         "num_heads",
         f"{cfg.num_heads} is not divisible by the {n} shards of the heads axis",
     )
+    if cfg.moe_every:
+        e = shards("expert")
+        check(
+            cfg.num_experts % e == 0,
+            "num_experts",
+            f"{cfg.num_experts} is not divisible by the {e} shards of the expert axis "
+            "(mesh.expert)",
+        )
 
 
 _TOKENS = ("batch", "length")
@@ -477,6 +656,10 @@ def transformer_flops_per_token(
     - attention's two ``T x T`` matmuls (``Q K^T`` and ``P V``) cost ``2 * 2 * T * N_q * H``
       FLOPs per token and layer forward, 3x that for training: ``12 * L * T * N_q * H``
       for the full square, halved for causal attention (only the lower triangle is needed).
+
+    An MoE layer counts its active weights only: the router ``D * E`` plus ``3 * D * F_e`` for
+    each of the ``experts_per_token`` routed and the ``num_shared_experts`` shared experts
+    (Mixtral-8x7B: ~13B active of ~47B); the dispatch (sorting, gathers) is not counted.
 
     With LoRA (``lora_rank`` > 0) the frozen weights count 4 FLOPs per token (forward and the
     input's gradient: no weight gradient is computed) and the adapters' ``r * (in + out)``
@@ -504,6 +687,10 @@ def transformer_flops_per_token(
     mlp_mats = 3 if cfg.flavour == "llama" else 2
     per_layer = D * H * (2 * N + 2 * K) + mlp_mats * D * F
     weights = cfg.num_layers * per_layer + D * cfg.vocab_size
+    if cfg.moe_every:  # active weights: the router, the k chosen and the shared experts
+        active = cfg.experts_per_token + cfg.num_shared_experts
+        moe_mlp = D * cfg.num_experts + 3 * D * cfg.expert_hidden * active
+        weights += cfg.num_moe_layers * (moe_mlp - mlp_mats * D * F)
     attention = 12 * cfg.num_layers * seq_len * N * H
     attention = attention / 2 if causal else attention
     if not cfg.lora_rank:
@@ -534,6 +721,7 @@ FAMILY = register(
                 "vocab",
                 "norm",
                 "pos",
+                "expert",
                 "batch",
                 "length",
                 "act_embed",

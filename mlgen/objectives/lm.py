@@ -35,6 +35,10 @@ def make_loss(
     ``segment_ids`` and ``positions`` ``[B, T]`` (packed rows). ``rng`` drives dropout when
     ``train``. ``loss_chunk > 0`` computes the output layer and loss that many positions at
     a time (``ops.losses.chunked_cross_entropy``).
+
+    The model is called with ``return_aux=True`` (the decoder protocol): its ``aux["loss"]`` (a
+    mixture of experts' weighted router losses) is added to the loss, and every ``aux`` value is
+    a ``moe_*`` metric. ``ce`` stays the cross entropy alone.
     """
 
     def loss(params, model_state, batch, rng):
@@ -45,7 +49,9 @@ def make_loss(
             segment_ids=batch.get("segment_ids"),
             rng=rng if train else None,
             return_hidden=loss_chunk > 0,
+            return_aux=True,
         )
+        out, aux = out
         if loss_chunk > 0:
             value, metrics = chunked_cross_entropy(
                 out,
@@ -59,6 +65,9 @@ def make_loss(
             value, metrics = cross_entropy(
                 out, batch["targets"], batch.get("loss_mask"), z_loss=z_loss
             )
+        if aux:  # a mixture of experts: its router losses join the loss, all of it is logged
+            metrics = dict(metrics, **{f"moe_{k}": v for k, v in aux.items()})
+            value = value + aux["loss"]
         return value, (metrics, state_after(model, model_state))
 
     return loss

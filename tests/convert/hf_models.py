@@ -10,6 +10,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -48,6 +50,10 @@ BUILDERS = {
     # a window shorter than the test sequences (24 tokens)
     "mistral": lambda: MistralForCausalLM(MistralConfig(**_COMMON, sliding_window=8)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**_COMMON)),  # q/k/v biases
+    # 4 experts, top-2, every layer an MoE layer
+    "mixtral": lambda: MixtralForCausalLM(
+        MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2)
+    ),
     "gpt2": lambda: GPT2LMHeadModel(
         GPT2Config(
             vocab_size=VOCAB,

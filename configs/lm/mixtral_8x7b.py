@@ -2,8 +2,8 @@
 expert parallelism.
 
 Mixtral-8x7B's shapes: 32 layers, each an MoE layer of 8 SwiGLU experts of width 14336, 2 chosen
-per token (softmax router, top-2 renormalised, load-balancing loss 0.02 as in its paper's setup,
-HF's ``router_aux_loss_coef`` default is 0.001), width 4096, 32 query / 8 KV heads, vocabulary
+per token (softmax router, top-2 renormalised, load-balancing loss weight 0.001: Hugging Face's
+``router_aux_loss_coef``), width 4096, 32 query / 8 KV heads, vocabulary
 32000, RoPE theta 1e6, untied output layer: 46.7B parameters, 12.9B active per token. bf16
 compute, float32 master weights and optimizer state, Pallas TPU flash attention, 256 rows x 4096
 tokens = 1,048,576 tokens per step, mesh ``expert=8 x fsdp=8``: each chip holds one expert of
@@ -50,7 +50,7 @@ def get_config() -> Config:
             moe_every=1,
             num_experts=8,
             experts_per_token=2,
-            moe_lb_weight=0.02,
+            moe_lb_weight=0.001,
             moe_z_weight=0.0,
             attention=AttentionConfig(backend="pallas_tpu"),
         ),

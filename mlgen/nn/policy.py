@@ -28,8 +28,13 @@ _cp = jax.checkpoint_policies
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "none": None,  # no rematerialisation: every residual is kept
     "full": _cp.nothing_saveable,  # each block's forward is recomputed in the backward
-    "dots": _cp.checkpoint_dots,  # matmul outputs kept, elementwise work recomputed
-    "dots_no_batch": _cp.checkpoint_dots_with_no_batch_dims,  # ... but not batched (attention)
+    # matmul outputs kept, elementwise work recomputed; and a LoRA projection's output, the sum
+    # of two matmuls (``mlgen.nn.core.LORA_OUT``): saved once, in place of both matmuls' outputs
+    "dots": _cp.save_from_both_policies(_cp.checkpoint_dots, _cp.save_only_these_names("lora_out")),
+    # ... but not batched (attention)
+    "dots_no_batch": _cp.save_from_both_policies(
+        _cp.checkpoint_dots_with_no_batch_dims, _cp.save_only_these_names("lora_out")
+    ),
     # dots_no_batch's residuals, kept in host memory instead of device memory.
     "offload": _cp.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host"),
 }

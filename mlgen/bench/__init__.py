@@ -1,6 +1,10 @@
-"""Benchmarks behind ``mlgen bench NAME``; each module has ``run(argv)`` and prints JSON lines."""
+"""Benchmarks behind ``mlgen bench NAME``; each module has ``run(argv)`` and prints JSON lines.
 
-from mlgen.bench import attention, diffusion, generate, peak, ring, train
+``train``, ``generate``, ``diffusion`` and ``attention`` also have ``measure(argv) -> dict``
+(what the JSON line holds), which ``all`` (:mod:`mlgen.bench.suite`) calls in turn.
+"""
+
+from mlgen.bench import attention, diffusion, generate, peak, ring, suite, train
 from mlgen.bench.timing import median_time, time_train_step
 
 BENCHES = {
@@ -10,6 +14,7 @@ BENCHES = {
     "ring": ring.run,
     "diffusion": diffusion.run,
     "peak": peak.run,
+    "all": suite.run,
 }
 
 

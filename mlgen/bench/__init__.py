@@ -1,10 +1,11 @@
 """Benchmarks behind ``mlgen bench NAME``; each module has ``run(argv)`` and prints JSON lines.
 
 ``train``, ``generate``, ``diffusion`` and ``attention`` also have ``measure(argv) -> dict``
-(what the JSON line holds), which ``all`` (:mod:`mlgen.bench.suite`) calls in turn.
+(what the JSON line holds), which ``all`` (:mod:`mlgen.bench.suite`) calls in turn;
+``compare`` (:mod:`mlgen.bench.compare`) runs them beside the peers and writes the README table.
 """
 
-from mlgen.bench import attention, diffusion, generate, peak, ring, suite, train
+from mlgen.bench import attention, compare, diffusion, generate, peak, ring, suite, train
 from mlgen.bench.timing import median_time, time_train_step
 
 BENCHES = {
@@ -15,6 +16,7 @@ BENCHES = {
     "diffusion": diffusion.run,
     "peak": peak.run,
     "all": suite.run,
+    "compare": compare.run,
 }
 
 

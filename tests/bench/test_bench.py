@@ -192,4 +192,5 @@ def test_unknown_bench_is_named():
         "diffusion",
         "peak",
         "all",
+        "compare",
     }

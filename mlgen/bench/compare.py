@@ -340,7 +340,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument(
         "--maxtext",
         action="store_true",
-        help="also mlgen llama remat full vs MaxText's loop (~3 min a round)",
+        help="also mlgen llama remat full vs MaxText's own loop (3-6 min a round on 2 cores)",
     )
     ap.add_argument(
         "--maxtext-venv",

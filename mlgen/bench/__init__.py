@@ -1,6 +1,11 @@
-"""Benchmarks behind ``mlgen bench NAME``; each module has ``run(argv)`` and prints JSON lines."""
+"""Benchmarks behind ``mlgen bench NAME``; each module has ``run(argv)`` and prints JSON lines.
 
-from mlgen.bench import attention, diffusion, generate, moe, peak, ring, train
+``train``, ``generate``, ``diffusion`` and ``attention`` also have ``measure(argv) -> dict``
+(what the JSON line holds), which ``all`` (:mod:`mlgen.bench.suite`) calls in turn;
+``compare`` (:mod:`mlgen.bench.compare`) runs them beside the peers and writes the README table.
+"""
+
+from mlgen.bench import attention, compare, diffusion, generate, moe, peak, ring, suite, train
 from mlgen.bench.timing import median_time, time_train_step
 
 BENCHES = {
@@ -11,6 +16,8 @@ BENCHES = {
     "diffusion": diffusion.run,
     "peak": peak.run,
     "moe": moe.run,
+    "all": suite.run,
+    "compare": compare.run,
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +77,7 @@ def _step_fn(backend: str, causal: bool, interpret: bool):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def measure(
+def measure_point(
     backend: str,
     T: int,
     *,
@@ -129,23 +130,78 @@ def _fmt_mem(b):
     return "-" if b is None else f"{b / 2**20:9.1f} MiB"
 
 
-def run(argv: list[str]) -> None:
-    """Entry point of ``mlgen bench attention``; prints a table, writes a PNG plot if possible."""
+def _backends(a: argparse.Namespace, platform: str) -> list[str]:
+    if a.backends:
+        return [b.strip() for b in a.backends.split(",") if b.strip()]
+    return ["reference", "xla", "blockwise"] + [
+        b for b in PALLAS if b.split("_")[1] == platform or a.interpret
+    ]
+
+
+def measure(argv: list[str], *, progress: Callable[[dict], None] | None = None) -> dict:
+    """Runs ``mlgen bench attention``'s sweep with these flags (no table, no plot).
+
+    Args:
+      argv: the command's flags.
+      progress: called with each point's dict as it is measured (the command prints it), so
+        a long sweep shows where it is.
+
+    Returns:
+      ``{"bench": "mlgen-attention", ...the shape..., "points": [measure_point dicts]}``, one
+      point per backend and length, backends outermost.
+    """
     a = _parse(argv)
     lengths = [_length(s) for s in a.lengths.split(",") if s.strip()]
     if a.max_len:
         lengths = [t for t in lengths if t <= _length(a.max_len)]
     platform = jax.default_backend()
-    if a.backends:
-        backends = [b.strip() for b in a.backends.split(",") if b.strip()]
-    else:
-        backends = ["reference", "xla", "blockwise"]
-        backends += [b for b in PALLAS if b.split("_")[1] == platform or a.interpret]
+    backends = _backends(a, platform)
     interpret = a.interpret or platform == "cpu"
-    causal = not a.no_causal
+    points = []
+    for backend in backends:
+        slow = False
+        for T in lengths:
+            r = measure_point(
+                backend,
+                T,
+                B=a.batch,
+                N=a.heads,
+                K=a.kv_heads,
+                H=a.head_dim,
+                dtype=a.dtype,
+                causal=not a.no_causal,
+                interpret=interpret and backend in PALLAS,
+                repeats=a.repeats,
+                max_run_bytes=int(a.max_run_gb * 2**30),
+                run=not slow,
+            )
+            slow = slow or (r["time_s"] is not None and r["time_s"] > a.max_seconds)
+            points.append(r)
+            if progress is not None:
+                progress(r)
+    return {
+        "bench": "mlgen-attention",
+        "batch": a.batch,
+        "heads": a.heads,
+        "kv_heads": a.kv_heads or a.heads,
+        "head_dim": a.head_dim,
+        "dtype": a.dtype,
+        "causal": not a.no_causal,
+        "platform": platform,
+        "lengths": lengths,
+        "backends": backends,
+        "points": points,
+    }
+
+
+def run(argv: list[str]) -> None:
+    """Entry point of ``mlgen bench attention``; prints a table, writes a PNG plot if possible."""
+    a = _parse(argv)
+    platform = jax.default_backend()
+    backends = _backends(a, platform)
     print(
         f"attention fwd+bwd, B={a.batch} N={a.heads} K={a.kv_heads or a.heads} H={a.head_dim} "
-        f"{a.dtype} causal={causal} on {platform} ({jax.devices()[0].device_kind}), "
+        f"{a.dtype} causal={not a.no_causal} on {platform} ({jax.devices()[0].device_kind}), "
         f"best of {a.repeats}"
     )
     print(
@@ -158,34 +214,18 @@ def run(argv: list[str]) -> None:
             "NOTE: Pallas kernels off their own hardware run in interpret mode: "
             "their timings mean nothing."
         )
-    results = []
-    for backend in backends:
-        slow = False
-        for T in lengths:
-            r = measure(
-                backend,
-                T,
-                B=a.batch,
-                N=a.heads,
-                K=a.kv_heads,
-                H=a.head_dim,
-                dtype=a.dtype,
-                causal=causal,
-                interpret=interpret and backend in PALLAS,
-                repeats=a.repeats,
-                max_run_bytes=int(a.max_run_gb * 2**30),
-                run=not slow,
-            )
-            slow = slow or (r["time_s"] is not None and r["time_s"] > a.max_seconds)
-            results.append(r)
-            print(
-                f"  {backend:11s} T={T:6d}  time {_fmt_time(r['time_s'])}  "
-                f"peak {_fmt_mem(r['peak_bytes'])}",
-                flush=True,
-            )
-    _table(results, backends, lengths)
+
+    def show(r):
+        print(
+            f"  {r['backend']:11s} T={r['T']:6d}  time {_fmt_time(r['time_s'])}  "
+            f"peak {_fmt_mem(r['peak_bytes'])}",
+            flush=True,
+        )
+
+    m = measure(argv, progress=show)
+    _table(m["points"], m["backends"], m["lengths"])
     if a.png:
-        _plot(results, backends, a.png)
+        _plot(m["points"], m["backends"], a.png)
 
 
 def _table(results, backends, lengths):

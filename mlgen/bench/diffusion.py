@@ -1,11 +1,11 @@
 """``mlgen bench diffusion``: the diffusion train step through mlgen's own path,
 on the peer's shapes.
 
-Defaults match ``shared/peers/unet_train.py`` (diffusers ``UNet2DModel`` + DDPM): 16x16x1
-images, channels (64, 128), 2 residual blocks per level, self-attention at 8x8 (head size
-8), batch 64, eps prediction on the cosine schedule, AdamW, float32. The step is the real
-one: config -> diffusion task -> sharded init -> ``make_train_step`` -> jit with donation.
-Prints one JSON line with ``images_per_s``.
+Defaults (:data:`mlgen.bench.shapes.UNET_TRAIN`) match ``shared/peers/unet_train.py``
+(diffusers ``UNet2DModel`` + DDPM): 16x16x1 images, channels (64, 128), 2 residual blocks
+per level, self-attention at 8x8 (head size 8), batch 64, eps prediction on the cosine
+schedule, AdamW, float32. The step is the real one: config -> diffusion task -> sharded init
+-> ``make_train_step`` -> jit with donation. Prints one JSON line with ``images_per_s``.
 
 Measured side by side on an idle 2-core CPU (2026-11-23, two alternations): diffusers 66-67
 images/s; mlgen 37-38 (0.56x), 46 with ``mlgen --cpu-devices 2`` (0.69x); the target is
@@ -39,6 +39,7 @@ import json
 import jax
 import numpy as np
 
+from mlgen.bench.shapes import UNET_TRAIN
 from mlgen.bench.timing import time_train_step
 from mlgen.config import Config, MeshConfig, OptimConfig, PrecisionConfig, TrainConfig
 from mlgen.data.images import ImageDataConfig
@@ -48,12 +49,10 @@ from mlgen.objectives.diffusion import DiffusionObjectiveConfig
 from mlgen.ops.attention import AttentionConfig
 
 
-def run(argv: list[str]) -> None:
+def measure(argv: list[str]) -> dict:
+    """Runs ``mlgen bench diffusion`` with these flags; returns what its JSON line holds."""
     ap = argparse.ArgumentParser(prog="mlgen bench diffusion")
-    ap.add_argument("--size", type=int, default=16)
-    ap.add_argument("--channels", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--layers-per-block", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=64)
+    UNET_TRAIN.add_flags(ap)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--model", choices=["unet", "dit"], default="unet")
@@ -112,17 +111,18 @@ def run(argv: list[str]) -> None:
     med, n_params = time_train_step(
         cfg, host, steps=a.steps, warmup=a.warmup, profile_dir=a.profile
     )
-    print(
-        json.dumps(
-            {
-                "bench": "mlgen-diffusion",
-                "model": a.model,
-                "conv_impl": a.conv_impl,
-                "dtype": a.dtype,
-                "images_per_s": a.batch / med,
-                "step_s": med,
-                "params": n_params,
-                "devices": len(jax.devices()),
-            }
-        )
-    )
+    return {
+        "bench": "mlgen-diffusion",
+        "model": a.model,
+        "conv_impl": a.conv_impl,
+        "dtype": a.dtype,
+        "images_per_s": a.batch / med,
+        "step_s": med,
+        "params": n_params,
+        "devices": len(jax.devices()),
+    }
+
+
+def run(argv: list[str]) -> None:
+    """``mlgen bench diffusion [flags]``: one JSON line."""
+    print(json.dumps(measure(argv)))

@@ -1,9 +1,10 @@
 """``mlgen bench generate``: KV-cache sampling through ``mlgen.samplers.lm.generate``.
 
-Defaults match ``shared/peers/lm_generate.py`` (transformers' ``generate``): GPT-2 flavour,
-6 layers, width 384, 6 heads, vocabulary 512, batch 8, prompt 32, 224 new tokens, sampling
-with temperature 1 and top-k 50, no early stop. Timed end to end (host prompts in, host
-tokens out), median of ``--repeats`` after one warm-up call that compiles.
+Defaults (:data:`mlgen.bench.shapes.LM_GENERATE`) match ``shared/peers/lm_generate.py``
+(transformers' ``generate``): GPT-2 flavour, 6 layers, width 384, 6 heads, vocabulary 512,
+batch 8, prompt 32, 224 new tokens, sampling with temperature 1 and top-k 50, no early stop.
+Timed end to end (host prompts in, host tokens out), median of ``--repeats`` after one
+warm-up call that compiles.
 
 Side by side on the 2-core CPU (2026-11-24, two alternations): transformers 552 and 618 new
 tokens/s, mlgen 1081 and 1146 (1.85-1.96x). The KV cache's ``[B, K, S, H]`` layout took
@@ -22,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from mlgen import sharding
+from mlgen.bench.shapes import LM_GENERATE
 from mlgen.bench.timing import median_time
 from mlgen.config import MeshConfig
 from mlgen.models.transformer import Transformer, TransformerConfig
@@ -30,15 +32,10 @@ from mlgen.ops.attention import AttentionConfig
 from mlgen.samplers.lm import Sampling, generate
 
 
-def run(argv: list[str]) -> None:
+def measure(argv: list[str]) -> dict:
+    """Runs ``mlgen bench generate`` with these flags; returns what its JSON line holds."""
     ap = argparse.ArgumentParser(prog="mlgen bench generate")
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--width", type=int, default=384)
-    ap.add_argument("--heads", type=int, default=6)
-    ap.add_argument("--vocab", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--new", type=int, default=224)
+    LM_GENERATE.add_flags(ap)
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=3)
@@ -79,14 +76,15 @@ def run(argv: list[str]) -> None:
             assert g.tokens.shape == (a.batch, a.new) and int(g.lengths.min()) == a.new
 
         med = median_time(one, steps=a.repeats, warmup=1)
-    print(
-        json.dumps(
-            {
-                "bench": "mlgen-generate",
-                "new_tokens_per_s": a.batch * a.new / med,
-                "s": med,
-                "flavour": a.flavour,
-                "devices": len(jax.devices()),
-            }
-        )
-    )
+    return {
+        "bench": "mlgen-generate",
+        "new_tokens_per_s": a.batch * a.new / med,
+        "s": med,
+        "flavour": a.flavour,
+        "devices": len(jax.devices()),
+    }
+
+
+def run(argv: list[str]) -> None:
+    """``mlgen bench generate [flags]``: one JSON line."""
+    print(json.dumps(measure(argv)))

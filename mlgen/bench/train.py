@@ -1,10 +1,11 @@
 """``mlgen bench train``: the LM train step through mlgen's own path, on the peers' shapes.
 
-Defaults match ``shared/peers/lm_train.py`` and ``jax_minimal_lm_train.py``: GPT-2 flavour,
-6 layers, width 384, 6 heads, context 256, batch 8, vocabulary 512, AdamW, float32. The step
-is the real one: config -> sharded init -> ``make_train_step`` -> jit with donation. MFU is
-the model FLOPs by formula (``mlgen.train.throughput``) against the devices' bf16 peak (on CPU
-the measured float32 matmul peak of the host).
+Defaults (:data:`mlgen.bench.shapes.LM_TRAIN`) match ``shared/peers/lm_train.py`` and
+``jax_minimal_lm_train.py``: GPT-2 flavour, 6 layers, width 384, 6 heads, context 256, batch
+8, vocabulary 512, AdamW, float32. The step is the real one: config -> sharded init ->
+``make_train_step`` -> jit with donation. MFU is the model FLOPs by formula
+(``mlgen.train.throughput``) against the devices' bf16 peak (on CPU the measured float32
+matmul peak of the host).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import jax
 import numpy as np
 
+from mlgen.bench.shapes import LM_TRAIN
 from mlgen.bench.timing import time_train_step
 from mlgen.config import REMATS, Config, MeshConfig, OptimConfig, TrainConfig
 from mlgen.data.text import TextDataConfig
@@ -24,14 +26,10 @@ from mlgen.ops.attention import AttentionConfig
 from mlgen.train.throughput import peak_flops
 
 
-def run(argv: list[str]) -> None:
+def measure(argv: list[str]) -> dict:
+    """Runs ``mlgen bench train`` with these flags; returns what its JSON line holds."""
     ap = argparse.ArgumentParser(prog="mlgen bench train")
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--width", type=int, default=384)
-    ap.add_argument("--heads", type=int, default=6)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=512)
+    LM_TRAIN.add_flags(ap)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--flavour", default="gpt2", choices=["gpt2", "llama"])
@@ -94,22 +92,23 @@ def run(argv: list[str]) -> None:
     flops_per_token = transformer_flops_per_token(cfg.model, a.seq)
     peak, peak_source = peak_flops(jax.devices())  # the mesh: data=-1 over every device
     tokens_per_s = a.batch * a.seq / med
-    print(
-        json.dumps(
-            {
-                "bench": "mlgen-train",
-                "flavour": a.flavour,
-                "remat": a.remat,
-                "scan_layers": a.scan_layers == "true",
-                "tokens_per_s": tokens_per_s,
-                "step_s": med,
-                "params": n_params,
-                "loss_chunk": a.loss_chunk,
-                "devices": len(jax.devices()),
-                "model_flops_per_token": flops_per_token,
-                "mfu": tokens_per_s * flops_per_token / peak if peak else None,
-                "peak_flops": peak,
-                "peak_source": peak_source,
-            }
-        )
-    )
+    return {
+        "bench": "mlgen-train",
+        "flavour": a.flavour,
+        "remat": a.remat,
+        "scan_layers": a.scan_layers == "true",
+        "tokens_per_s": tokens_per_s,
+        "step_s": med,
+        "params": n_params,
+        "loss_chunk": a.loss_chunk,
+        "devices": len(jax.devices()),
+        "model_flops_per_token": flops_per_token,
+        "mfu": tokens_per_s * flops_per_token / peak if peak else None,
+        "peak_flops": peak,
+        "peak_source": peak_source,
+    }
+
+
+def run(argv: list[str]) -> None:
+    """``mlgen bench train [flags]``: one JSON line."""
+    print(json.dumps(measure(argv)))

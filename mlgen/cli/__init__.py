@@ -41,7 +41,7 @@ commands:
   sample WORKDIR --out grid.png    sample images from a trained diffusion model
   eval WORKDIR                     score a digits diffusion model's samples
   bench NAME [flags]               benchmarks: train, generate, attention, ring, diffusion, peak,
-                                   moe
+                                   moe; all (the peers' shapes), compare (beside the peers)
   tokenizer train --input GLOB ... train a sentencepiece tokenizer
   convert import-hf SRC WORKDIR    a Hugging Face model (Llama, Mistral, Qwen2, GPT-2) as a run
   convert export-hf WORKDIR DST    a run's transformer as a Hugging Face model directory

@@ -14,16 +14,15 @@ import re
 import pytest
 
 from mlgen.bench import BENCHES, run
+from mlgen.config import InputError
 
 
 def _json_lines(out: str) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-@pytest.mark.parametrize(
-    "extra", [[], ["--model", "dit", "--dtype", "bfloat16"]], ids=["unet", "dit_bf16"]
-)
-def test_diffusion(capsys, extra):
+def test_diffusion_dit_bf16(capsys):
+    # The UNet at float32 runs in test_all_quick.
     run(
         "diffusion",
         [
@@ -39,13 +38,15 @@ def test_diffusion(capsys, extra):
             "1",
             "--warmup",
             "1",
-            *extra,
+            "--model",
+            "dit",
+            "--dtype",
+            "bfloat16",
         ],
     )
     (r,) = _json_lines(capsys.readouterr().out)
     assert r["bench"] == "mlgen-diffusion" and r["devices"] == 8
-    assert r["model"] == ("dit" if "dit" in extra else "unet")
-    assert r["dtype"] == ("bfloat16" if "bfloat16" in extra else "float32")
+    assert r["model"] == "dit" and r["dtype"] == "bfloat16"
     assert r["images_per_s"] > 0 and abs(r["images_per_s"] * r["step_s"] - 8) < 1e-6
     assert r["params"] > 10_000
 
@@ -96,30 +97,30 @@ def test_train(capsys, tmp_path):
     )
 
 
-def test_generate(capsys):
-    run(
-        "generate",
-        [
-            "--layers",
-            "1",
-            "--width",
-            "32",
-            "--heads",
-            "2",
-            "--vocab",
-            "64",
-            "--batch",
-            "8",
-            "--prompt",
-            "4",
-            "--new",
-            "3",
-            "--repeats",
-            "1",
-        ],
-    )
-    (r,) = _json_lines(capsys.readouterr().out)
-    assert r["bench"] == "mlgen-generate" and r["new_tokens_per_s"] > 0
+def test_all_quick(capsys):
+    run("all", ["--quick"])
+    rows = _json_lines(capsys.readouterr().out)
+    assert [r["bench"] for r in rows] == [
+        "mlgen-train",
+        "mlgen-generate",
+        "mlgen-diffusion",
+        "mlgen-attention",
+    ]
+    assert all(r["quick"] for r in rows)
+    train, gen, diff, att = rows
+    assert train["tokens_per_s"] > 0 and train["flavour"] == "gpt2" and train["devices"] == 8
+    assert gen["new_tokens_per_s"] > 0
+    assert diff["model"] == "unet" and diff["dtype"] == "float32" and diff["devices"] == 8
+    assert diff["images_per_s"] > 0 and abs(diff["images_per_s"] * diff["step_s"] - 8) < 1e-6
+    assert diff["params"] > 10_000
+    assert (att["batch"], att["lengths"], att["heads"], att["head_dim"]) == (1, [16], 2, 16)
+    assert [p["backend"] for p in att["points"]] == ["reference", "xla", "blockwise"]
+    assert all(p["T"] == 16 and p["time_s"] > 0 and p["peak_bytes"] > 0 for p in att["points"])
+
+
+def test_all_only_names_the_flag():
+    with pytest.raises(InputError, match="--only: unknown benchmark"):
+        run("all", ["--only", "train,nope"])
 
 
 def test_attention(capsys, tmp_path):
@@ -198,4 +199,14 @@ def test_moe(capsys):
 def test_unknown_bench_is_named():
     with pytest.raises(SystemExit, match="unknown benchmark 'nope'"):
         run("nope", [])
-    assert set(BENCHES) == {"train", "generate", "attention", "ring", "diffusion", "peak", "moe"}
+    assert set(BENCHES) == {
+        "train",
+        "generate",
+        "attention",
+        "ring",
+        "diffusion",
+        "peak",
+        "all",
+        "compare",
+        "moe",
+    }

@@ -43,8 +43,10 @@ commands:
   bench NAME [flags]               benchmarks: train, generate, attention, ring, diffusion, peak,
                                    moe; all (the peers' shapes), compare (beside the peers)
   tokenizer train --input GLOB ... train a sentencepiece tokenizer
-  convert import-hf SRC WORKDIR    a Hugging Face model (Llama, Mistral, Qwen2, GPT-2) as a run
+  convert import-hf SRC WORKDIR    a Hugging Face model (Llama, Mistral, Qwen2, Mixtral, GPT-2)
+                                   as a run
   convert export-hf WORKDIR DST    a run's transformer as a Hugging Face model directory
+  convert merge-lora WORKDIR DST   a LoRA run with its adapters folded into the weights
 
 global options (before the command):
   --debug                          show the Python traceback of a user error (a bad flag, config,

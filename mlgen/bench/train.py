@@ -49,12 +49,36 @@ def measure(argv: list[str]) -> dict:
         help="positions per output-layer + loss chunk (0 = all)",
     )
     ap.add_argument(
+        "--moe",
+        action="store_true",
+        help="every layer an MoE layer (llama flavour): --experts experts of width --moe-mlp, "
+        "--top-k per token (compare with the dense model of --mlp = top-k x --moe-mlp: the same "
+        "active parameters)",
+    )
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--moe-mlp", type=int, default=0, help="each expert's width (0: --mlp's)")
+    ap.add_argument("--dispatch", default="dropless", choices=["dropless", "capacity"])
+    ap.add_argument("--capacity-factor", type=float, default=1.25)
+    ap.add_argument(
         "--profile",
         metavar="DIR",
         help="also trace --steps steps into DIR (jax.profiler + the optimized HLO) and print "
         "the step's op time by kind of op",
     )
     a = ap.parse_args(argv)
+    moe = {}
+    if a.moe:
+        if a.flavour != "llama":
+            ap.error("--moe: needs --flavour llama (SwiGLU experts)")
+        moe = dict(
+            moe_every=1,
+            num_experts=a.experts,
+            experts_per_token=a.top_k,
+            moe_mlp_dim=a.moe_mlp,
+            moe_dispatch=a.dispatch,
+            moe_capacity_factor=a.capacity_factor,
+        )
 
     cfg = Config(
         task="lm",
@@ -70,6 +94,7 @@ def measure(argv: list[str]) -> dict:
             norm_eps=1e-5,
             scan_layers=a.scan_layers == "true",
             mlp_dim=a.mlp,
+            **moe,
         ),
         remat=a.remat,
         data=TextDataConfig(tokenizer="bpe", vocab_size=a.vocab, seq_len=a.seq, batch_size=a.batch),
@@ -99,8 +124,9 @@ def measure(argv: list[str]) -> dict:
         "scan_layers": a.scan_layers == "true",
         "tokens_per_s": tokens_per_s,
         "step_s": med,
-        "params": n_params,
+        "params": n_params,  # all of them; MFU counts the active ones (an MoE's k experts)
         "loss_chunk": a.loss_chunk,
+        "moe": {k: v for k, v in moe.items() if k != "moe_every"} or None,
         "devices": len(jax.devices()),
         "model_flops_per_token": flops_per_token,
         "mfu": tokens_per_s * flops_per_token / peak if peak else None,

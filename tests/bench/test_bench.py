@@ -210,3 +210,16 @@ def test_unknown_bench_is_named():
         "compare",
         "moe",
     }
+
+
+def test_train_moe_counts_active_flops(capsys):
+    """``bench train --moe``: every layer MoE; its model FLOPs per token are the dense model's of
+    the same active width (k x --moe-mlp) plus the router's."""
+    shape = ["--layers", "1", "--width", "32", "--heads", "2", "--seq", "16", "--batch", "8"]
+    shape += ["--vocab", "512", "--steps", "1", "--warmup", "1", "--flavour", "llama"]
+    run("train", shape + ["--moe", "--experts", "4", "--top-k", "2", "--moe-mlp", "32"])
+    run("train", shape + ["--mlp", "64"])
+    moe, dense = _json_lines(capsys.readouterr().out)
+    assert moe["moe"]["num_experts"] == 4 and dense["moe"] is None
+    assert moe["model_flops_per_token"] == dense["model_flops_per_token"] + 6 * 32 * 4
+    assert moe["params"] > dense["params"] and moe["tokens_per_s"] > 0

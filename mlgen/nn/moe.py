@@ -188,7 +188,7 @@ class MoE(nnx.Module):
         B, T, D = x.shape
         E, k = cfg.num_experts, cfg.experts_per_token
         x = x.astype(self.dtype)
-        w = tuple(p[...].astype(self.dtype) for p in (self.gate, self.up, self.down))
+        w = tuple(p[...] for p in (self.gate, self.up, self.down))
         split = _shard_axes(B, T)
         if split is not None:
             # Each device routes and dispatches its own tokens, sending them to their experts'
@@ -214,6 +214,7 @@ class MoE(nnx.Module):
             )
             lb, z = stats["lb_loss"], stats["z_loss"]
         else:
+            w = tuple(p.astype(self.dtype) for p in w)
             logits = self.router(x)
             weights, experts, probs = ops.route(
                 logits, k, score=cfg.score, renormalize=cfg.renormalize

@@ -98,7 +98,8 @@ def expert_parallel(
     Args:
       x: tokens, split over ``batch_axes`` on B and ``length_axes`` on T.
       router: the router kernel (float32 logits; replicated inside, it is small).
-      w_gate, w_up, w_down: the stacked experts, E sharded over ``expert_axes``.
+      w_gate, w_up, w_down: the stacked experts, E sharded over ``expert_axes``; they
+        compute in x's dtype.
       k, score, renormalize: as in :func:`mlgen.ops.moe.route`.
       expert_axes: mesh axes the experts are split over (n shards, their sizes' product);
         each must be one of ``batch_axes`` / ``length_axes`` (every expert shard holds
@@ -179,9 +180,16 @@ def _sharded(mesh, expert_axes, batch_axes, length_axes, cfg: _Static):
     token_axes = batch_axes + length_axes
     n = math.prod(mesh.shape[a] for a in expert_axes)
     axis = expert_axes[0] if len(expert_axes) == 1 else expert_axes  # all_to_all's axis_name
+    replicated = tuple(a for a in token_axes if a not in expert_axes)  # the weights' copies
 
     def body(x, mask, router, w_gate, w_up, w_down):
         Bl, Tl, D = x.shape
+        # Made varying over the token axes before the cast, so that the weights' gradients are
+        # summed over those axes in the weights' own dtype, not the compute dtype (bfloat16
+        # all-reduces there also crashed XLA:CPU's AllReducePromotion pass).
+        w_gate, w_up, w_down = (
+            _varying(w, replicated).astype(x.dtype) for w in (w_gate, w_up, w_down)
+        )
         logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), router.astype(jnp.float32))
         weights, experts, probs = moe.route(
             logits, cfg.k, score=cfg.score, renormalize=cfg.renormalize
@@ -223,6 +231,10 @@ def _sharded(mesh, expert_axes, batch_axes, length_axes, cfg: _Static):
 
 
 _STATS = ("lb_loss", "z_loss", "tokens_per_expert", "dropped")
+
+
+def _varying(x, axes: tuple[str, ...]):
+    return jax.lax.pcast(x, axes, to="varying") if axes else x
 
 
 def _exchange(x, axis):

@@ -154,11 +154,21 @@ class MeshConfig:
     ``rules`` maps logical axis names to mesh axes: ``"auto"`` (default) derives them from
     which axes are larger than 1 (each axis shards the logical axes listed beside its field),
     or a named preset of ``mlgen.sharding.rules.PRESETS`` (``dp``, ``fsdp``, ``fsdp_tp``,
-    ``fsdp_sp``). A mesh axis larger than 1 that the rules never use is an error.
+    ``fsdp_sp``, ``fsdp_ep``). A mesh axis larger than 1 that the rules never use is an error.
     """
 
     data: int = _mesh_axis(-1, ("batch",))
     fsdp: int = _mesh_axis(1, ("batch", "embed", "channels"))
+    # Expert parallelism: the MoE layers' stacked experts are split over this axis and tokens
+    # reach their experts by an all-to-all; everywhere else it is one more data-parallel axis
+    # (it shards the batch too, as in GShard / MaxText, so no layer leaves it idle). The field
+    # order is the device order (the last axis is innermost: neighbouring devices). An
+    # all-to-all talks to every device of its group, so ``expert`` sits inside ``data`` and
+    # ``fsdp`` (which may span hosts / slow links; their collectives are gradient
+    # reductions and weight gathers XLA overlaps with compute) and outside ``tensor`` and
+    # ``seq``, whose per-layer all-reduces and ring hops block each layer and keep the fastest
+    # links.
+    expert: int = _mesh_axis(1, ("batch", "expert"))
     tensor: int = _mesh_axis(
         1,
         ("heads", "kv_heads", "mlp", "vocab", "act_heads", "act_kv_heads", "act_mlp", "act_vocab"),

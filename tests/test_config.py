@@ -77,7 +77,13 @@ def test_overrides_typed_and_roundtrip():
 
 
 def test_mesh_fill():
-    assert MeshConfig(data=-1, tensor=2).resolve(8) == {"data": 4, "fsdp": 1, "tensor": 2, "seq": 1}
+    assert MeshConfig(data=-1, tensor=2).resolve(8) == {
+        "data": 4,
+        "fsdp": 1,
+        "expert": 1,
+        "tensor": 2,
+        "seq": 1,
+    }
     with pytest.raises(ConfigError, match="^data: cannot fill"):
         MeshConfig(data=-1, tensor=3).resolve(8)
 

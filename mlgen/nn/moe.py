@@ -10,7 +10,14 @@ Supports:
   ``mlgen.ops.moe``;
 - DeepSeek-style shared experts: an always-on dense SwiGLU of width
   ``num_shared_experts * mlp_dim`` added to the routed output;
-- logical axis names on every parameter: the stacked experts' leading axis is ``expert``.
+- logical axis names on every parameter: the stacked experts' leading axis is ``expert``;
+- under a mesh whose rules split the tokens (``batch`` / ``length``), each device routes and
+  dispatches its own tokens inside ``shard_map``; when the rules also split ``expert``
+  (``mesh.expert`` under ``rules="auto"``: expert parallelism) each device holds E / n experts
+  and the tokens travel to them and back by all-to-all (``mlgen.ops.moe_parallel``, where the
+  buffers are described). Capacity is then per device (GShard's groups). The losses and
+  statistics are those of all tokens on any mesh; with nothing dropped the outputs and
+  gradients are the one-device ones (float32: 1e-5).
 
 With the defaults (softmax, top-2, renormalised) it computes what Hugging Face's
 ``MixtralSparseMoeBlock`` does: router ``gate.weight`` is ``router.kernel.T``, expert i's
@@ -20,16 +27,21 @@ With the defaults (softmax, top-2, renormalised) it computes what Hugging Face's
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import AxisType
 
 from mlgen.config import check
 from mlgen.nn.core import Linear, fan_in_init, param
 from mlgen.nn.mlp import MLP
 from mlgen.ops import moe as ops
+from mlgen.ops import moe_parallel
+from mlgen.sharding.rules import mesh_axes_of
 from mlgen.typing import Array, Float
 
 DISPATCHES = ("dropless", "capacity")
@@ -45,7 +57,8 @@ class MoEConfig:
       score: ``"softmax"`` over all experts or ``"sigmoid"`` per expert.
       renormalize: divide the k selected scores by their sum (Mixtral: True).
       dispatch: ``"dropless"`` (every choice computed) or ``"capacity"`` (at most
-        ``ceil(capacity_factor * tokens * k / E)`` choices per expert, the rest dropped).
+        ``ceil(capacity_factor * tokens * k / E)`` choices per expert, the rest dropped;
+        ``tokens`` are the layer's B * T, or one device's share under a mesh that splits them).
       capacity_factor: slots per expert relative to perfectly balanced routing (capacity only).
       num_shared_experts: always-on experts, one dense SwiGLU of ``num_shared_experts * mlp_dim``.
       grouped_impl: dropless's grouped matmuls, ``"auto"`` | ``"ragged"`` | ``"blocked"``
@@ -155,7 +168,8 @@ class MoE(nnx.Module):
     def __call__(
         self, x: Float[Array, "B T D"], *, mask: Float[Array, "B T"] | None = None
     ) -> tuple[Float[Array, "B T D"], dict[str, jax.Array]]:
-        """Routes the B * T tokens of ``x`` as one group.
+        """Routes the B * T tokens of ``x`` as one group (per device under a mesh that splits
+        them: see the module doc).
 
         Args:
           x: tokens.
@@ -172,34 +186,109 @@ class MoE(nnx.Module):
         """
         cfg = self.config
         B, T, D = x.shape
+        E, k = cfg.num_experts, cfg.experts_per_token
         x = x.astype(self.dtype)
-        xt = x.reshape(B * T, D)
-        m = None if mask is None else mask.reshape(-1)
-        logits = self.router(xt)
-        weights, experts, probs = ops.route(
-            logits, cfg.experts_per_token, score=cfg.score, renormalize=cfg.renormalize
-        )
-        w = tuple(p[...].astype(self.dtype) for p in (self.gate, self.up, self.down))
-        if cfg.dispatch == "dropless":
-            y, stats = ops.dropless(
-                xt, weights, experts, *w, impl=cfg.grouped_impl, block_size=cfg.block_size
+        w = tuple(p[...] for p in (self.gate, self.up, self.down))
+        split = _shard_axes(B, T)
+        if split is not None:
+            # Each device routes and dispatches its own tokens, sending them to their experts'
+            # devices when the experts are split (mlgen.ops.moe_parallel); the losses are
+            # those of all tokens.
+            expert_axes, batch_axes, length_axes = split
+            check_expert_mesh(E, math.prod(_mesh_size(a) for a in expert_axes))
+            y, stats = moe_parallel.expert_parallel(
+                x,
+                self.router.kernel[...],
+                *w,
+                k=k,
+                expert_axes=expert_axes,
+                batch_axes=batch_axes,
+                length_axes=length_axes,
+                mask=mask,
+                score=cfg.score,
+                renormalize=cfg.renormalize,
+                dispatch=cfg.dispatch,
+                capacity_factor=cfg.capacity_factor,
+                impl=cfg.grouped_impl,
+                block_size=cfg.block_size,
             )
+            lb, z = stats["lb_loss"], stats["z_loss"]
         else:
-            y, stats = ops.capacity(xt, weights, experts, *w, capacity_factor=cfg.capacity_factor)
-        y = y.reshape(B, T, D)
+            w = tuple(p.astype(self.dtype) for p in w)
+            logits = self.router(x)
+            weights, experts, probs = ops.route(
+                logits, k, score=cfg.score, renormalize=cfg.renormalize
+            )
+            xt, wt, et = (a.reshape(B * T, a.shape[-1]) for a in (x, weights, experts))
+            if cfg.dispatch == "dropless":
+                y, stats = ops.dropless(
+                    xt, wt, et, *w, impl=cfg.grouped_impl, block_size=cfg.block_size
+                )
+            else:
+                y, stats = ops.capacity(xt, wt, et, *w, capacity_factor=cfg.capacity_factor)
+            y = y.reshape(B, T, D)
+            lb = ops.load_balancing_loss(probs, experts, mask)
+            z = ops.router_z_loss(logits, mask)
         if self.shared is not None:
             y = y + self.shared(x)
-        lb = ops.load_balancing_loss(probs, experts, m)
-        z = ops.router_z_loss(logits, m)
         load = stats["tokens_per_expert"].astype(jnp.float32)
-        mean_load = xt.shape[0] * cfg.experts_per_token / cfg.num_experts
+        mean_load = B * T * k / E
         aux = {
             "loss": cfg.load_balance_weight * lb + cfg.router_z_weight * z,
             "lb_loss": lb,
             "z_loss": z,
-            "dropped_fraction": stats["dropped"].astype(jnp.float32)
-            / (xt.shape[0] * cfg.experts_per_token),
+            "dropped_fraction": stats["dropped"].astype(jnp.float32) / (B * T * k),
             "expert_load_max": jnp.max(load) / mean_load,
             "expert_load_min": jnp.min(load) / mean_load,
         }
         return y, aux
+
+
+def check_expert_mesh(num_experts: int, shards: int) -> None:
+    """A ConfigError naming ``num_experts`` unless the experts split evenly into ``shards``
+    (the size of the mesh axes the ``expert`` logical axis is sharded over)."""
+    check(
+        num_experts % shards == 0,
+        "num_experts",
+        f"{num_experts} is not divisible by the {shards} shards of the expert axis (mesh.expert)",
+    )
+
+
+def _mesh_size(axis: str) -> int:
+    return int(jax.sharding.get_abstract_mesh().shape[axis])
+
+
+def _shard_axes(B: int, T: int):
+    """``(expert_axes, batch_axes, length_axes)`` of the active mesh and rules when the tokens
+    are split over mesh axes (and the experts, if split, over some of those); else None.
+
+    The token axes are the ones the rules shard ``batch`` / ``length`` over, each only as far as
+    the sizes divide B / T (a decode batch of 1 is split over nothing). With the tokens not
+    split, or the experts split over an axis the tokens are not (custom rules; a small decode
+    batch), the layer takes the plain path and XLA's partitioner places it.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return None
+    rules = tuple(flax.core.spmd.get_logical_axis_rules())
+    types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ())))
+
+    def axes_of(name: str, dim: int = 1, taken: tuple[str, ...] = ()) -> tuple[str, ...]:
+        out: list[str] = []  # the longest prefix of the rule's axes (> 1) that divides dim
+        for a in mesh_axes_of(rules, name):
+            if a not in mesh.axis_names or a in taken or mesh.shape[a] == 1:
+                continue
+            split = math.prod(mesh.shape[b] for b in out) * mesh.shape[a]
+            if types.get(a) == AxisType.Manual or dim % split:
+                break
+            out.append(a)
+        return tuple(out)
+
+    experts = tuple(
+        a for a in mesh_axes_of(rules, "expert") if a in mesh.axis_names and mesh.shape[a] > 1
+    )
+    batch = axes_of("batch", B)
+    length = axes_of("length", T, batch)
+    if not batch + length or not set(experts) <= set(batch + length):
+        return None
+    return experts, batch, length

@@ -82,9 +82,11 @@ def expert_counts(experts: Int[Array, "T k"], num_experts: int) -> Int[Array, " 
 
 
 def load_balancing_loss(
-    probs: Float[Array, "T E"],
-    experts: Int[Array, "T k"],
-    mask: Float[Array, " T"] | None = None,
+    probs: Float[Array, "*T E"],
+    experts: Int[Array, "*T k"],
+    mask: Float[Array, " *T"] | None = None,
+    *,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     """Switch Transformer's auxiliary loss ``E * sum_e f_e * P_e`` (float32 scalar).
 
@@ -97,24 +99,43 @@ def load_balancing_loss(
 
     HF computes it once over all layers' tokens pooled (the ``f`` and ``P`` of the
     concatenation); the mean of this per-layer loss over layers equals that only for one layer.
+
+    The tokens may have several leading dimensions (``[B, T, E]``). ``axis_name``: inside
+    ``shard_map``, the mesh axes the tokens are split over; ``f`` and ``P`` are then those of
+    all shards' tokens (their sums ``psum`` -ed), so the loss is the unsplit batch's (the
+    product of per-shard ``f`` and ``P`` averaged over shards would not be).
     """
-    T, E = probs.shape
-    m = jnp.ones((T,), jnp.float32) if mask is None else mask.astype(jnp.float32)
-    n = jnp.maximum(jnp.sum(m), 1.0)
-    chosen = jnp.sum(jax.nn.one_hot(experts, E, dtype=jnp.float32), axis=1)  # [T, E]
-    f = jnp.sum(chosen * m[:, None], axis=0) / n
-    p = jnp.sum(probs.astype(jnp.float32) * m[:, None], axis=0) / n
-    return E * jnp.sum(jax.lax.stop_gradient(f) * p)
+    E = probs.shape[-1]
+    lead = tuple(range(probs.ndim - 1))
+    m = jnp.ones(probs.shape[:-1], jnp.float32) if mask is None else mask.astype(jnp.float32)
+    chosen = jnp.sum(jax.nn.one_hot(experts, E, dtype=jnp.float32), axis=-2)  # [*T, E]
+    sums = (
+        jnp.sum(m),
+        jnp.sum(chosen * m[..., None], axis=lead),
+        jnp.sum(probs.astype(jnp.float32) * m[..., None], axis=lead),
+    )
+    count, chosen, p = _total(sums, axis_name)
+    n = jnp.maximum(count, 1.0)
+    return E * jnp.sum(jax.lax.stop_gradient(chosen / n) * (p / n))
 
 
-def router_z_loss(logits: Float[Array, "T E"], mask: Float[Array, " T"] | None = None) -> jax.Array:
+def router_z_loss(
+    logits: Float[Array, "*T E"],
+    mask: Float[Array, " *T"] | None = None,
+    *,
+    axis_name: str | tuple[str, ...] | None = None,
+) -> jax.Array:
     """ST-MoE's router z-loss: the mean over tokens (where ``mask`` is 1) of
-    ``logsumexp(logits)^2`` (float32 scalar); keeps router logits small."""
-    lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-    if mask is None:
-        return jnp.mean(jnp.square(lse))
-    m = mask.astype(jnp.float32)
-    return jnp.sum(jnp.square(lse) * m) / jnp.maximum(jnp.sum(m), 1.0)
+    ``logsumexp(logits)^2`` (float32 scalar); keeps router logits small. ``axis_name``: as in
+    :func:`load_balancing_loss` (the mean over all shards' tokens)."""
+    z = jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1))
+    m = jnp.ones(z.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    total, count = _total((jnp.sum(z * m), jnp.sum(m)), axis_name)
+    return total / jnp.maximum(count, 1.0)
+
+
+def _total(sums, axis_name):
+    return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
 
 # ----------------------------------------------------------------------------- experts
@@ -190,6 +211,18 @@ def _grouped_impl(impl: str, x: jax.Array) -> str:
     return impl
 
 
+def _ends_at_or_below(ends: jax.Array, n: int) -> jax.Array:
+    """``searchsorted(ends, arange(n), side="right")`` for non-decreasing, non-negative
+    ``ends``: how many ends are <= i, as a histogram of the ends and its cumulative sum.
+
+    jnp.searchsorted fails to trace inside a ``shard_map`` that leaves some mesh axes
+    automatic (an expert-parallel layer's) under ``check_vma`` on jax 0.10.2 (an
+    AssertionError in ``get_mat``); this needs only a scatter-add and a cumsum.
+    """
+    marks = jnp.zeros((n + 1,), jnp.int32).at[jnp.minimum(ends, n)].add(1)
+    return jnp.cumsum(marks)[:n]
+
+
 def _blocked_swiglu(source, rows_of, group_sizes, w_gate, w_up, w_down, block_size):
     """Sort + dense: the grouped SwiGLU of rows ``source[rows_of[i]]`` (i < M, grouped by
     expert). Returns ``(out, dest)``: row i's output is ``out[dest[i]]`` (a zero row for rows
@@ -204,7 +237,7 @@ def _blocked_swiglu(source, rows_of, group_sizes, w_gate, w_up, w_down, block_si
     padded = (group_sizes + b - 1) // b * b
     padded_ends = jnp.cumsum(padded)
     rows = jnp.arange(M, dtype=jnp.int32)
-    group = jnp.searchsorted(ends, rows, side="right")  # E for rows past every group
+    group = _ends_at_or_below(ends, M)  # E for rows past every group
     g = jnp.minimum(group, E - 1)
     dest = padded_ends[g] - padded[g] + rows - (ends[g] - group_sizes[g])
     dest = jnp.where(group < E, dest, nb * b)  # -> the zero row
@@ -212,7 +245,7 @@ def _blocked_swiglu(source, rows_of, group_sizes, w_gate, w_up, w_down, block_si
     # (N: none, the zero row).
     src = jnp.full((nb * b + 1,), N, jnp.int32).at[dest].set(rows_of.astype(jnp.int32))
     xpad = jnp.concatenate([source, jnp.zeros((1, D), source.dtype)])[src[: nb * b]]
-    block_expert = jnp.searchsorted(padded_ends, jnp.arange(nb, dtype=jnp.int32) * b, side="right")
+    block_expert = _ends_at_or_below(padded_ends // b, nb)  # padded_ends are multiples of b
     block_expert = jnp.minimum(block_expert, E - 1)  # trailing empty blocks: any expert
     # Each block's weights by a one-hot matmul, not a gather: the gradient is then a matmul
     # too, where a gather's is a scatter-add of nb weight matrices (slow on XLA:CPU).

@@ -7,9 +7,10 @@ FSDP can shard a weight's ``embed`` axis without sharding the activations' width
 Rules come from ``mesh.rules``:
 
 - ``"auto"`` derives them from the mesh: every mesh axis larger than 1 shards the logical axes
-  listed beside its field in ``mlgen.config.MeshConfig`` (``data`` and ``fsdp`` the batch,
-  ``fsdp`` the weights' width, ``tensor`` heads / mlp / vocab, ``seq`` the length);
-- a named preset (``dp``, ``fsdp``, ``fsdp_tp``, ``fsdp_sp``) says it explicitly.
+  listed beside its field in ``mlgen.config.MeshConfig`` (``data``, ``fsdp`` and ``expert``
+  the batch, ``fsdp`` the weights' width, ``expert`` the MoE experts, ``tensor`` heads / mlp /
+  vocab, ``seq`` the length);
+- a named preset (``dp``, ``fsdp``, ``fsdp_tp``, ``fsdp_sp``, ``fsdp_ep``) says it explicitly.
 
 A model family may add logical axes (:func:`register_axes`) and rule fragments (pairs
 ``(logical, mesh axis)``, appended to either kind of rules). :func:`check_mesh_use` makes a
@@ -84,6 +85,14 @@ PRESETS: dict[str, Rules] = {
         ("embed", "fsdp"),
         ("channels", "fsdp"),
         ("length", "seq"),
+    ),
+    # fsdp + expert parallelism: MoE experts over expert (an all-to-all carries the tokens to
+    # them), which is data parallel for everything else.
+    "fsdp_ep": (
+        ("batch", _BATCH + ("expert",)),
+        ("embed", "fsdp"),
+        ("channels", "fsdp"),
+        ("expert", "expert"),
     ),
 }
 

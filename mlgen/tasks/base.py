@@ -110,7 +110,8 @@ def check_batch(batch_size: int, grad_accum_steps: int, shards: int) -> None:
     check(
         batch_size % shards == 0,
         "data.batch_size",
-        f"{batch_size} is not divisible by the {shards} shards of the batch (mesh data*fsdp)",
+        f"{batch_size} is not divisible by the {shards} shards of the batch "
+        "(mesh data*fsdp*expert)",
     )
     check(
         batch_size % (grad_accum_steps * shards) == 0,

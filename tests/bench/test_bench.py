@@ -196,6 +196,21 @@ def test_moe(capsys):
     assert all(r["bench"] == "mlgen-moe" and r["median_s"] > 0 for r in rows)
 
 
+def test_moe_layer_on_expert_meshes(capsys):
+    run(
+        "moe",
+        ["--tokens", "32", "--d-model", "8", "--mlp-dim", "8", "--experts", "4"]
+        + ["--paths", "capacity", "--expert-shards", "1", "4", "--rounds", "1"],
+    )
+    rows = _json_lines(capsys.readouterr().out)
+    assert [(r["bench"], r["expert_shards"], r["mesh"]["data"]) for r in rows] == [
+        ("mlgen-moe-layer", 1, 8),
+        ("mlgen-moe-layer", 4, 2),
+    ]
+    # 4 tokens per device: [n, E / n, G = ceil(1.25 * 4 * 2 / 4), D]
+    assert "exchange_s" not in rows[0] and rows[1]["exchange"] == [4, 1, 3, 8]
+
+
 def test_unknown_bench_is_named():
     with pytest.raises(SystemExit, match="unknown benchmark 'nope'"):
         run("nope", [])

@@ -28,8 +28,9 @@ def _specs(cfg):
         (MeshConfig(data=2, fsdp=4), "fsdp"),
         (MeshConfig(data=1, fsdp=2, tensor=4), "fsdp_tp"),
         (MeshConfig(data=2, seq=4), "fsdp_sp"),
+        (MeshConfig(data=1, fsdp=2, expert=4), "fsdp_ep"),
     ],
-    ids=["dp", "fsdp", "fsdp_tp", "fsdp_sp"],
+    ids=["dp", "fsdp", "fsdp_tp", "fsdp_sp", "fsdp_ep"],
 )
 def test_auto_shards_like_the_matching_preset(mesh, preset):
     """On a mesh whose axes > 1 are the ones a preset was written for, ``auto`` places every
@@ -56,16 +57,19 @@ def test_auto_shards_like_the_matching_preset(mesh, preset):
 def test_auto_rules_come_from_the_mesh_fields():
     """Every mesh axis is one MeshConfig field whose metadata lists the logical axes it shards."""
     roles = MeshConfig.axis_roles()
-    assert tuple(roles) == MeshConfig.AXES == ("data", "fsdp", "tensor", "seq")
+    assert tuple(roles) == MeshConfig.AXES == ("data", "fsdp", "expert", "tensor", "seq")
     assert all(set(names) <= sharding.axes() for names in roles.values())
-    derived = dict(rules_lib.derive({"data": 2, "fsdp": 2, "tensor": 1, "seq": 2}))
+    derived = dict(rules_lib.derive({"data": 2, "fsdp": 2, "expert": 1, "tensor": 1, "seq": 2}))
     assert (
         derived["batch"] == ("data", "fsdp")
         and derived["embed"] == "fsdp"
         and derived["length"] == "seq"
     )
-    assert "heads" not in derived  # tensor is 1
-    assert rules_lib.derive({"data": 1, "fsdp": 1, "tensor": 1, "seq": 1}) == ()
+    assert "heads" not in derived and "expert" not in derived  # tensor and expert are 1
+    assert rules_lib.derive({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, "seq": 1}) == ()
+    # The expert axis splits the experts and, outside the MoE layers, the batch (data parallel).
+    derived = dict(rules_lib.derive({"data": 2, "fsdp": 1, "expert": 4, "tensor": 1, "seq": 1}))
+    assert derived["batch"] == ("data", "expert") and derived["expert"] == "expert"
 
 
 def test_family_fragments_extend_any_rules():
@@ -88,6 +92,10 @@ def test_family_fragments_extend_any_rules():
         (
             dict(mesh=MeshConfig(data=4, tensor=2, rules="fsdp_sp")),
             r"^mesh\.rules: 'fsdp_sp' .* mesh\.tensor=2",
+        ),
+        (
+            dict(mesh=MeshConfig(data=4, expert=2, rules="fsdp")),
+            r"^mesh\.rules: 'fsdp' shards nothing .* over mesh\.expert=2",
         ),
         (
             dict(mesh=MeshConfig(data=1, tensor=8), num_heads=4),

@@ -13,8 +13,8 @@ from tests.helpers import random_lm_batch, tiny_lm_config
 
 def test_make_mesh_axes_and_fill():
     mesh = sharding.make_mesh(MeshConfig(data=-1, tensor=2))
-    assert mesh.axis_names == ("data", "fsdp", "tensor", "seq")
-    assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2, "seq": 1}
+    assert mesh.axis_names == ("data", "fsdp", "expert", "tensor", "seq")
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 2, "seq": 1}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
     with pytest.raises(ConfigError, match="^mesh"):
         sharding.make_mesh(MeshConfig(data=3))

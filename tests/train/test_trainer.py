@@ -28,8 +28,8 @@ def test_loss_falls_and_logs(tmp_path, caplog):
         result = mlgen.train(cfg)
     said = [r.getMessage() for r in caplog.records if "attention" in r.getMessage()]
     assert said == [
-        "lm / transformer on mesh {'data': 8, 'fsdp': 1, 'tensor': 1, 'seq': 1}: attention "
-        "reference (T=32 S=32 N=4 K=2 H=16 float32 causal) x1"
+        "lm / transformer on mesh {'data': 8, 'fsdp': 1, 'expert': 1, 'tensor': 1, 'seq': 1}: "
+        "attention reference (T=32 S=32 N=4 K=2 H=16 float32 causal) x1"
     ]  # once, at startup
     assert result.attention.startswith("reference")
     lines = _metrics(tmp_path)

@@ -50,7 +50,7 @@ from mlgen.nn.core import (
     param,
 )
 from mlgen.nn.mlp import MLP
-from mlgen.nn.moe import MoE, MoEConfig
+from mlgen.nn.moe import MoE, MoEConfig, check_expert_mesh
 from mlgen.nn.policy import Policy
 from mlgen.nn.rope import Llama3Scaling
 from mlgen.ops.attention import AttentionConfig
@@ -626,13 +626,7 @@ def _check_mesh(cfg: TransformerConfig, shards) -> None:
         f"{cfg.num_heads} is not divisible by the {n} shards of the heads axis",
     )
     if cfg.moe_every:
-        e = shards("expert")
-        check(
-            cfg.num_experts % e == 0,
-            "num_experts",
-            f"{cfg.num_experts} is not divisible by the {e} shards of the expert axis "
-            "(mesh.expert)",
-        )
+        check_expert_mesh(cfg.num_experts, shards("expert"))
 
 
 _TOKENS = ("batch", "length")

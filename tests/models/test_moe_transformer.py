@@ -103,3 +103,43 @@ def test_bad_moe_fields_are_one_line_naming_the_field(fields, field):
     with pytest.raises(ConfigError) as err:
         TransformerConfig(**{**BASE, **fields}).validate()
     assert str(err.value).startswith(f"{field}:") and "\n" not in str(err.value)
+
+
+def _tiny_moe_run(workdir, mesh):
+    from tests.helpers import replace, tiny_lm_config
+
+    cfg = tiny_lm_config(str(workdir), mesh=mesh, num_layers=2, d_model=32)
+    model = replace(cfg.model, moe_every=1, num_experts=4, experts_per_token=2, mlp_dim=32)
+    t = replace(cfg.train, num_steps=1, log_every=1, eval_every=0, checkpoint_every=1)
+    return replace(cfg, model=model, train=t)
+
+
+def test_expert_parallel_step_equals_the_data_parallel_one(tmp_path):
+    """One train step of a tiny MoE LM on data=8 and on data=2 x expert=4 (experts sharded,
+    tokens exchanged all-to-all): the same loss, gradient norm and updated parameters."""
+    import mlgen
+    from mlgen.config import MeshConfig
+    from mlgen.convert.layout import flatten
+
+    results = [
+        mlgen.train(_tiny_moe_run(tmp_path / name, mesh))
+        for name, mesh in (("dp", MeshConfig(data=-1)), ("ep", MeshConfig(data=-1, expert=4)))
+    ]
+    (a, b) = [r.final_metrics for r in results]
+    for k in ("loss", "grad_norm", "moe_lb_loss", "moe_z_loss"):
+        assert a[k] == pytest.approx(b[k], rel=1e-5), k
+    pa, pb = (flatten(jax.tree.map(np.asarray, r.state["params"])) for r in results)
+    for k in pa:
+        np.testing.assert_allclose(pa[k], pb[k], atol=1e-5, err_msg=k)
+    gate = results[1].state["params"]["blocks"]["moe"]["gate"]  # [L, E, D, F], E over expert
+    assert gate.sharding.shard_shape(gate.shape)[1] == 1
+
+
+def test_experts_not_divisible_by_the_expert_axis_is_one_line(tmp_path):
+    from mlgen.config import MeshConfig
+    from tests.helpers import replace
+
+    cfg = _tiny_moe_run(tmp_path / "x", MeshConfig(data=-1, expert=4))
+    cfg = replace(cfg, model=replace(cfg.model, num_experts=6))
+    with pytest.raises(ConfigError, match=r"^model\.num_experts: 6 is not divisible by the 4 "):
+        cfg.validate(8)

@@ -6,9 +6,10 @@ per token (softmax router, top-2 renormalised, load-balancing loss weight 0.001:
 ``router_aux_loss_coef``), width 4096, 32 query / 8 KV heads, vocabulary
 32000, RoPE theta 1e6, untied output layer: 46.7B parameters, 12.9B active per token. bf16
 compute, float32 master weights and optimizer state, Pallas TPU flash attention, 256 rows x 4096
-tokens = 1,048,576 tokens per step, mesh ``expert=8 x fsdp=8``: each chip holds one expert of
-every layer (sharded over fsdp on its width), tokens reach their experts by all-to-all over
-``expert``; outside the MoE layers ``expert`` is one more data-parallel axis.
+tokens = 1,048,576 tokens per step, mesh ``expert=4 x fsdp=16``: each chip holds two experts of
+every layer (sharded over fsdp on their width), tokens reach their experts by all-to-all over
+``expert``; outside the MoE layers ``expert`` is one more data-parallel axis. (``expert=8 x
+fsdp=8`` does not map onto the 4x4x4 torus: every mesh axis must be a product of its sides.)
 
 Plan it on this machine (libtpu's compiler; no TPU needed)::
 
@@ -68,7 +69,7 @@ def get_config() -> Config:
             num_workers=4,
         ),
         objective=LMObjectiveConfig(z_loss=0.0, loss_chunk=1024),
-        mesh=MeshConfig(data=1, fsdp=-1, expert=8),
+        mesh=MeshConfig(data=1, fsdp=-1, expert=4),
         optim=OptimConfig(lr=3e-4, b2=0.95, weight_decay=0.1, clip_norm=1.0, warmup_steps=2000),
         train=TrainConfig(
             num_steps=100_000,

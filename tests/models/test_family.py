@@ -24,7 +24,11 @@ _LM = TransformerConfig(
     vocab_size=32, num_layers=2, d_model=16, num_heads=2, num_kv_heads=1, max_len=8
 )
 TINY = {  # per family, configs that between them use every feature
-    "transformer": (_LM, dataclasses.replace(_LM, flavour="gpt2")),
+    "transformer": (
+        _LM,
+        dataclasses.replace(_LM, flavour="gpt2"),
+        dataclasses.replace(_LM, num_layers=2, moe_every=2, num_experts=4, lora_rank=2),
+    ),
     "unet": (dataclasses.replace(UNETS["unet-tiny"], num_classes=3),),
     "dit": (dataclasses.replace(DIT["dit-tiny"], num_classes=3),),
 }

@@ -141,3 +141,12 @@ def test_llama3_8b_plans_for_v5p_128_within_budget():
     assert p.compiled.attention.startswith("pallas_tpu")
     assert 7.9e9 < p.params < 8.1e9
     print(f"llama3_8b plan: {time.perf_counter() - t:.0f} s")
+
+
+def test_mesh_that_does_not_fit_the_torus_is_one_line():
+    """expert=8 x fsdp=8 on v5p:4x4x4: 8 is no product of the torus's sides (4, 4, 4)."""
+    pytest.importorskip("libtpu")
+    overrides = ["mesh.data=1", "mesh.fsdp=8", "mesh.expert=8", "data.batch_size=64"]
+    p = planner.plan(_tiny(), overrides, topology="v5p:4x4x4")
+    assert len(p.problems) == 1 and "\n" not in p.problems[0]
+    assert p.problems[0].startswith("mesh: {'fsdp': 8, 'expert': 8} does not map onto"), p.problems

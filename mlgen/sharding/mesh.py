@@ -4,7 +4,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from mlgen.config import MeshConfig, prefixed
+from mlgen.config import ConfigError, MeshConfig, prefixed
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
@@ -21,4 +21,12 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     types = (AxisType.Auto,) * len(axes)
     if devices[0].platform == "cpu" or len(devices) == 1:
         return Mesh(np.asarray(devices).reshape(shape), axes, axis_types=types)
-    return jax.make_mesh(shape, axes, axis_types=types, devices=devices)
+    try:
+        return jax.make_mesh(shape, axes, axis_types=types, devices=devices)
+    except NotImplementedError:  # no assignment of the axes to the physical torus's sides
+        used = {a: n for a, n in sizes.items() if n > 1}
+        raise ConfigError(
+            f"mesh: {used} does not map onto the torus of these {len(devices)} "
+            f"{devices[0].device_kind} chips: every mesh axis larger than 1 must be a product "
+            "of some of the topology's sides (v5p:4x4x4: 4, 16 or 64)"
+        ) from None

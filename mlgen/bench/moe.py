@@ -24,7 +24,13 @@ import time
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from mlgen import sharding
+from mlgen.config import MeshConfig
+from mlgen.nn.moe import MoE, MoEConfig
 from mlgen.ops import moe
 
 
@@ -103,14 +109,6 @@ def run(argv: list[str]) -> None:
 
 def _layer_on_meshes(a) -> None:
     """``--expert-shards``: the layer's forward + backward on each mesh, in turns."""
-    from flax import nnx
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from mlgen import sharding
-    from mlgen.config import MeshConfig
-    from mlgen.nn.moe import MoE, MoEConfig
-
     B, D, F, E, k = a.batch, a.d_model, a.mlp_dim, a.experts, a.k
     x = jax.random.normal(jax.random.key(0), (B, a.tokens // B, D))
     runs: dict[str, tuple[dict, object, tuple]] = {}

@@ -135,6 +135,7 @@ def merge_lora_run(workdir: str, dst: str, *, step: int | None = None, ema: bool
     Returns:
       The merged run's config.
     """
+    runs.saved_steps(workdir)  # a missing or empty workdir: one line naming it
     saved = saved_config(workdir, step)
     model = saved.model
     if not getattr(model, "lora_rank", 0):
@@ -168,6 +169,7 @@ def export_run(workdir: str, dst: str, *, step: int | None = None, ema: bool = T
     as a Hugging Face model directory ``dst``, with the run's pretrained tokenizer files (its
     ``data.tokenizer_path``'s or its own) and their special ids in ``config.json`` (a LoRA
     run's adapters are folded into the weights: ``export_hf``)."""
+    runs.saved_steps(workdir)  # a missing or empty workdir: one line naming it
     saved = saved_config(workdir, step)
     if not isinstance(saved.model, TransformerConfig):
         raise ConvertError(

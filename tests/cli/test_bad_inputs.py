@@ -109,6 +109,8 @@ CASES = [
     ("train-missing-data", f"train {TINY} workdir={{new}} data.source=files data.paths={{root}}/none/*.txt", CFG_ERR + "data.paths: no files match", "{new}"),
     ("train-empty-corpus", f"train {TINY} workdir={{new}} data.source=files data.paths={{empty}}/*.txt", CFG_ERR + "data.paths: the 3 files matching ['{empty}/*.txt'] contain no text", "{new}"),
     ("train-lora-target", f"train {TINY} workdir={{new}} model.lora_rank=8 model.lora_targets=q,x", CFG_ERR + "model.lora_targets: unknown projection(s) ['x']", "{new}"),
+    ("merge-lora-missing-workdir", "convert merge-lora {new} {root}/m", "mlgen convert: error: workdir: no such directory", "{root}/m"),
+    ("export-hf-not-a-run", "convert export-hf {empty} {root}/e", "mlgen convert: error: workdir: '{empty}' holds no checkpoint", "{root}/e"),
     ("merge-lora-no-adapters", "convert merge-lora {lm} {new}", CFG_ERR + "model.lora_rank: the run in {lm} has 0: no adapters", "{new}"),
     ("train-workdir-is-file", f"train {TINY} workdir={{file}}", CFG_ERR + "workdir: '{file}' is a file, not a directory", None),
     ("train-workdir-under-file", f"train {TINY} workdir={{file}}/run", CFG_ERR + "workdir: '{file}/run' cannot be created: '{file}' is a file", None),

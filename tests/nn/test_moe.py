@@ -195,7 +195,13 @@ def test_matches_transformers_mixtral_sparse_moe_block():
     block = mixtral.MixtralSparseMoeBlock(hf_cfg).eval()
     experts = block.experts
     if not hasattr(experts, "gate_up_proj"):
-        pytest.skip("this transformers keeps Mixtral's experts as a list (w1/w2/w3 modules)")
+        # Not covered then: the layer against this block (the pinned transformers 5.24 has the
+        # fused layout, so CI runs it); Mixtral parity is still tested end to end by
+        # tests/convert/test_hf.py[mixtral], which reads the per-expert w1/w2/w3 checkpoint.
+        pytest.skip(
+            "this transformers keeps Mixtral's experts as w1/w2/w3 modules, not gate_up_proj; "
+            "the layer-level comparison is written for the fused layout"
+        )
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0.0, 0.3)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mlgen.typing import Array, Float
+from mlgen.typing import Array, Bool, Float, Int
 
 F32 = jnp.float32
 
@@ -64,12 +64,15 @@ def ssd_step(
     b: Float[Array, "B R S"],
     c: Float[Array, "B R S"],
     d: Float[Array, " N"] | None = None,
+    reset: Bool[Array, " B"] | None = None,
 ) -> tuple[Float[Array, "B N H"], Float[Array, "B N H S"]]:
-    """One token of the SSD recurrence: ``(y, new_state)``."""
+    """One token of the SSD recurrence: ``(y, new_state)``; ``reset`` rows start from zero."""
     g = x.shape[1] // b.shape[1]
     b, c = jnp.repeat(b.astype(F32), g, axis=1), jnp.repeat(c.astype(F32), g, axis=1)
     x, dt = x.astype(F32), dt.astype(F32)
     decay = jnp.exp(dt * a.astype(F32))[..., None, None]
+    if reset is not None:
+        decay = jnp.where(reset[:, None, None, None], 0.0, decay)
     state = decay * state + (dt[..., None] * x)[..., None] * b[:, :, None, :]
     y = jnp.einsum("BNHS,BNS->BNH", state, c)
     if d is not None:
@@ -85,18 +88,21 @@ def ssd_reference(
     c: Float[Array, "B T R S"],
     d: Float[Array, " N"] | None = None,
     initial_state: Float[Array, "B N H S"] | None = None,
+    reset: Bool[Array, "B T"] | None = None,
 ) -> tuple[Float[Array, "B T N H"], Float[Array, "B N H S"]]:
     """The SSD recurrence one token at a time (the spec): ``(y float32, final state)``."""
     _heads_per_group(x, b)
-    B, _, N, H = x.shape
+    B, T, N, H = x.shape
     state = _initial(initial_state, (B, N, H, b.shape[-1]))
+    reset = jnp.zeros((B, T), bool) if reset is None else reset
 
     def step(h, inputs):
-        y, h = ssd_step(h, *inputs[:2], a, *inputs[2:], d)
+        xt, dtt, bt, ct, rt = inputs
+        y, h = ssd_step(h, xt, dtt, a, bt, ct, d, rt)
         return h, y
 
     swap = lambda t: jnp.swapaxes(t, 0, 1)  # noqa: E731  (scan over T)
-    state, y = jax.lax.scan(step, state, tuple(map(swap, (x, dt, b, c))))
+    state, y = jax.lax.scan(step, state, tuple(map(swap, (x, dt, b, c, reset))))
     return swap(y), state
 
 
@@ -140,6 +146,7 @@ def ssd(
     *,
     chunk: int = 256,
     initial_state: Float[Array, "B N H S"] | None = None,
+    reset: Bool[Array, "B T"] | None = None,
 ) -> tuple[Float[Array, "B T N H"], Float[Array, "B N H S"]]:
     """Mamba-2's chunked SSD: ``(y float32 [B, T, N, H], final state [B, N, H, S])``.
 
@@ -153,14 +160,22 @@ def ssd(
 
     The work is ``O(T L)`` for 1 and ``O(T S H)`` for the rest, matmuls throughout; memory
     ``O(T L)`` for the masks (``chunk``: 64-256 is the usual range).
+
+    ``reset`` ``[B, T]``: the state is zeroed just before each marked token (a packed row's
+    document starts), so nothing crosses a document boundary. Inside a chunk that is a mask on
+    pairs in different documents, exactly as attention's ``segment_ids`` mask; the decays stay
+    finite (no ``-inf`` differences).
     """
     _check_chunk(chunk)
     g = _heads_per_group(x, b)
     B, T, N, H = x.shape
     R, S = b.shape[2], b.shape[3]
     h0 = _initial(initial_state, (B, N, H, S))
-    xs, dts, bs, cs = _pad_to_chunks(chunk, x.astype(F32), dt.astype(F32), b, c)
+    reset = jnp.zeros((B, T), bool) if reset is None else reset
+    xs, dts, bs, cs, rs = _pad_to_chunks(chunk, x.astype(F32), dt.astype(F32), b, c, reset)
     nc = xs.shape[1] // chunk
+    # Document index of each token within its chunk (0 = the document the chunk started in).
+    doc = jnp.cumsum(rs.reshape(B, nc, 1, 1, chunk).astype(jnp.int32), axis=-1)
     # [B, nc, L, ...] chunks; heads split into (R groups, g heads per group).
     xs = xs.reshape(B, nc, chunk, R, g, H)
     dts = dts.reshape(B, nc, chunk, R, g)
@@ -173,15 +188,16 @@ def ssd(
 
     # 1. Within each chunk: attention-like scores c_l . b_s, masked by the decay from s to l.
     scores = jnp.einsum("BclRS,BcsRS->BcRls", cs, bs)
-    mask = jnp.exp(_segsum(da))  # [B, nc, R, g, l, s]
+    same = doc[..., :, None] == doc[..., None, :]
+    mask = jnp.exp(jnp.where(same, _segsum(da), -jnp.inf))  # [B, nc, R, g, l, s]
     y_diag = jnp.einsum("BcRls,BcRgls,BcsRgH->BclRgH", scores, mask, xdt)
 
     # 2. Each chunk's final state from its own tokens.
-    to_end = jnp.exp(cum[..., -1:] - cum)  # [B, nc, R, g, L]
+    to_end = jnp.where(doc == doc[..., -1:], jnp.exp(cum[..., -1:] - cum), 0.0)  # [B,nc,R,g,L]
     states = jnp.einsum("BclRS,BcRgl,BclRgH->BcRgHS", bs, to_end, xdt)
 
     # 3. Pass states across chunks: h_end(c) = exp(total decay of c) h_end(c-1) + states(c).
-    total = jnp.exp(cum[..., -1])  # [B, nc, R, g]
+    total = jnp.where(doc[..., -1] == 0, jnp.exp(cum[..., -1]), 0.0)  # [B, nc, R, g]
 
     def carry(h, inputs):
         decay, own = inputs
@@ -196,7 +212,7 @@ def ssd(
     starts = jnp.moveaxis(starts, 0, 1)  # [B, nc, R, g, H, S]: the state entering each chunk
 
     # 4. The entering state's contribution, decayed to each token.
-    from_start = jnp.exp(cum)  # [B, nc, R, g, L]
+    from_start = jnp.where(doc == 0, jnp.exp(cum), 0.0)  # [B, nc, R, g, L]
     y_off = jnp.einsum("BclRS,BcRgHS,BcRgl->BclRgH", cs, starts, from_start)
 
     y = (y_diag + y_off).reshape(B, nc * chunk, N, H)[:, :T]
@@ -214,13 +230,14 @@ def selective_step(
     b: Float[Array, "B S"],
     c: Float[Array, "B S"],
     d: Float[Array, " C"] | None = None,
+    reset: Bool[Array, " B"] | None = None,
 ) -> tuple[Float[Array, "B C"], Float[Array, "B C S"]]:
-    """One token of Mamba's selective scan: ``(y, new_state)``."""
+    """One token of Mamba's selective scan: ``(y, new_state)``; ``reset`` rows start from zero."""
     x, dt = x.astype(F32), dt.astype(F32)
-    state = (
-        jnp.exp(dt[..., None] * a.astype(F32)) * state
-        + (dt * x)[..., None] * b.astype(F32)[:, None, :]
-    )
+    decay = jnp.exp(dt[..., None] * a.astype(F32))
+    if reset is not None:
+        decay = jnp.where(reset[:, None, None], 0.0, decay)
+    state = decay * state + (dt * x)[..., None] * b.astype(F32)[:, None, :]
     y = jnp.einsum("BCS,BS->BC", state, c.astype(F32))
     if d is not None:
         y = y + d.astype(F32) * x
@@ -235,17 +252,20 @@ def selective_scan_reference(
     c: Float[Array, "B T S"],
     d: Float[Array, " C"] | None = None,
     initial_state: Float[Array, "B C S"] | None = None,
+    reset: Bool[Array, "B T"] | None = None,
 ) -> tuple[Float[Array, "B T C"], Float[Array, "B C S"]]:
     """The selective scan one token at a time (the spec): ``(y float32, final state)``."""
-    B, _, C = x.shape
+    B, T, C = x.shape
     state = _initial(initial_state, (B, C, a.shape[-1]))
+    reset = jnp.zeros((B, T), bool) if reset is None else reset
 
     def step(h, inputs):
-        y, h = selective_step(h, inputs[0], inputs[1], a, *inputs[2:], d)
+        xt, dtt, bt, ct, rt = inputs
+        y, h = selective_step(h, xt, dtt, a, bt, ct, d, rt)
         return h, y
 
     swap = lambda t: jnp.swapaxes(t, 0, 1)  # noqa: E731
-    state, y = jax.lax.scan(step, state, tuple(map(swap, (x, dt, b, c))))
+    state, y = jax.lax.scan(step, state, tuple(map(swap, (x, dt, b, c, reset))))
     return swap(y), state
 
 
@@ -265,6 +285,7 @@ def selective_scan(
     *,
     chunk: int = 128,
     initial_state: Float[Array, "B C S"] | None = None,
+    reset: Bool[Array, "B T"] | None = None,
 ) -> tuple[Float[Array, "B T C"], Float[Array, "B C S"]]:
     """Mamba's selective scan by chunks: ``(y float32 [B, T, C], final state [B, C, S])``.
 
@@ -272,20 +293,22 @@ def selective_scan(
     each chunk a ``lax.associative_scan`` composes the per-token maps ``h -> exp(dt a) h + dt x b``
     (``log2 L`` parallel steps) and the chunk's outputs are read from its ``[B, L, C, S]``
     states. The chunk body is rematerialised, so the backward pass keeps only the ``[B, C, S]``
-    states between chunks, not every token's.
+    states between chunks, not every token's. ``reset`` as in :func:`ssd` (the decay of a
+    marked token is 0).
     """
     _check_chunk(chunk)
     B, T, C = x.shape
     S = a.shape[-1]
     h0 = _initial(initial_state, (B, C, S))
-    xs, dts, bs, cs = _pad_to_chunks(chunk, x.astype(F32), dt.astype(F32), b, c)
+    reset = jnp.zeros((B, T), bool) if reset is None else reset
+    xs, dts, bs, cs, rs = _pad_to_chunks(chunk, x.astype(F32), dt.astype(F32), b, c, reset)
     nc = xs.shape[1] // chunk
     af = a.astype(F32)
 
     @jax.checkpoint
     def body(h, inputs):
-        xc, dtc, bc, cc = inputs  # [B, L, C], [B, L, C], [B, L, S], [B, L, S]
-        m = jnp.exp(dtc[..., None] * af)  # [B, L, C, S]
+        xc, dtc, bc, cc, rc = inputs  # [B, L, C], [B, L, C], [B, L, S], [B, L, S], [B, L]
+        m = jnp.where(rc[..., None, None], 0.0, jnp.exp(dtc[..., None] * af))  # [B, L, C, S]
         u = (dtc * xc)[..., None] * bc.astype(F32)[:, :, None, :]
         m, u = jax.lax.associative_scan(_combine, (m, u), axis=1)
         hs = m * h[:, None] + u  # every token's state, from the state entering the chunk
@@ -293,7 +316,7 @@ def selective_scan(
         return hs[:, -1], y
 
     split = lambda t: jnp.moveaxis(t.reshape(B, nc, chunk, *t.shape[2:]), 1, 0)  # noqa: E731
-    h_end, y = jax.lax.scan(body, h0, tuple(map(split, (xs, dts, bs, cs))))
+    h_end, y = jax.lax.scan(body, h0, tuple(map(split, (xs, dts, bs, cs, rs))))
     y = jnp.moveaxis(y, 0, 1).reshape(B, nc * chunk, C)[:, :T]
     if d is not None:
         y = y + d.astype(F32) * x.astype(F32)
@@ -306,6 +329,7 @@ def causal_conv1d(
     w: Float[Array, "K C"],
     bias: Float[Array, " C"] | None = None,
     state: Float[Array, "B K1 C"] | None = None,
+    segment_ids: Int[Array, "B T"] | None = None,
 ) -> tuple[Float[Array, "B T C"], Float[Array, "B K1 C"]]:
     """Depthwise causal convolution: ``y_t = sum_k w[k] * x_{t - K + 1 + k} + bias``.
 
@@ -313,13 +337,22 @@ def causal_conv1d(
     ``(y, new state)``, the new state being the last ``K - 1`` inputs, so a decoder can feed a
     prompt and then one token at a time. ``K`` shifted multiply-adds (K is 2-4): cheaper than a
     general convolution for a depthwise kernel this short, and the same on every backend.
+    ``segment_ids`` (packed rows): a tap reading another document's token reads zero instead.
     """
     K = w.shape[0]
     B, T, C = x.shape
     if state is None:
         state = jnp.zeros((B, K - 1, C), x.dtype)
     full = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, K - 1 + T, C]
-    y = sum(full[:, k : k + T] * w[k].astype(x.dtype) for k in range(K))
+    if segment_ids is None:
+        y = sum(full[:, k : k + T] * w[k].astype(x.dtype) for k in range(K))
+    else:  # the K - 1 state slots belong to no document of this row
+        seg = jnp.pad(segment_ids, [(0, 0), (K - 1, 0)], constant_values=-1)
+        y = sum(
+            jnp.where((seg[:, k : k + T] == segment_ids)[..., None], full[:, k : k + T], 0)
+            * w[k].astype(x.dtype)
+            for k in range(K)
+        )
     if bias is not None:
         y = y + bias.astype(x.dtype)
     return y, full[:, T:]

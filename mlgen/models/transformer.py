@@ -29,6 +29,7 @@ The family spec (``FAMILY``, registered as ``"transformer"``) is at the end of t
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import jax
@@ -53,6 +54,7 @@ from mlgen.nn.mlp import MLP
 from mlgen.nn.moe import MoE, MoEConfig, check_expert_mesh
 from mlgen.nn.policy import Policy
 from mlgen.nn.rope import Llama3Scaling
+from mlgen.nn.ssm import Mamba, Mamba2, SSMState
 from mlgen.ops.attention import AttentionConfig
 from mlgen.sharding import constrain
 from mlgen.typing import Array, Float, Int
@@ -102,6 +104,29 @@ class TransformerConfig:
     moe_capacity_factor: float = 1.25
     moe_lb_weight: float = 0.01  # load-balancing loss weight (Mixtral's router_aux_loss_coef)
     moe_z_weight: float = 0.001  # router z-loss weight
+    # Hybrid stacks: ``pattern`` is repeated over the layers, one letter per layer: "a" an
+    # attention layer, "m" a state-space layer (``ssm``: "mamba2", Mamba-2's SSD mixer, or "mamba",
+    # Mamba's selective scan as in Jamba). "a" alone is a transformer, "m" a pure Mamba LM,
+    # "mmmammmm" Jamba's 7:1 interleave; with ``moe_every`` the layers scan in groups of
+    # lcm(len(pattern), moe_every), so compile time stays independent of depth.
+    pattern: str = "a"
+    ssm: Literal["mamba2", "mamba"] = "mamba2"
+    ssm_state: int = 0  # S, states per channel; 0 = 128 (mamba2) or 16 (mamba)
+    ssm_expand: int = 2  # inner width = ssm_expand * d_model
+    ssm_head_dim: int = 64  # mamba2: H channels per head (heads = inner width / H)
+    ssm_groups: int = 1  # mamba2: groups of b/c shared by the heads (as GQA's kv heads)
+    ssm_conv: int = 4  # width of the causal depthwise conv before the scan
+    ssm_chunk: int = 128  # chunk length of the chunked scans (SSD's intra-chunk matmuls)
+    ssm_dt_rank: int = 0  # mamba: rank of the dt projection; 0 = ceil(d_model / 16)
+    ssm_bias: bool = False  # biases on the SSM layers' input / output projections
+    ssm_conv_bias: bool = True
+    ssm_inner_norms: bool = True  # mamba: RMSNorms on dt, b and c (Jamba's)
+    ssm_mlp: bool = True  # SSM layers carry an MLP / MoE sublayer (Jamba) or none (Mamba-2 LMs)
+    # Infini-attention (infini_segment > 0): the attention layers attend causally within segments
+    # of this many tokens and read a compressive memory of the earlier segments, with a learned
+    # gate; infini_delta uses the delta-rule memory update.
+    infini_segment: int = 0
+    infini_delta: bool = False
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     # Dtypes and remat are the run's (``precision``, ``remat``: ``mlgen.nn.policy.Policy``).
     # Run the stacked layers with a lax.scan (compile time independent of depth) or unrolled,
@@ -172,6 +197,41 @@ class TransformerConfig:
         return frozenset(out)
 
     @property
+    def kinds(self) -> tuple[tuple[str, bool], ...]:
+        """Each layer's ``(mixer, moe)``: mixer "a" (attention) or "m" (SSM), moe whether its
+        feed-forward is an MoE layer."""
+        k = self.moe_every
+        return tuple(
+            (self.pattern[i % len(self.pattern)], bool(k) and i % k == k - 1)
+            for i in range(self.num_layers)
+        )
+
+    @property
+    def period(self) -> int:
+        """Layers per scan step: lcm(len(pattern), moe_every)."""
+        return math.lcm(len(self.pattern), self.moe_every or 1)
+
+    @property
+    def has_ssm(self) -> bool:
+        return "m" in self.pattern
+
+    @property
+    def ssm_inner(self) -> int:
+        return self.ssm_expand * self.d_model
+
+    @property
+    def ssm_heads(self) -> int:
+        return self.ssm_inner // self.ssm_head_dim
+
+    @property
+    def ssm_states(self) -> int:
+        return self.ssm_state or (128 if self.ssm == "mamba2" else 16)
+
+    @property
+    def dt_rank(self) -> int:
+        return self.ssm_dt_rank or -(-self.d_model // 16)
+
+    @property
     def tied(self) -> bool:
         return self.flavour == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
 
@@ -201,7 +261,9 @@ class TransformerConfig:
             f"RoPE needs an even head dim, got {self.head_size}",
         )
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
-        check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        check(
+            self.rope_theta >= 0, "rope_theta", f"must be >= 0 (0 = no RoPE), got {self.rope_theta}"
+        )
         check(
             self.rope_scaling in ("none", "llama3"),
             "rope_scaling",
@@ -269,7 +331,59 @@ class TransformerConfig:
                 field, _, rest = str(e).partition(":")
                 ours = {v: k for k, v in _MOE_FIELDS.items()}.get(field, field)
                 raise ConfigError(f"{ours}:{rest}") from None
+        self._validate_pattern()
         prefixed("attention", self.attention.validate)
+
+    def _validate_pattern(self) -> None:
+        bad = sorted(set(self.pattern) - {"a", "m"})
+        check(
+            bool(self.pattern) and not bad,
+            "pattern",
+            f"one letter per layer, 'a' (attention) or 'm' (SSM); got {self.pattern!r}",
+        )
+        check(
+            self.num_layers % self.period == 0,
+            "pattern",
+            f"num_layers={self.num_layers} is not a multiple of the repeating group: "
+            f"lcm(len(pattern)={len(self.pattern)}, moe_every={self.moe_every or 1}) = "
+            f"{self.period}",
+        )
+        check(
+            self.infini_segment >= 0,
+            "infini_segment",
+            f"must be >= 0 (0 = plain attention), got {self.infini_segment}",
+        )
+        if not self.has_ssm:
+            return
+        check(self.flavour == "llama", "pattern", "SSM layers need the llama flavour (RMSNorm)")
+        check(self.ssm in ("mamba2", "mamba"), "ssm", f"'mamba2' or 'mamba', got {self.ssm!r}")
+        for name in ("ssm_expand", "ssm_head_dim", "ssm_groups", "ssm_conv", "ssm_chunk"):
+            check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("ssm_state", "ssm_dt_rank"):
+            check(
+                getattr(self, name) >= 0,
+                name,
+                f"must be >= 0 (0 = default), got {getattr(self, name)}",
+            )
+        if self.ssm == "mamba2":
+            check(
+                self.ssm_inner % self.ssm_head_dim == 0,
+                "ssm_head_dim",
+                f"{self.ssm_head_dim} does not divide the inner width "
+                f"ssm_expand * d_model = {self.ssm_inner}",
+            )
+            check(
+                self.ssm_heads % self.ssm_groups == 0,
+                "ssm_groups",
+                f"{self.ssm_groups} does not divide the {self.ssm_heads} SSM heads",
+            )
+        check(
+            self.ssm_mlp
+            or not self.moe_every
+            or all(mixer == "a" for mixer, moe in self.kinds if moe),
+            "moe_every",
+            "an MoE layer falls on an SSM layer without a feed-forward (ssm_mlp=False)",
+        )
 
     @property
     def max_length(self) -> int | None:
@@ -301,43 +415,44 @@ def _aux_init(names) -> dict[str, jax.Array]:
 
 
 def _aux_add(acc: dict, new: dict) -> dict:
+    """Combines a layer's aux into the running values (a layer without MoE brings ``{}``)."""
+    if not new:
+        return acc
     return {k: _AUX_REDUCE.get(k, jnp.add)(acc[k], new[k]) for k in acc}
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))`` (``moe``:
-    ``x + moe(norm(x))``, an MoE layer in place of the MLP). Returns ``(x, aux)``: the MoE
-    layer's auxiliary scalars, or ``{}``."""
+    """Pre-norm block: ``x + mixer(norm(x))``, then ``x + ffn(norm(x))``.
+
+    The mixer is attention (``mixer="a"``: ``attn_norm``, ``attn``; Infini-attention with
+    ``infini_segment``) or a state-space layer (``"m"``: ``ssm_norm``, ``ssm``); the feed-forward
+    an MLP (``mlp_norm``, ``mlp``), an MoE layer (``moe``) or, for SSM layers with
+    ``ssm_mlp=False``, none. Returns ``(x, aux)``: the MoE layer's auxiliary scalars, or ``{}``.
+    """
 
     def __init__(
-        self, cfg: TransformerConfig, *, policy: Policy, rngs: nnx.Rngs, moe: bool = False
+        self,
+        cfg: TransformerConfig,
+        *,
+        policy: Policy,
+        rngs: nnx.Rngs,
+        moe: bool = False,
+        mixer: str = "a",
     ):
         dtype, pdtype = policy.dtype, policy.param_dtype
         gpt2 = cfg.flavour == "gpt2"
         Norm = LayerNorm if gpt2 else RMSNorm
-        self.attn_norm = Norm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdtype, rngs=rngs)
-        self.attn = SelfAttention(
-            cfg.d_model,
-            cfg.num_heads,
-            cfg.kv_heads,
-            cfg.head_size,
-            use_bias=gpt2,
-            qkv_bias=gpt2 or cfg.qkv_bias,
-            rope_theta=None if gpt2 else cfg.rope_theta,
-            rope_scaling=None if gpt2 else cfg.rope_scaler,
-            sliding_window=cfg.sliding_window or None,
-            attention=cfg.attention,
-            lora=cfg.lora,
-            lora_targets=cfg.adapted,
-            dtype=dtype,
-            param_dtype=pdtype,
-            rngs=rngs,
-        )
-        self.mlp_norm = Norm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdtype, rngs=rngs)
+        norm = lambda: Norm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdtype, rngs=rngs)  # noqa: E731
+        self.mixer = mixer
+        attention = mixer == "a"
+        self.attn_norm = norm() if attention else None
+        self.attn = _attention(cfg, dtype, pdtype, rngs) if attention else None
+        self.ssm_norm = None if attention else norm()
+        self.ssm = None if attention else _ssm(cfg, dtype, pdtype, rngs)
+        has_ffn = mixer == "a" or cfg.ssm_mlp
+        self.mlp_norm = norm() if has_ffn else None
         self.mlp = (
-            None
-            if moe
-            else MLP(
+            MLP(
                 cfg.d_model,
                 cfg.hidden,
                 kind="gelu" if gpt2 else "swiglu",
@@ -348,6 +463,8 @@ class Block(nnx.Module):
                 param_dtype=pdtype,
                 rngs=rngs,
             )
+            if has_ffn and not moe
+            else None
         )
         self.moe = (
             MoE(cfg.d_model, cfg.expert_hidden, cfg.moe, dtype=dtype, param_dtype=pdtype, rngs=rngs)
@@ -361,45 +478,129 @@ class Block(nnx.Module):
             return self.mlp(x), {}
         return self.moe(x, mask=None if segment_ids is None else segment_ids > 0)
 
+    def _mix(self):
+        return (self.attn_norm, self.attn) if self.mixer == "a" else (self.ssm_norm, self.ssm)
+
     def __call__(self, x, *, positions, segment_ids, rng=None):
         r1, r2 = jax.random.split(rng) if rng is not None else (None, None)
-        h = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids)
+        norm, mix = self._mix()
+        h = mix(norm(x), positions=positions, segment_ids=segment_ids)
         x = x + dropout(h, self.dropout, r1)
-        h, aux = self._ffn(self.mlp_norm(x), segment_ids)
-        x = x + dropout(h, self.dropout, r2)
+        aux = {}
+        if self.mlp_norm is not None:
+            h, aux = self._ffn(self.mlp_norm(x), segment_ids)
+            x = x + dropout(h, self.dropout, r2)
         return constrain(x, _ACT), aux
 
-    def init_cache(self, batch: int, max_len: int) -> KVCache:
-        return self.attn.init_cache(batch, max_len)
+    def init_cache(self, batch: int, max_len: int):
+        """A KV cache (attention) or the conv + SSM state (``mlgen.nn.ssm.SSMState``)."""
+        return self._mix()[1].init_cache(batch, max_len)
 
-    def decode(self, x, positions, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        h, cache = self.attn.decode(self.attn_norm(x), positions, cache)
+    def decode(self, x, positions, cache):
+        norm, mix = self._mix()
+        h, cache = mix.decode(norm(x), positions, cache)
         x = x + h
-        return constrain(x + self._ffn(self.mlp_norm(x))[0], _ACT), cache
+        if self.mlp_norm is not None:
+            x = x + self._ffn(self.mlp_norm(x))[0]
+        return constrain(x, _ACT), cache
+
+
+def _attention(cfg: TransformerConfig, dtype, pdtype, rngs):
+    gpt2 = cfg.flavour == "gpt2"
+    kw = dict(
+        use_bias=gpt2,
+        qkv_bias=gpt2 or cfg.qkv_bias,
+        rope_theta=None if gpt2 or not cfg.rope_theta else cfg.rope_theta,
+        rope_scaling=None if gpt2 else cfg.rope_scaler,
+        sliding_window=cfg.sliding_window or None,
+        attention=cfg.attention,
+        lora=cfg.lora,
+        lora_targets=cfg.adapted,
+        dtype=dtype,
+        param_dtype=pdtype,
+        rngs=rngs,
+    )
+    args = (cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size)
+    if cfg.infini_segment:  # TODO(merge): InfiniAttention from the infini branch
+        raise NotImplementedError("infini_segment")
+    return SelfAttention(*args, **kw)
+
+
+def _ssm(cfg: TransformerConfig, dtype, pdtype, rngs):
+    kw = dict(
+        state=cfg.ssm_states,
+        conv=cfg.ssm_conv,
+        chunk=cfg.ssm_chunk,
+        use_bias=cfg.ssm_bias,
+        conv_bias=cfg.ssm_conv_bias,
+        norm_eps=cfg.norm_eps,
+        dtype=dtype,
+        param_dtype=pdtype,
+        rngs=rngs,
+    )
+    if cfg.ssm == "mamba2":
+        return Mamba2(
+            cfg.d_model, heads=cfg.ssm_heads, head_dim=cfg.ssm_head_dim, groups=cfg.ssm_groups, **kw
+        )
+    return Mamba(
+        cfg.d_model,
+        inner=cfg.ssm_inner,
+        dt_rank=cfg.dt_rank,
+        inner_norms=cfg.ssm_inner_norms,
+        **kw,
+    )
 
 
 class LayerGroup(nnx.Module):
-    """``moe_every`` consecutive layers as one scan step: ``moe_every - 1`` dense blocks (stacked
-    on their own ``layers`` axis, run by an inner scan) and then one MoE block."""
+    """One scan step of ``period`` consecutive layers of different kinds (a hybrid pattern, MoE
+    every k-th layer). Consecutive layers of one kind form a run; a run of several is stacked on
+    its own ``layers`` axis and run by an inner scan, a run of one is a plain block. Returns
+    ``(x, aux)`` with the MoE layers' auxiliary values combined (``_aux_add``)."""
 
     def __init__(self, cfg: TransformerConfig, *, policy: Policy, rngs: nnx.Rngs):
-        self.dense = _stack(cfg.moe_every - 1, lambda r: Block(cfg, policy=policy, rngs=r), rngs)
-        self.moe = Block(cfg, policy=policy, rngs=rngs, moe=True)
-        self.size, self.policy = cfg.moe_every, policy
+        runs: list[tuple[tuple[str, bool], int]] = []
+        for kind in cfg.kinds[: cfg.period]:
+            if runs and runs[-1][0] == kind:
+                runs[-1] = (kind, runs[-1][1] + 1)
+            else:
+                runs.append((kind, 1))
 
-    def __call__(self, x, *, positions, segment_ids, rng=None):
-        rngs = jax.random.split(rng, self.size) if rng is not None else None
+        def make(kind, r):
+            return Block(cfg, policy=policy, rngs=r, moe=kind[1], mixer=kind[0])
 
-        def body(block, x, r):
-            return block(x, positions=positions, segment_ids=segment_ids, rng=r)[0]
-
-        x = _scan(self.dense, x, None if rngs is None else rngs[:-1], body)
-        return self.moe(
-            x, positions=positions, segment_ids=segment_ids, rng=None if rngs is None else rngs[-1]
+        self.sizes = tuple(n for _, n in runs)
+        self.runs = nnx.List(
+            [
+                make(kind, rngs) if n == 1 else _stack(n, lambda r, k=kind: make(k, r), rngs)
+                for kind, n in runs
+            ]
         )
+        self.period = cfg.period
+
+    def __call__(self, x, *, positions, segment_ids, rng=None, aux=None):
+        rngs = jax.random.split(rng, self.period) if rng is not None else None
+        aux = {} if aux is None else aux
+        i = 0
+
+        def body(block, carry, r):
+            x, acc = carry
+            x, new = block(x, positions=positions, segment_ids=segment_ids, rng=r)
+            return x, _aux_add(acc, new)
+
+        for run, n in zip(self.runs, self.sizes, strict=True):
+            rs = None if rngs is None else rngs[i : i + n]
+            if n == 1:
+                x, aux = body(run, (x, aux), None if rs is None else rs[0])
+            else:
+                x, aux = _scan(run, (x, aux), rs, body)
+            i += n
+        return x, aux
 
     def layers(self) -> list[Block]:
-        return [*_unstack(self.dense, self.size - 1), self.moe]
+        out = []
+        for run, n in zip(self.runs, self.sizes, strict=True):
+            out.extend([run] if n == 1 else _unstack(run, n))
+        return out
 
 
 def _stack(n: int, make, rngs: nnx.Rngs):
@@ -453,15 +654,18 @@ class Transformer(nnx.Module):
             else None
         )
 
-        # The scanned stack: layers (dense, or every one MoE), or groups of moe_every layers.
-        if cfg.moe_every > 1:
+        # The scanned stack: layers all of one kind, or groups of ``period`` layers (a hybrid
+        # pattern, MoE every moe_every-th layer).
+        if cfg.period > 1:
             self.blocks = _stack(
-                cfg.num_moe_layers, lambda r: LayerGroup(cfg, policy=policy, rngs=r), rngs
+                cfg.num_layers // cfg.period, lambda r: LayerGroup(cfg, policy=policy, rngs=r), rngs
             )
         else:
-            moe = cfg.moe_every == 1
+            mixer, moe = cfg.kinds[0]
             self.blocks = _stack(
-                cfg.num_layers, lambda r: Block(cfg, policy=policy, rngs=r, moe=moe), rngs
+                cfg.num_layers,
+                lambda r: Block(cfg, policy=policy, rngs=r, moe=moe, mixer=mixer),
+                rngs,
             )
         Norm = LayerNorm if cfg.flavour == "gpt2" else RMSNorm
         self.final_norm = Norm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdtype, rngs=rngs)
@@ -509,7 +713,7 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x = self._embed(tokens, positions)
-        stack = cfg.num_moe_layers if cfg.moe_every > 1 else cfg.num_layers
+        stack = cfg.num_layers // cfg.period
         layer_rngs = jax.random.split(rng, stack) if rng is not None and cfg.dropout > 0 else None
         names = (
             "loss",
@@ -523,6 +727,8 @@ class Transformer(nnx.Module):
 
         def body(block, carry, lrng):
             x, acc = carry
+            if isinstance(block, LayerGroup):
+                return block(x, positions=positions, segment_ids=segment_ids, rng=lrng, aux=acc)
             x, new = block(x, positions=positions, segment_ids=segment_ids, rng=lrng)
             return x, _aux_add(acc, new)
 
@@ -557,13 +763,14 @@ class Transformer(nnx.Module):
         """Positions the model can encode (gpt2's learned table), or None (RoPE)."""
         return self.cfg.max_length
 
-    def init_cache(self, batch: int, max_len: int) -> tuple[KVCache, ...]:
-        """One empty KV cache per layer (each made by its layer's attention)."""
+    def init_cache(self, batch: int, max_len: int) -> tuple[KVCache | SSMState, ...]:
+        """One empty cache per layer, made by the layer: a KV cache (attention) or the conv +
+        SSM state (``mlgen.nn.ssm.SSMState``, whose size does not depend on ``max_len``)."""
         return tuple(block.init_cache(batch, max_len) for block in self._layers())
 
     def decode(
-        self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], cache: tuple[KVCache, ...]
-    ) -> tuple[Float[Array, "B V"], tuple[KVCache, ...]]:
+        self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], cache: tuple
+    ) -> tuple[Float[Array, "B V"], tuple]:
         """Runs T new tokens per row through every layer, writing them to ``cache``.
 
         ``positions`` ``[B, T]`` are each token's position in its row; a negative position
@@ -601,8 +808,8 @@ class Transformer(nnx.Module):
         if isinstance(self.blocks, nnx.List):
             return list(self.blocks)
         cfg = self.cfg
-        if cfg.moe_every > 1:
-            groups = _unstack(self.blocks, cfg.num_moe_layers)
+        if cfg.period > 1:
+            groups = _unstack(self.blocks, cfg.num_layers // cfg.period)
             return [layer for group in groups for layer in group.layers()]
         return _unstack(self.blocks, cfg.num_layers)
 

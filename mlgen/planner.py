@@ -23,6 +23,10 @@ What it reports, per chip:
 - lower and compile times, and which attention backend each attention call compiled to;
 - every problem found before launch, one line each naming the field (a config that does not
   validate against the mesh, a kernel that cannot take the shapes, memory over budget).
+
+:func:`decode_cache` sizes what a decoder keeps per sequence at a given context length (``mlgen
+plan --decode-context N``): the caches its layers' ``init_cache`` make (KV caches of attention
+layers, conv + SSM states of state-space layers), from their shapes alone, nothing allocated.
 """
 
 from __future__ import annotations
@@ -36,11 +40,14 @@ from collections.abc import Iterable, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 
 from mlgen import config as config_lib
 from mlgen import runs, sharding
 from mlgen.config import ConfigError, InputError, check
+from mlgen.models.family import family_of
 from mlgen.ops.attention import describe, recording
+from mlgen.tasks.base import policy as run_policy
 from mlgen.train import throughput, trainer
 
 GIB = 2**30
@@ -162,6 +169,70 @@ class Plan:
         else:
             lines.append("  problems: none")
         return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class DecodeCache:
+    """A decoder's cache for ``batch`` sequences of ``context`` tokens, all chips together."""
+
+    context: int
+    batch: int
+    dtype: str
+    total_bytes: int
+    by_kind: dict[str, int]  # "attention (KV)" / "ssm (conv + state)" -> bytes
+    layers: dict[str, int]  # the same kinds -> number of layers
+
+    def report(self) -> str:
+        kinds = ", ".join(
+            f"{k}: {self.layers[k]} layers, {v / 1e9:.3f} GB" for k, v in self.by_kind.items()
+        )
+        return (
+            f"  decode cache at {self.context:,} tokens x {self.batch} sequence(s), "
+            f"{self.dtype}: {self.total_bytes / 1e9:.3f} GB ({self.total_bytes / GIB:.3f} GiB; "
+            f"{kinds})"
+        )
+
+
+def decode_cache(
+    config: config_lib.Config | str | os.PathLike,
+    overrides: Iterable[str] = (),
+    *,
+    context: int,
+    batch: int = 1,
+) -> DecodeCache:
+    """The decode-time cache of the model ``config`` describes, at ``context`` tokens.
+
+    Built inside ``jax.eval_shape`` (model and caches are shapes only), in the run's compute
+    dtype (``precision.compute``), for any size of model. Raises ConfigError naming the field
+    for a model that is no decoder.
+    """
+    check(context > 0, "--decode-context", f"must be > 0 tokens, got {context}", InputError)
+    check(batch > 0, "--decode-batch", f"must be > 0, got {batch}", InputError)
+    cfg = config_lib.load(config, overrides)
+    family = family_of(cfg.model)
+    check(family.kind == "decoder", "model", f"{family.name} is no decoder: it has no cache")
+    pol = run_policy(cfg)
+
+    def caches():
+        model = family.build(cfg.model, nnx.Rngs(0), pol)
+        return model.init_cache(batch, context)
+
+    layers = jax.eval_shape(caches)
+    by_kind: dict[str, int] = {}
+    count: dict[str, int] = {}
+    for layer in layers:
+        kind = "ssm (conv + state)" if hasattr(layer, "ssm") else "attention (KV)"
+        nbytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(layer))
+        by_kind[kind] = by_kind.get(kind, 0) + nbytes
+        count[kind] = count.get(kind, 0) + 1
+    return DecodeCache(
+        context=context,
+        batch=batch,
+        dtype=str(np.dtype(pol.dtype)),
+        total_bytes=sum(by_kind.values()),
+        by_kind=by_kind,
+        layers=count,
+    )
 
 
 def topology_devices(topology: str) -> list:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -56,7 +57,35 @@ def plan_main(argv: list[str]) -> int:
         default="auto",
         help="count every layer of a scanned stack from 2- and 4-layer unrolled compiles",
     )
+    ap.add_argument(
+        "--decode-context",
+        type=int,
+        default=None,
+        help="also size the decode-time cache (KV + SSM state) at this many tokens",
+    )
+    ap.add_argument("--decode-batch", type=int, default=1, help="sequences in that cache")
+    ap.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="only the decode cache (with --decode-context): no train-step compile",
+    )
     a = ap.parse_intermixed_args(argv)
+    check(
+        not a.decode_only or a.decode_context is not None,
+        "--decode-only",
+        "needs --decode-context N",
+        InputError,
+    )
+    cache = (
+        None
+        if a.decode_context is None
+        else planner.decode_cache(
+            a.config, a.overrides, context=a.decode_context, batch=a.decode_batch
+        )
+    )
+    if a.decode_only:
+        print(json.dumps(dataclasses.asdict(cache)) if a.json else cache.report())
+        return 0
     check(
         a.budget_gib is None or a.budget_gib > 0,
         "--budget-gib",
@@ -70,7 +99,13 @@ def plan_main(argv: list[str]) -> int:
         budget_gib=a.budget_gib,
         unrolled_flops={"auto": None, "on": True, "off": False}[a.unrolled_flops],
     )
-    print(json.dumps(p.to_dict()) if a.json else p.report())
+    if a.json:
+        out = p.to_dict()
+        if cache is not None:
+            out["decode_cache"] = dataclasses.asdict(cache)
+        print(json.dumps(out))
+    else:
+        print(p.report() + ("" if cache is None else "\n" + cache.report()))
     return 1 if p.problems else 0
 
 

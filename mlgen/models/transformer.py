@@ -832,6 +832,19 @@ def _check_mesh(cfg: TransformerConfig, shards) -> None:
         "num_heads",
         f"{cfg.num_heads} is not divisible by the {n} shards of the heads axis",
     )
+    if cfg.has_ssm and cfg.ssm == "mamba2":
+        check(
+            cfg.ssm_heads % n == 0,
+            "ssm_head_dim",
+            f"the {cfg.ssm_heads} SSM heads are not divisible by the {n} shards of the heads axis",
+        )
+    if cfg.has_ssm and cfg.ssm == "mamba":
+        m = shards("mlp")
+        check(
+            cfg.ssm_inner % m == 0,
+            "ssm_expand",
+            f"the SSM inner width {cfg.ssm_inner} is not divisible by the {m} shards of mlp",
+        )
     if cfg.moe_every:
         check_expert_mesh(cfg.num_experts, shards("expert"))
 
@@ -857,6 +870,13 @@ def transformer_flops_per_token(
     - attention's two ``T x T`` matmuls (``Q K^T`` and ``P V``) cost ``2 * 2 * T * N_q * H``
       FLOPs per token and layer forward, 3x that for training: ``12 * L * T * N_q * H``
       for the full square, halved for causal attention (only the lower triangle is needed).
+
+    A state-space layer (``pattern`` letter "m") counts its projections' weights like any
+    matmul, plus its scan's own forward work times 3: Mamba-2's SSD per token ``2 L (R S + N H)``
+    (the intra-chunk scores and their product with x, chunk ``L``) ``+ 4 N H S`` (the chunk state
+    and the entering state's read-out); Mamba's selective scan ``6 C S`` (decay, update and
+    read-out per state, elementwise: no matmul, but it is the layer's work). Its cost does not
+    grow with ``seq_len``.
 
     An MoE layer counts its active weights only: the router ``D * E`` plus ``3 * D * F_e`` for
     each of the ``experts_per_token`` routed and the ``num_shared_experts`` shared experts
@@ -886,14 +906,21 @@ def transformer_flops_per_token(
     """
     D, N, K, H, F = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.hidden
     mlp_mats = 3 if cfg.flavour == "llama" else 2
-    per_layer = D * H * (2 * N + 2 * K) + mlp_mats * D * F
-    weights = cfg.num_layers * per_layer + D * cfg.vocab_size
+    n_attn = sum(mixer == "a" for mixer, _ in cfg.kinds)
+    n_ssm = cfg.num_layers - n_attn
+    n_mlp = n_attn + (n_ssm if cfg.ssm_mlp else 0)
+    weights = n_attn * D * H * (2 * N + 2 * K) + n_mlp * mlp_mats * D * F + D * cfg.vocab_size
     if cfg.moe_every:  # active weights: the router, the k chosen and the shared experts
         active = cfg.experts_per_token + cfg.num_shared_experts
         moe_mlp = D * cfg.num_experts + 3 * D * cfg.expert_hidden * active
         weights += cfg.num_moe_layers * (moe_mlp - mlp_mats * D * F)
-    attention = 12 * cfg.num_layers * seq_len * N * H
-    attention = attention / 2 if causal else attention
+    scan = 0.0
+    if n_ssm:
+        ssm_weights, scan_fwd = _ssm_flops(cfg, seq_len)
+        weights += n_ssm * ssm_weights
+        scan = 3.0 * n_ssm * scan_fwd  # forward + backward (2x) of the scan's own work
+    attention = 12 * n_attn * seq_len * N * H
+    attention = (attention / 2 if causal else attention) + scan
     if not cfg.lora_rank:
         return 6.0 * weights + attention
     # LoRA: the frozen base costs its forward and the input gradient, 4 per weight (no weight
@@ -902,6 +929,19 @@ def transformer_flops_per_token(
     sizes.update(gate=(D, F), up=(D, F), down=(F, D))
     adapters = cfg.num_layers * sum(cfg.lora_rank * sum(sizes[t]) for t in cfg.adapted)
     return 4.0 * weights + 6.0 * adapters + attention
+
+
+def _ssm_flops(cfg: TransformerConfig, seq_len: int) -> tuple[float, float]:
+    """``(matmul weights, forward scan FLOPs per token)`` of one SSM layer."""
+    D, S, C = cfg.d_model, cfg.ssm_states, cfg.ssm_inner
+    if cfg.ssm == "mamba2":
+        Nh, R = cfg.ssm_heads, cfg.ssm_groups
+        weights = D * (2 * C + 2 * R * S + Nh) + C * D  # z, x, b, c, dt; out
+        chunk = min(cfg.ssm_chunk, seq_len)
+        return weights, 2.0 * chunk * (R * S + C) + 4.0 * C * S
+    rank = cfg.dt_rank
+    weights = 2 * D * C + C * (rank + 2 * S) + rank * C + C * D  # x, z; dt_in, b, c; dt; out
+    return weights, 6.0 * C * S
 
 
 FAMILY = register(

@@ -7,19 +7,21 @@ algorithm for a block of heads of one batch row, chunk after chunk:
 1. ``y = (c b^T * decay mask) (dt x)`` inside the chunk: the ``[L, L]`` scores ``c b^T`` are
    computed once per block of heads (they share the b/c group) and the ``[L, L]`` decay mask
    ``exp(cum_l - cum_s)`` once per head, both only in VMEM, never in HBM;
-2. the entering state's contribution ``exp(cum_l) c_l . h_start``;
+2. the entering state's contribution ``exp(cum_l) c_l . h_start``, and the skip ``d x``;
 3. the chunk's own final state ``sum_s exp(cum_end - cum_s) (dt x)_s b_s^T``;
 4. the state passing ``h <- exp(cum_end) h + own``, in a VMEM scratch carried along the
    innermost grid axis (the chunks, ``arbitrary``: sequential on one core), from
    ``initial_state`` at chunk 0 to the final state written at the last chunk.
 
-So the sequence is read once and ``y`` written once, with no ``[B, nc, N, H, S]`` chunk states
+So the sequence is read once and ``y`` written once, in ``x``'s own ``[B, T, N * H]`` layout (a
+block of heads is a lane slice: no transposes in HBM), with no ``[B, nc, N, H, S]`` chunk states
 in HBM and no separate ``lax.scan`` (the jnp path has both). Grid: ``(B, N / block_heads, nc)``;
 the batch and head-block axes are ``parallel`` (megacore). ``cum`` (the within-chunk cumulative
-``dt * a``) is computed in JAX and passed as a column and a row so the kernel needs no
-transposes; the mask uses its differences (as the Mamba authors' kernels do), where the jnp
-path sums the masked terms: for a chunk whose decays add up to ``|cum|`` the exponent's
-rounding is ``~|cum| * 6e-8`` (relative error ``6e-6`` at ``|cum| = 100``).
+``dt * a``) and ``dt`` are computed in JAX and come as lane-dense ``[heads, L]`` rows; the
+kernel takes the columns it needs off the diagonal of a broadcast (no Mosaic transposes). The
+mask uses differences of ``cum`` (as the Mamba authors' kernels do), where the jnp path sums
+the masked terms: for a chunk whose decays add up to ``|cum|`` the exponent's rounding is
+``~|cum| * 6e-8`` (relative error ``6e-6`` at ``|cum| = 100``).
 
 Why TPU (Mosaic) first: GPU users already have the Mamba authors' Triton kernels (and
 ``mamba_ssm``); TPU pods have nothing but XLA's fused einsums, which write the ``[L, L]``
@@ -203,50 +205,47 @@ def ssd(
         interpret=bool(interpret),
     )
     h0 = jnp.zeros((B, N, H, S), F32) if initial_state is None else initial_state.astype(F32)
+    d = jnp.zeros((N,), F32) if d is None else d  # the skip term is fused into the kernel
     core = _differentiable(cfg, chunk, recompute)
     if interpret:
-        y, h = core(x, dt, a, b, c, h0, reset)
-    else:
-        y, h = _per_shard(core, x, dt, a, b, c, h0, reset)
-    if d is not None:
-        y = y + d.astype(F32)[:, None] * x.astype(F32)
-    return y, h
+        return core(x, dt, a, b, c, d, h0, reset)
+    return _per_shard(core, x, dt, a, b, c, d, h0, reset)
 
 
 def _differentiable(cfg: _Config, chunk: int, recompute: Callable):
     """The kernel with the jnp path's VJP as its backward (a fresh ``custom_vjp`` per config)."""
 
     @jax.custom_vjp
-    def core(x, dt, a, b, c, h0, reset):
-        return _forward(cfg, x, dt, a, b, c, h0, reset)
+    def core(x, dt, a, b, c, d, h0, reset):
+        return _forward(cfg, x, dt, a, b, c, d, h0, reset)
 
-    def fwd(x, dt, a, b, c, h0, reset):
-        return core(x, dt, a, b, c, h0, reset), (x, dt, a, b, c, h0, reset)
+    def fwd(x, dt, a, b, c, d, h0, reset):
+        return core(x, dt, a, b, c, d, h0, reset), (x, dt, a, b, c, d, h0, reset)
 
     def bwd(res, cts):
-        x, dt, a, b, c, h0, reset = res
+        x, dt, a, b, c, d, h0, reset = res
 
-        def jnp_path(x, dt, a, b, c, h0):
-            return recompute(x, dt, a, b, c, None, chunk=chunk, initial_state=h0, reset=reset)
+        def jnp_path(x, dt, a, b, c, d, h0):
+            return recompute(x, dt, a, b, c, d, chunk=chunk, initial_state=h0, reset=reset)
 
-        _, vjp = jax.vjp(jnp_path, x, dt, a, b, c, h0)
+        _, vjp = jax.vjp(jnp_path, x, dt, a, b, c, d, h0)
         return (*vjp(cts), None)
 
     core.defvjp(fwd, bwd)
     return core
 
 
-def _per_shard(fn, x, dt, a, b, c, h0, reset):
+def _per_shard(fn, x, dt, a, b, c, d, h0, reset):
     """``fn`` once per shard when a mesh of several devices is active (see the module doc)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
     if mesh is None or mesh.empty:
-        return fn(x, dt, a, b, c, h0, reset)
+        return fn(x, dt, a, b, c, d, h0, reset)
     types = getattr(mesh, "axis_types", (AxisType.Auto,) * len(mesh.axis_names))
     free = [n for n, t in zip(mesh.axis_names, types) if t != AxisType.Manual]
     if math.prod(mesh.shape[n] for n in free) == 1:
-        return fn(x, dt, a, b, c, h0, reset)
+        return fn(x, dt, a, b, c, d, h0, reset)
     batch: list[str] = []
     for n in free:  # the longest run of non-seq axes whose sizes multiply to a divisor of B
         if n == "seq":
@@ -257,20 +256,20 @@ def _per_shard(fn, x, dt, a, b, c, h0, reset):
     row = P(tuple(batch) if batch else None)
     has_reset = reset is not None
 
-    def body(x, dt, a, b, c, h0, *maybe_reset):
-        return fn(x, dt, a, b, c, h0, maybe_reset[0] if has_reset else None)
+    def body(x, dt, a, b, c, d, h0, *maybe_reset):
+        return fn(x, dt, a, b, c, d, h0, maybe_reset[0] if has_reset else None)
 
     return jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(row, row, P(), row, row, row) + (row,) * has_reset,
+        in_specs=(row, row, P(), row, row, P(), row) + (row,) * has_reset,
         out_specs=(row, row),
         axis_names=set(free),
         check_vma=False,
-    )(x, dt, a, b, c, h0, *((reset,) if has_reset else ()))
+    )(x, dt, a, b, c, d, h0, *((reset,) if has_reset else ()))
 
 
-def _forward(cfg: _Config, x, dt, a, b, c, h0, reset):
+def _forward(cfg: _Config, x, dt, a, b, c, d, h0, reset):
     """Lays the inputs out by chunk, runs the kernel, lays ``y`` back out: ``(y, h_end)``.
 
     ``x`` and ``y`` keep their ``[B, T, N * H]`` layout (chunks by reshape, no transpose; a head
@@ -295,7 +294,8 @@ def _forward(cfg: _Config, x, dt, a, b, c, h0, reset):
     def rows(t):  # [B, nc, L, N] -> [B, N / nh, nc, nh, L]
         return jnp.moveaxis(t, 2, 3).reshape(B, nc, N // nh, nh, L).swapaxes(1, 2)
 
-    args = [xs, rows(dts), rows(cum), bs, cs, h0]
+    d_lanes = jnp.repeat(d.astype(F32), H)[None, :]  # [1, N * H]: each head's d on its lanes
+    args = [xs, rows(dts), rows(cum), bs, cs, d_lanes, h0]
     if cfg.has_reset:
         doc = jnp.cumsum(chunks(reset.astype(jnp.int32)), axis=-1)  # [B, nc, L]
         args.append(doc[:, :, None, :])
@@ -325,6 +325,7 @@ def _call(cfg: _Config, B: int, N: int, H: int, R: int, S: int, args):
         pl.BlockSpec((None, None, None, nh, L), rows),  # cum
         pl.BlockSpec((None, None, None, L, S), group),  # b
         pl.BlockSpec((None, None, None, L, S), group),  # c
+        pl.BlockSpec((1, nh * H), lambda b, hb, ci: (0, hb)),  # d, on x's lanes
         pl.BlockSpec((None, nh, H, S), state),  # initial state
     ]
     if cfg.has_reset:
@@ -390,9 +391,9 @@ _NN, _NT, _TN = ((1,), (0,)), ((1,), (1,)), ((0,), (0,))
 
 def _kernel(*refs, cfg: _Config, H: int):
     if cfg.has_reset:
-        x_ref, dt_ref, cum_ref, b_ref, c_ref, h0_ref, doc_ref = refs[:7]
+        x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, h0_ref, doc_ref = refs[:8]
     else:
-        x_ref, dt_ref, cum_ref, b_ref, c_ref, h0_ref = refs[:6]
+        x_ref, dt_ref, cum_ref, b_ref, c_ref, d_ref, h0_ref = refs[:7]
     y_ref, h_ref, h_sc = refs[-3:]
     L, cd = cfg.L, cfg.compute_dtype
     ci = pl.program_id(2)
@@ -434,7 +435,8 @@ def _kernel(*refs, cfg: _Config, H: int):
             to_end = jnp.where(doc_c == doc_last, to_end, 0.0)
             total = jnp.where(doc_last == 0, total, 0.0)
         y = y + from_start * _dot(cm, h.astype(cd), _NT)
-        y_ref[:, j * H : (j + 1) * H] = y
+        skip = d_ref[:, j * H : (j + 1) * H] * x_ref[:, j * H : (j + 1) * H].astype(F32)
+        y_ref[:, j * H : (j + 1) * H] = y + skip
         own = _dot(x, (bm.astype(F32) * to_end).astype(cd), _TN)  # [H, S]
         h_sc[j] = total * h + own
 

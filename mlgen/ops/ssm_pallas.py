@@ -31,8 +31,9 @@ TPU compiler (libtpu ahead of time, any topology), where a GPU kernel can only b
 Gradients: a ``jax.custom_vjp`` whose backward is the VJP of the jnp chunked path (it
 recomputes the forward in XLA); no Pallas backward yet. Under a mesh of several devices the
 kernel runs per shard in ``shard_map`` (XLA cannot partition a Mosaic call): batch split over
-every non-``seq`` mesh axis that divides it, the rest replicated (a ``seq``-sharded T is
-gathered: the sequence-parallel state passing is a different path).
+the mesh axes other than ``seq`` and ``tensor`` as far as they divide it, heads (with ``a``,
+``d`` and the b/c groups when there are several) over ``tensor`` when it divides them, the rest
+replicated (a ``seq``-sharded T is gathered: sequence-parallel state passing is another path).
 
 bfloat16 inputs feed the MXU as bfloat16 (scores, masked scores and ``dt x`` cast like flash
 attention's probabilities) with float32 accumulation; float32 inputs use float32 matmuls at
@@ -188,28 +189,42 @@ def ssd(
         raise ValueError(f"ssd: {R} b/c groups do not divide {N} heads")
     if initial_state is not None and initial_state.shape != (B, N, H, S):
         raise ValueError(f"initial_state: expected shape {(B, N, H, S)}, got {initial_state.shape}")
-    g = N // R
     why = unsupported(x, b, c, chunk, interpret, block_sizes)
     if why is not None:
         raise ValueError(why)
-    nh = _heads_per_step(block_sizes or BlockSizes(), N, R, H, interpret)
+    h0 = jnp.zeros((B, N, H, S), F32) if initial_state is None else initial_state.astype(F32)
+    d = jnp.zeros((N,), F32) if d is None else d  # the skip term is fused into the kernel
+
+    def run(x, dt, a, b, c, d, h0, reset):  # all of the inputs, or one shard's
+        cfg = _config(x, b, c, chunk, reset is not None, interpret, block_sizes or BlockSizes())
+        return _differentiable(cfg, chunk, recompute)(x, dt, a, b, c, d, h0, reset)
+
+    if interpret:
+        return run(x, dt, a, b, c, d, h0, reset)
+    return _per_shard(run, x, dt, a, b, c, d, h0, reset)
+
+
+def _config(x, b, c, chunk, has_reset, interpret, bs: BlockSizes) -> _Config:
+    """The static kernel config for these (per-shard) shapes."""
+    T, N, H = x.shape[1:]
+    R = b.shape[2]
+    nh = _heads_per_step(bs, N, R, H, interpret)
+    if nh is None:  # only per shard: the full shapes were checked by ``unsupported``
+        raise ValueError(
+            f"the SSD kernel finds no block of heads within a b/c group ({N // R} heads of "
+            f"H={H} per shard) spanning a multiple of 128 lanes on TPU"
+        )
     L = min(chunk, -(-T // 8) * 8)
     all_bf16 = all(t.dtype == jnp.bfloat16 for t in (x, b, c))
-    cfg = _Config(
+    return _Config(
         L=L,
         nc=-(-T // L),
         nh=nh,
-        g=g,
-        has_reset=reset is not None,
+        g=N // R,
+        has_reset=has_reset,
         compute_dtype=jnp.dtype(jnp.bfloat16 if all_bf16 else F32),
         interpret=bool(interpret),
     )
-    h0 = jnp.zeros((B, N, H, S), F32) if initial_state is None else initial_state.astype(F32)
-    d = jnp.zeros((N,), F32) if d is None else d  # the skip term is fused into the kernel
-    core = _differentiable(cfg, chunk, recompute)
-    if interpret:
-        return core(x, dt, a, b, c, d, h0, reset)
-    return _per_shard(core, x, dt, a, b, c, d, h0, reset)
 
 
 def _differentiable(cfg: _Config, chunk: int, recompute: Callable):
@@ -246,14 +261,30 @@ def _per_shard(fn, x, dt, a, b, c, d, h0, reset):
     free = [n for n, t in zip(mesh.axis_names, types) if t != AxisType.Manual]
     if math.prod(mesh.shape[n] for n in free) == 1:
         return fn(x, dt, a, b, c, d, h0, reset)
+    N, R = x.shape[2], b.shape[2]
     batch: list[str] = []
-    for n in free:  # the longest run of non-seq axes whose sizes multiply to a divisor of B
-        if n == "seq":
+    for n in free:  # the longest run of other axes whose sizes multiply to a divisor of B
+        if n in ("seq", "tensor"):
             continue
         if x.shape[0] % (math.prod(mesh.shape[m] for m in batch) * mesh.shape[n]):
             break
         batch.append(n)
-    row = P(tuple(batch) if batch else None)
+    heads = None  # heads over "tensor" when it divides them and the groups (or there is one)
+    if "tensor" in free and mesh.shape["tensor"] > 1:
+        k = mesh.shape["tensor"]
+        if N % k == 0 and (R == 1 or R % k == 0):
+            heads = "tensor"
+    bt = tuple(batch) if batch else None
+    groups = heads if R > 1 else None
+    specs = (
+        P(bt, None, heads, None),  # x
+        P(bt, None, heads),  # dt
+        P(heads),  # a
+        P(bt, None, groups, None),  # b
+        P(bt, None, groups, None),  # c
+        P(heads),  # d
+        P(bt, heads, None, None),  # initial state
+    )
     has_reset = reset is not None
 
     def body(x, dt, a, b, c, d, h0, *maybe_reset):
@@ -262,8 +293,8 @@ def _per_shard(fn, x, dt, a, b, c, d, h0, reset):
     return jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(row, row, P(), row, row, P(), row) + (row,) * has_reset,
-        out_specs=(row, row),
+        in_specs=specs + (P(bt, None),) * has_reset,
+        out_specs=(specs[0], specs[-1]),
         axis_names=set(free),
         check_vma=False,
     )(x, dt, a, b, c, d, h0, *((reset,) if has_reset else ()))

@@ -165,6 +165,28 @@ def test_bad_impl_is_one_line_naming_it(change, message):
         ssm.ssd(**{**inputs, **change}, **kw)
 
 
+@pytest.mark.parametrize("R", [1, 2], ids=["one-group", "groups-split"])
+def test_per_shard_splits_batch_and_heads_and_equals_one_device(R):
+    """The kernel's ``shard_map`` wrapper on 8 CPU devices (data 2 x tensor 2 x seq 2), with the
+    jnp path standing in for the kernel (the interpreter runs without the wrapper): batch over
+    ``data``, heads, ``a``, ``d`` (and groups when R > 1) over ``tensor``; the same numbers."""
+    inputs, h0 = _inputs(B=2, T=16, N=4, R=R)
+    reset = jnp.zeros((2, 16), bool).at[1, 5].set(True)
+    args = [inputs[k] for k in ("x", "dt", "a", "b", "c", "d")] + [h0, reset]
+    seen = []
+
+    def jnp_path(x, dt, a, b, c, d, h0, reset):
+        seen.append((x.shape, b.shape, a.shape))
+        return ssm.ssd(x, dt, a, b, c, d, chunk=8, initial_state=h0, reset=reset, impl="xla")
+
+    devices = np.array(jax.devices()[:8]).reshape(2, 2, 2)
+    mesh = Mesh(devices, ("data", "tensor", "seq"), axis_types=(AxisType.Auto,) * 3)
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda *a: ssm_pallas._per_shard(jnp_path, *a))(*args)
+    assert seen == [((1, 16, 2, 3), (1, 16, R // 2 or 1, 5), (2,))]
+    _close(got, jnp_path(*args))
+
+
 def test_block_heads_must_be_positive():
     with pytest.raises(ValueError, match=r"^BlockSizes\.block_heads must be a positive int"):
         ssm_pallas.BlockSizes(block_heads=0)
@@ -229,7 +251,7 @@ def test_kernel_compiles_for_tpu(chips, dtype, chunk, R, reset, impl):
 
 @pytest.mark.slow
 def test_gradient_compiles_for_tpu():
-    """The training step's shape: the kernel forward and the jnp VJP backward (~40 s here)."""
+    """The training step's shape: the kernel forward and the jnp VJP backward (~40 s unloaded)."""
     pytest.importorskip("libtpu")
     args = _tpu_args(_tpu_mesh(1), 2, 1000, 8, 64, 1, 128, jnp.bfloat16, False)
 

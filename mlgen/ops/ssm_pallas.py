@@ -88,13 +88,12 @@ class BlockSizes:
 def unsupported(
     x, b, c, chunk: int, interpret: bool = False, block_sizes: BlockSizes | None = None
 ) -> str | None:
-    """Why the kernel cannot run these inputs (None if it can); the interpreter takes any chunk
-    and any block of heads."""
+    """Why the kernel cannot run these inputs (None if it can); the interpreter takes any block
+    of heads. Any ``chunk`` runs (see :func:`_config`)."""
+    del chunk
     for name, t in (("x", x), ("b", b), ("c", c)):
         if jnp.dtype(t.dtype) not in _DTYPES:
             return f"the SSD kernel takes float32/bfloat16 {name}, got {t.dtype}"
-    if chunk % 8 and not interpret:
-        return f"the SSD kernel needs chunk to be a multiple of 8 on TPU, got {chunk}"
     N, H, R = x.shape[2], x.shape[3], b.shape[2]
     if N % R == 0 and _heads_per_step(block_sizes or BlockSizes(), N, R, H, interpret) is None:
         return (
@@ -121,7 +120,7 @@ def use_kernel(impl: str, interpret: bool, chunk: int, x, b, c) -> bool:
     ``"auto"``: the kernel when the call is compiled for TPU (:func:`target_platform`: the
     inputs' devices or the mesh, so an ahead-of-time TPU plan on a CPU host counts) and it takes
     the inputs; the jnp path otherwise. ``"pallas"``: the kernel, or a one-line error saying why
-    not (not a TPU and not ``interpret``; dtype; chunk).
+    not (not a TPU and not ``interpret``; dtype; no block of heads fits the lanes).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl: must be one of {IMPLS}, got {impl!r}")
@@ -170,11 +169,11 @@ def ssd(
     """Mamba-2's SSD by the Mosaic kernel: ``(y float32 [B, T, N, H], final state [B, N, H, S])``.
 
     Args:
-      x, dt, a, b, c, d, chunk, initial_state, reset: as :func:`mlgen.ops.ssm.ssd`. A sequence
-        shorter than ``chunk`` runs as one chunk of its length rounded up to 8.
-      recompute: the jnp chunked SSD with ``mlgen.ops.ssm.ssd``'s signature (without ``d``'s
-        term, ``d=None`` is passed); the backward pass is its VJP. Passed in because
-        ``mlgen.ops.ssm`` imports this module (``ssm.ssd(impl="pallas")`` is the usual entry).
+      x, dt, a, b, c, d, chunk, initial_state, reset: as :func:`mlgen.ops.ssm.ssd`. The kernel's
+        chunk is ``min(chunk, T)`` rounded up to a multiple of 8 (the same result).
+      recompute: the jnp chunked SSD with ``mlgen.ops.ssm.ssd``'s signature; the backward pass
+        is its VJP. Passed in because ``mlgen.ops.ssm`` imports this module
+        (``ssm.ssd(impl="pallas")`` is the usual entry).
       interpret: run in the Mosaic interpreter (CPU).
       block_sizes: :class:`BlockSizes` (default: ``BlockSizes()``).
 
@@ -214,7 +213,9 @@ def _config(x, b, c, chunk, has_reset, interpret, bs: BlockSizes) -> _Config:
             f"the SSD kernel finds no block of heads within a b/c group ({N // R} heads of "
             f"H={H} per shard) spanning a multiple of 128 lanes on TPU"
         )
-    L = min(chunk, -(-T // 8) * 8)
+    # The chunk length only moves rounding (every chunking computes the same recurrence), so
+    # it is rounded up to the 8 sublanes Mosaic tiles by: min(chunk, T) = 13 runs as 16.
+    L = -(-min(chunk, T) // 8) * 8
     all_bf16 = all(t.dtype == jnp.bfloat16 for t in (x, b, c))
     return _Config(
         L=L,

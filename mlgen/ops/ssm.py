@@ -35,9 +35,12 @@ is not a multiple of the chunk is padded here. All accumulation is in float32.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from mlgen.ops import ssm_pallas
 from mlgen.typing import Array, Bool, Float, Int
 
 F32 = jnp.float32
@@ -147,6 +150,8 @@ def ssd(
     chunk: int = 256,
     initial_state: Float[Array, "B N H S"] | None = None,
     reset: Bool[Array, "B T"] | None = None,
+    impl: str = "auto",
+    interpret: bool = False,
 ) -> tuple[Float[Array, "B T N H"], Float[Array, "B N H S"]]:
     """Mamba-2's chunked SSD: ``(y float32 [B, T, N, H], final state [B, N, H, S])``.
 
@@ -165,7 +170,18 @@ def ssd(
     document starts), so nothing crosses a document boundary. Inside a chunk that is a mask on
     pairs in different documents, exactly as attention's ``segment_ids`` mask; the decays stay
     finite (no ``-inf`` differences).
+
+    ``impl``: ``"xla"`` (this jnp code), ``"pallas"`` (:mod:`mlgen.ops.ssm_pallas`, a TPU
+    Mosaic kernel; its backward is this code's VJP), ``"auto"`` (the kernel when compiling for
+    TPU and it takes the inputs, else xla). ``interpret``: run the kernel in the Mosaic
+    interpreter (CPU tests).
     """
+    if ssm_pallas.use_kernel(impl, interpret, chunk, x, b, c):
+        xla = functools.partial(ssd, impl="xla")
+        return ssm_pallas.ssd(
+            x, dt, a, b, c, d, chunk=chunk, initial_state=initial_state, reset=reset,
+            recompute=xla, interpret=interpret,
+        )  # fmt: skip
     _check_chunk(chunk)
     g = _heads_per_group(x, b)
     B, T, N, H = x.shape

@@ -5,7 +5,7 @@
 ``compare`` (:mod:`mlgen.bench.compare`) runs them beside the peers and writes the README table.
 """
 
-from mlgen.bench import attention, compare, diffusion, generate, moe, peak, ring, suite, train
+from mlgen.bench import attention, compare, diffusion, generate, long, moe, peak, ring, suite, train
 from mlgen.bench.timing import median_time, time_train_step
 
 BENCHES = {
@@ -16,6 +16,7 @@ BENCHES = {
     "diffusion": diffusion.run,
     "peak": peak.run,
     "moe": moe.run,
+    "long": long.run,
     "all": suite.run,
     "compare": compare.run,
 }

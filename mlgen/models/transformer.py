@@ -50,6 +50,7 @@ from mlgen.nn.core import (
     normal_init,
     param,
 )
+from mlgen.nn.infini import InfiniAttention
 from mlgen.nn.mlp import MLP
 from mlgen.nn.moe import MoE, MoEConfig, check_expert_mesh
 from mlgen.nn.policy import Policy
@@ -521,8 +522,10 @@ def _attention(cfg: TransformerConfig, dtype, pdtype, rngs):
         rngs=rngs,
     )
     args = (cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size)
-    if cfg.infini_segment:  # TODO(merge): InfiniAttention from the infini branch
-        raise NotImplementedError("infini_segment")
+    if cfg.infini_segment:
+        return InfiniAttention(
+            *args, segment_len=cfg.infini_segment, delta_rule=cfg.infini_delta, **kw
+        )
     return SelfAttention(*args, **kw)
 
 

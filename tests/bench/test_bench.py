@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from mlgen.bench import BENCHES, run
+from mlgen.bench import BENCHES, long, run
 from mlgen.config import InputError
 
 
@@ -238,3 +238,13 @@ def test_train_moe_counts_active_flops(capsys):
     assert moe["moe"]["num_experts"] == 4 and dense["moe"] is None
     assert moe["model_flops_per_token"] == dense["model_flops_per_token"] + 6 * 32 * 4
     assert moe["params"] > dense["params"] and moe["tokens_per_s"] > 0
+
+
+def test_bench_long_builds_the_three_models_at_any_length():
+    """``mlgen bench long``'s configs (the timing itself is a benchmark, not a test)."""
+    for name in long.MODELS:
+        cfg = long.model_config(name, 4096).validate()
+        assert cfg.data.seq_len == 4096 and cfg.data.batch_size == 1
+        assert cfg.model.attention.backend == "blockwise"
+        want = {"transformer": "a", "hybrid": "mmma", "mamba2": "m"}[name]
+        assert cfg.model.pattern == want

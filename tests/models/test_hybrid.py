@@ -36,6 +36,8 @@ VARIANTS = {
     "mamba": dict(pattern="m", ssm="mamba"),
     "jamba": dict(pattern="mmam", ssm="mamba", moe_every=2, num_experts=4, rope_theta=0.0),
     "nvidia": dict(pattern="mmma", ssm_groups=2),  # a stacked run of three SSM layers
+    # Infini-attention in the attention layers (segments of 4: the memory path is exercised)
+    "infini": dict(pattern="ma", infini_segment=4, infini_delta=True),
 }
 
 
@@ -49,7 +51,7 @@ def _forward(model, tokens, **kw):
     return jax.jit(lambda s, t, kw: nnx.merge(graphdef, s)(t, **kw))(state, tokens, kw)
 
 
-@pytest.mark.parametrize("name", ["mamba2", "jamba", "nvidia"])
+@pytest.mark.parametrize("name", ["mamba2", "jamba", "nvidia", "infini"])
 def test_scanned_equals_unrolled_and_decoding_equals_the_full_pass(name):
     model = _model(**VARIANTS[name])
     full = _forward(model, TOKENS)
@@ -66,7 +68,8 @@ def test_scanned_equals_unrolled_and_decoding_equals_the_full_pass(name):
     decode = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s).decode(t, p, c))
     cache = model.init_cache(2, 16)
     kinds = {type(c).__name__ for c in cache}
-    assert ("SSMState" in kinds) and (("KVCache" in kinds) == ("a" in model.cfg.pattern))
+    attention = "InfiniCache" if model.cfg.infini_segment else "KVCache"
+    assert ("SSMState" in kinds) and ((attention in kinds) == ("a" in model.cfg.pattern))
     want = full
     logits, cache = decode(state, tokens[:, : pad + 5], positions[:, : pad + 5], cache)
     got0, got1 = [], []

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from mlgen.ops import ssm, ssm_parallel
 
 TOL = dict(rtol=1e-5, atol=1e-5)
-B, T, CHUNK = 2, 48, 5  # 24, 12 or 6 tokens per device: never a multiple of the chunk
+B, T, CHUNK = 2, 48, 7  # 24, 12 or 6 tokens per device: never a multiple of the chunk
 N, H, R, S, C, K = 4, 2, 2, 2, 6, 4  # one device's states are smaller than its activations
 
 

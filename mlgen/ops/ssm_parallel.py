@@ -25,7 +25,7 @@ HLO). The scan over devices (``exchange``):
   are ``O(log n)`` states.
 - ``"all_gather"``: one ``all_gather`` of every device's state and decay, then the same
   composition locally. One collective (lower latency for small n), but each device receives
-  and holds ``n`` states, ``n / log2 n`` times the traffic.
+  and holds ``n - 1`` states against ``1 + ceil(log2 n)`` sent one at a time.
 
 Either way the global final state (the last device's) is replicated by one ``psum`` of a state
 that is zero on all other devices; XLA drops it when it is unused, as in a training step.
@@ -33,6 +33,14 @@ that is zero on all other devices; XLA drops it when it is unused, as in a train
 The default is ``ppermute`` because the seq axis is large exactly where this path matters (long
 contexts over many chips), and a Mamba-2 state is not tiny (``2 D S`` floats per row and layer:
 4 MB at D = 4096, S = 128), so ``n`` of them per layer held at once is what to avoid.
+
+Work beyond the local op: for SSD one einsum of the size of step 4 of :func:`mlgen.ops.ssm.ssd`;
+for the selective scan a second pass of ``exp`` over ``[B, T / n, C, S]`` (the local scan's own
+per-token states are not exposed). Measured on the 2-core CPU (load 12-15 from other jobs),
+forward + backward, float32, 4 simulated devices sharing the cores (so the overhead, not a
+speed-up), median of 7: SSD (B=1, T=4096, N=8, H=32, S=64, chunk 128) 1.31 s on one device,
+1.20 s (ppermute) / 1.39 s (all_gather) on ``seq=4``; selective scan (C=256, S=16, chunk 64)
+7.5 s against 11.4 s / 10.7 s, the extra pass.
 
 The conv: the ``K - 1`` inputs before each shard come from the previous device by one
 ``ppermute`` of ``[B, K - 1, C]`` (device 0 takes the given ``state``, default zeros).

@@ -14,7 +14,12 @@ Sampling does not clip (`clip=False`): latents are not in [-1, 1].
     mlgen sample /tmp/digits-latent --out /tmp/digits-latent/grid.png
     mlgen eval /tmp/digits-latent
 
-Measured: see the report of the commit that added it (numbers below, filled in from a run).
+Measured (2026-12-01, on the VAE of configs/vae/digits_vae.py after 300 steps, scale factor
+0.4976, the shared 2-core machine under a load of ~7: 0.5-2.3 s/step, ~20 min for 566 steps with
+the encoding of the dataset and the compiles): loss 0.275 (step 50), 0.134 (100), 0.059 (200),
+0.050 (300), 0.045 (400), 0.044 (500; eval loss 0.0395). The step-500 grid
+(WORKDIR/samples/step_000500.png, DDIM-50, guidance 2, decoded by the VAE) shows legible digits
+of the right class in every row. The full 1000 steps were not run to the end.
 """
 
 from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig

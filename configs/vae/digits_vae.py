@@ -11,7 +11,11 @@ residual block per level, attention in the middle, ~0.66M parameters), L1 recons
 WORKDIR/samples/step_NNNNNN.png pairs held-out digits with their reconstructions.
 `model=vae-digits-f4` style presets: `mlgen.models.vae.PRESETS` (factor 4: 4x4x4 latents).
 
-Measured: see the numbers below the config (filled in from a hand run).
+Measured (2026-12-01, the shared 2-core machine under a load of ~7, 2.6 s/step; an idle one is
+several times faster): 300 steps, eval L1 rec 0.0172 (MSE 0.0018, pixels in [-1, 1]), KL 3.94
+nats per latent element, latent std 2.04 -> latent diffusion's scale factor 0.4976. (That run
+stopped at step 152 of a 600-step schedule and resumed to 300.) Reconstructions are
+indistinguishable from the digits by eye (WORKDIR/samples/step_000300.png).
 """
 
 from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig
@@ -39,10 +43,10 @@ def get_config() -> Config:
             clip_norm=1.0,
         ),
         train=TrainConfig(
-            num_steps=600,
+            num_steps=300,
             log_every=50,
-            eval_every=200,
+            eval_every=150,
             eval_steps=3,
-            checkpoint_every=200,
+            checkpoint_every=150,
         ),
     )

@@ -1,4 +1,5 @@
-"""``mlgen`` command line: train | plan | generate | sample | eval | bench | tokenizer | convert.
+"""``mlgen`` command line: train | plan | generate | sample | eval | bench | tokenizer | convert
+| vae.
 
 Global JAX settings (simulated CPU devices, platform, compilation cache, multi-host start) are
 set here and only here, before anything imports JAX: that is why the commands are imported
@@ -47,6 +48,9 @@ commands:
                                    as a run
   convert export-hf WORKDIR DST    a run's transformer as a Hugging Face model directory
   convert merge-lora WORKDIR DST   a LoRA run with its adapters folded into the weights
+  vae encode WORKDIR --out z.npz   a trained VAE's latents of its data, and their scale factor
+  vae decode WORKDIR z.npz --out grid.png
+                                   latents back to images through a trained VAE
 
 global options (before the command):
   --debug                          show the Python traceback of a user error (a bad flag, config,

@@ -11,6 +11,7 @@ from mlgen.cli.args import Parser
 from mlgen.cli.convert import convert_main
 from mlgen.cli.generate import generate_main
 from mlgen.cli.sample import eval_main, sample_main
+from mlgen.cli.vae import vae_main
 from mlgen.config import ConfigError, InputError, check
 from mlgen.data.tokenizer import tokenizer_main
 from mlgen.train.errors import RunError
@@ -118,6 +119,7 @@ COMMANDS = {
     "plan": plan_main,
     "tokenizer": tokenizer_main,
     "convert": convert_main,
+    "vae": vae_main,
 }
 
 

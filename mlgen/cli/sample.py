@@ -26,6 +26,7 @@ from mlgen.evaluation.digits import scorer
 from mlgen.models.family import family_of
 from mlgen.objectives.diffusion import DiffusionObjectiveConfig, SamplerConfig
 from mlgen.samplers.diffusion import SAMPLERS, grid_labels, sample_model
+from mlgen.tasks.latent import to_images
 from mlgen.train.checkpoint import workdir_path
 from mlgen.train.trainer import TrainResult
 
@@ -127,7 +128,7 @@ def sample_main(argv: list[str]) -> int:
             model_state=result.state.get("model_state"),
             **overrides,
         )
-    images = np.asarray(jax.device_get(x))
+    images = to_images(cfg, x)  # latent diffusion (data.vae): decoded by its VAE
     epath.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     if a.out.endswith(".npz"):
         arrays = {"images": images}
@@ -192,8 +193,8 @@ def eval_main(argv: list[str]) -> int:
                 **over,
             )
             chunks.append(np.asarray(jax.device_get(x)))
-    images = np.concatenate(chunks)
-    scores = scorer(cfg.model.image_size).score(images, labels)
+    images = to_images(cfg, np.concatenate(chunks))
+    scores = scorer(cfg.data.image_size).score(images, labels)
     scores.update(
         step=int(result.state["step"]),
         sampler=over.get("sampler", scfg.sampler),

@@ -37,6 +37,7 @@ from mlgen.data.pipeline import host_rows, host_shard, map_dataset, to_iter_data
 
 __all__ = [
     "ImageDataConfig",
+    "array_data",
     "check_images",
     "class_names",
     "load_arrays",
@@ -60,6 +61,8 @@ class ImageDataConfig:
       num_workers: grain worker processes (0 = in the main process).
       val_fraction: share of the source held out for validation / evaluation.
       hflip: random horizontal flips (not for digits).
+      vae: latent diffusion: the workdir of a trained VAE run whose latents of these images the
+        diffusion task trains on (``mlgen.tasks.latent``); "" = the images themselves.
     """
 
     source: Literal["digits", "folder"] = "digits"
@@ -70,6 +73,7 @@ class ImageDataConfig:
     num_workers: int = 0
     val_fraction: float = 0.1
     hflip: bool = False
+    vae: str = ""
 
     def validate(self) -> None:
         check(
@@ -95,6 +99,12 @@ class ImageDataConfig:
             "val_fraction",
             f"must be in (0, 1), got {self.val_fraction}",
         )
+        if self.vae:
+            check(
+                epath.Path(self.vae).is_dir(),
+                "vae",
+                f"no such directory {self.vae!r} (a trained VAE run's workdir)",
+            )
 
 
 # ----------------------------------------------------------------------------- sources
@@ -270,6 +280,33 @@ def make_image_data(
     ds = ds.batch(rows, drop_remainder=True)
     read = grain.ReadOptions(num_threads=0 if cfg.num_workers else 1, prefetch_buffer_size=2)
     return track(iter(to_iter_dataset(ds, read, cfg.num_workers)))
+
+
+def array_data(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int,
+    split: Literal["train", "validation"],
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+):
+    """Batches of in-memory arrays (one split, e.g. a VAE's latents of it) through the same
+    pipeline as :func:`make_image_data`: this host's rows, shuffled per epoch and infinite for
+    ``train``, one pass in order for ``validation``; resumable."""
+    rows = host_rows(batch_size, process_index, process_count)
+    idx = host_shard(np.arange(len(labels)), process_index, process_count)
+    if len(idx) == 0:
+        raise ConfigError(f"data.val_fraction: the {split} split is empty on host {process_index}")
+    ds = map_dataset(
+        _ArraySource(images[idx], labels[idx]),
+        shuffle_seed=seed if split == "train" else None,
+        repeat=split == "train",
+        min_len=rows,
+    ).batch(rows, drop_remainder=True)
+    read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+    return track(iter(to_iter_dataset(ds, read, 0)))
 
 
 # ----------------------------------------------------------------------------- grids

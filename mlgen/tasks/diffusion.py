@@ -4,6 +4,9 @@ Trains through the one trainer and train step (``mlgen.train``) like every task;
 from ``train.ema_decay``. At each eval and at the end, the hooks write
 ``WORKDIR/samples/step_NNNNNN.png`` (one row per class, from the EMA parameters when kept)
 and ``WORKDIR/loss.png`` (from ``WORKDIR/metrics.jsonl``); only process 0 writes.
+
+Latent diffusion: with ``data.vae=VAE_WORKDIR`` the denoiser trains on the scaled latents of a
+frozen, trained VAE and its samples are decoded to images (:mod:`mlgen.tasks.latent`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from mlgen.models.family import Family
 from mlgen.objectives.diffusion import DiffusionObjectiveConfig, make_loss
 from mlgen.samplers.diffusion import grid_labels, sample_model
 from mlgen.tasks.base import TaskSpec, policy, register
+from mlgen.tasks.latent import LatentData, check_latent_config
 from mlgen.train.task import Task
 
 matplotlib.use("Agg", force=False)
@@ -42,16 +46,10 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 def _checks(cfg: Config, family: Family, mesh: dict[str, int] | None) -> None:
     del family, mesh
     m, d = cfg.model, cfg.data
-    check(
-        m.image_size == d.image_size,
-        "model.image_size",
-        f"{m.image_size} differs from data.image_size={d.image_size}",
-    )
-    check(
-        m.in_channels == d.channels,
-        "model.in_channels",
-        f"{m.in_channels} differs from data.channels={d.channels}",
-    )
+    if d.vae:  # the denoiser sees the VAE's latents, not the images
+        check_latent_config(cfg)
+    else:
+        _check_images(cfg)
     if m.num_classes:
         n = num_classes(d)
         check(
@@ -67,31 +65,59 @@ def _checks(cfg: Config, family: Family, mesh: dict[str, int] | None) -> None:
     )
 
 
+def _check_images(cfg: Config) -> None:
+    m, d = cfg.model, cfg.data
+    check(
+        m.image_size == d.image_size,
+        "model.image_size",
+        f"{m.image_size} differs from data.image_size={d.image_size}",
+    )
+    check(
+        m.in_channels == d.channels,
+        "model.in_channels",
+        f"{m.in_channels} differs from data.channels={d.channels}",
+    )
+
+
 def _build(cfg: Config, family: Family, mesh: Mesh, rules: sharding.Rules) -> Task:
     del mesh, rules
     d, obj = cfg.data, cfg.objective
     pi, pc = jax.process_index(), jax.process_count()
     classes = cfg.model.num_classes
-    pixels = d.image_size**2
+    pixels = cfg.model.image_size**2  # what the denoiser sees (latent positions for data.vae)
+    latent = LatentData(cfg) if d.vae else None  # encodes nothing until the data are asked for
+
+    def data(split: str):
+        if latent is not None:
+            return latent.data(split, process_index=pi, process_count=pc)
+        return make_image_data(d, split=split, seed=cfg.seed, process_index=pi, process_count=pc)
+
     return Task(
         name=f"diffusion / {family.name}",
         make_model=lambda: family.build(cfg.model, nnx.Rngs(params=cfg.seed), policy(cfg)),
         trainable=family.trainable(cfg.model),
         make_loss=lambda gd: make_loss(gd, obj, num_classes=classes, train=True),
         make_eval_loss=lambda gd: make_loss(gd, obj, num_classes=classes, train=False),
-        train_data=lambda: make_image_data(
-            d, split="train", seed=cfg.seed, process_index=pi, process_count=pc
-        ),
-        eval_data=lambda: make_image_data(
-            d, split="validation", seed=cfg.seed, process_index=pi, process_count=pc
-        ),
+        train_data=lambda: data("train"),
+        eval_data=lambda: data("validation"),
         batch_axes=DIFFUSION.batch_axes_of(family),
-        hooks=(SampleGridHook(cfg), loss_plot_hook),
+        hooks=(SampleGridHook(cfg, decode=latent.decode if latent else None), loss_plot_hook),
         flops_per_example=(
             pixels * family.flops_per_token(cfg.model, pixels) if family.flops_per_token else 0.0
         ),
-        batch_spec=lambda: image_batch_spec(d),
+        batch_spec=lambda: _batch_spec(cfg),
     )
+
+
+def _batch_spec(cfg: Config) -> dict:
+    """One train batch's shapes: images, or (``data.vae``) latents of the denoiser's shape."""
+    spec = image_batch_spec(cfg.data)
+    if cfg.data.vae:
+        m = cfg.model
+        spec["images"] = ((cfg.data.batch_size, m.image_size, m.image_size, m.in_channels),) + (
+            spec["images"][1],
+        )
+    return spec
 
 
 class SampleGridHook:
@@ -99,10 +125,11 @@ class SampleGridHook:
 
     Samples are drawn from a fixed key, so grids of successive steps are comparable. Runs
     under the trainer's mesh (sharded parameters are fine) on every process; process 0 writes.
+    ``decode``: samples -> images (latent diffusion's VAE decoder); None = they are images.
     """
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, decode=None):
+        self.cfg, self.decode = cfg, decode
 
     def __call__(self, step: int, state: dict, graphdef: nnx.GraphDef, workdir: epath.Path) -> None:
         obj, m = self.cfg.objective, self.cfg.model
@@ -121,9 +148,12 @@ class SampleGridHook:
             labels=labels,
             model_state=state.get("model_state"),
         )
+        x = np.asarray(jax.device_get(x))
+        if self.decode is not None:
+            x = self.decode(x)
         if jax.process_index() == 0:
             save_grid(
-                np.asarray(jax.device_get(x)),
+                x,
                 workdir / "samples" / f"step_{step:06d}.png",
                 ncol=scfg.per_class,
             )

@@ -189,7 +189,7 @@ class MoE(nnx.Module):
         E, k = cfg.num_experts, cfg.experts_per_token
         x = x.astype(self.dtype)
         w = tuple(p[...] for p in (self.gate, self.up, self.down))
-        split = _shard_axes(B, T)
+        split = shard_axes(B, T)
         if split is not None:
             # Each device routes and dispatches its own tokens, sending them to their experts'
             # devices when the experts are split (mlgen.ops.moe_parallel); the losses are
@@ -258,7 +258,7 @@ def _mesh_size(axis: str) -> int:
     return int(jax.sharding.get_abstract_mesh().shape[axis])
 
 
-def _shard_axes(B: int, T: int):
+def shard_axes(B: int, T: int):
     """``(expert_axes, batch_axes, length_axes)`` of the active mesh and rules when the tokens
     are split over mesh axes (and the experts, if split, over some of those); else None.
 

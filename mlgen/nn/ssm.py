@@ -24,6 +24,12 @@ enter the conv as zeros and get ``dt = 0``, so they leave the state untouched; a
 documents start from a zero state (``reset``) and the conv does not reach across them. A
 left-padded prompt therefore decodes exactly as the unpadded one.
 
+Sequence parallelism: when the active mesh and rules split the tokens' ``length`` over one mesh
+axis (``mesh.seq``, as ring attention does), the conv and the scan run under ``shard_map``
+(:mod:`mlgen.ops.ssm_parallel`): each device scans its own tokens and only the chunk-final states
+(and the conv's K - 1 halo tokens) cross devices, so a hybrid trains under ``mesh.seq > 1`` with
+ring attention in its attention layers.
+
 Decoding: :meth:`init_cache` gives the conv's last ``K - 1`` inputs and the SSM state, whose size
 does not depend on the context length; :meth:`decode` runs T new tokens (a prompt by the chunked
 op, one token by one recurrence step) and returns the updated state.
@@ -39,7 +45,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mlgen.nn.core import Linear, RMSNorm, fan_in_init, ones_init, param, zeros_init
+from mlgen.nn.moe import shard_axes
 from mlgen.ops import ssm as ssm_ops
+from mlgen.ops import ssm_parallel
 from mlgen.sharding import constrain
 from mlgen.typing import Array, Float, Int
 
@@ -85,18 +93,30 @@ def resets(segment_ids: Int[Array, "B T"] | None):
     return jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], [(0, 0), (1, 0)])
 
 
+def _seq_split(B: int, T: int) -> dict | None:
+    """The ``ssm_parallel`` keywords when the active mesh splits the length over one axis."""
+    split = shard_axes(B, T)
+    if split is None or len(split[2]) != 1:
+        return None
+    return dict(seq_axis=split[2][0], batch_axes=split[1])
+
+
 def _conv(x, w, bias, state, valid, segment_ids):
     """Causal depthwise conv + SiLU over the trailing feature axes of ``x`` ``[B, T, ...]``."""
     B, T = x.shape[:2]
     feat = x.shape[2:]
     flat = jnp.where(valid[..., None], x.reshape(B, T, -1), 0)
-    y, state = ssm_ops.causal_conv1d(
+    args = (
         flat,
         w[...].reshape(w.shape[0], -1),
         None if bias is None else bias[...].reshape(-1),
         None if state is None else state.reshape(B, w.shape[0] - 1, -1),
-        segment_ids=segment_ids,
     )
+    split = _seq_split(B, T) if state is None else None
+    if split is None:
+        y, state = ssm_ops.causal_conv1d(*args, segment_ids=segment_ids)
+    else:
+        y, state = ssm_parallel.causal_conv1d_seq_parallel(*args, segment_ids=segment_ids, **split)
     return jax.nn.silu(y).reshape(B, T, *feat), state.reshape(B, w.shape[0] - 1, *feat)
 
 
@@ -177,7 +197,9 @@ class Mamba2(nnx.Module):
             y, h = ssm_ops.ssd_step(h0, x[:, 0], dt[:, 0], a, b[:, 0], c[:, 0], self.d[...])
             y = y[:, None]
         else:
-            y, h = ssm_ops.ssd(
+            split = _seq_split(B, T) if cache is None else None
+            scan = ssm_ops.ssd if split is None else ssm_parallel.ssd_seq_parallel
+            y, h = scan(
                 x,
                 dt,
                 a,
@@ -187,6 +209,7 @@ class Mamba2(nnx.Module):
                 chunk=min(self.chunk, T),
                 initial_state=h0,
                 reset=resets(segment_ids),
+                **(split or {}),
             )
         y = self._gated_norm(y, z)
         out = self.o(constrain(y.astype(self.dtype), ("batch", "length", "act_heads", None)))
@@ -296,7 +319,13 @@ class Mamba(nnx.Module):
             y, h = ssm_ops.selective_step(h0, x[:, 0], dt[:, 0], a, b[:, 0], c[:, 0], self.d[...])
             y = y[:, None]
         else:
-            y, h = ssm_ops.selective_scan(
+            split = _seq_split(u.shape[0], T) if cache is None else None
+            scan = (
+                ssm_ops.selective_scan
+                if split is None
+                else ssm_parallel.selective_scan_seq_parallel
+            )
+            y, h = scan(
                 x,
                 dt,
                 a,
@@ -306,6 +335,7 @@ class Mamba(nnx.Module):
                 chunk=min(self.chunk, T),
                 initial_state=h0,
                 reset=resets(segment_ids),
+                **(split or {}),
             )
         y = y * jax.nn.silu(self.z(u).astype(F32))
         out = self.o(constrain(y.astype(self.dtype), ("batch", "length", "act_mlp")))

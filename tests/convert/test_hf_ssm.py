@@ -15,6 +15,8 @@ from tests.convert import NO_TORCH
 
 torch = pytest.importorskip("torch", reason=NO_TORCH)
 
+from mlgen import sharding
+from mlgen.config import MeshConfig
 from mlgen.convert import ConvertError, export_hf, import_hf, layout, reader
 from mlgen.samplers.lm import generate
 from tests.convert import hf_models
@@ -182,3 +184,27 @@ def test_export_is_refused_in_one_line(imported, tmp_path, arch):
         export_hf(cfg, model, tmp_path / "out")
     assert _one_line(err).startswith("model.pattern:")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch", ["jamba", pytest.param("mamba2", marks=pytest.mark.slow)])
+def test_sharded_import_reads_each_devices_slices(saved, arch, monkeypatch):
+    """fsdp x tensor: the fused in_proj / x_proj / conv1d rows are sliced per shard (heads or
+    the inner width over ``tensor``), and the logits stay those of transformers."""
+    reads = []
+    real_read = reader.Checkpoint.read
+
+    def spy(self, name, slices):
+        out = real_read(self, name, slices)
+        reads.append((name, out.shape, self.shape(name)))
+        return out
+
+    monkeypatch.setattr(reader.Checkpoint, "read", spy)
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    rows = np.tile(TOKENS, (2, 1))  # the batch is split over fsdp too
+    with sharding.use(mesh, "fsdp_tp"):
+        _, model = import_hf(saved[arch][0])
+        logits = mlgen_logits(model, rows)
+    assert np.abs(logits - hf_logits(saved[arch][1], rows)).max() <= 1e-4
+    name = "mixer.in_proj.weight" if arch == "mamba2" else "mamba.in_proj.weight"
+    fused = [(got, full) for n, got, full in reads if n.endswith(name)]
+    assert fused and all(got[0] < full[0] and got[1] < full[1] for got, full in fused)

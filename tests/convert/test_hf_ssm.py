@@ -186,7 +186,10 @@ def test_export_is_refused_in_one_line(imported, tmp_path, arch):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("arch", ["jamba", pytest.param("mamba2", marks=pytest.mark.slow)])
+# The 4-layer Jamba (biases, tied embeddings; its logits otherwise only in the slow run).
+@pytest.mark.parametrize(
+    "arch", ["jamba_bias_tied", pytest.param("mamba2", marks=pytest.mark.slow)]
+)
 def test_sharded_import_reads_each_devices_slices(saved, arch, monkeypatch):
     """fsdp x tensor: the fused in_proj / x_proj / conv1d rows are sliced per shard (heads or
     the inner width over ``tensor``), and the logits stay those of transformers."""

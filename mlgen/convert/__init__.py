@@ -1,4 +1,5 @@
-"""Hugging Face import / export of mlgen's transformer (Llama, Mistral, Qwen2, GPT-2).
+"""Hugging Face import / export of mlgen's transformer (Llama, Mistral, Qwen2, Mixtral, GPT-2;
+import only: Mamba-2, Jamba).
 
 ``import_hf(path) -> (model_config, model)`` reads a model directory's ``config.json`` and
 safetensors weights (streamed into the parameters' shards); ``export_hf(model_config, model,

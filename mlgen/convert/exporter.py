@@ -72,7 +72,9 @@ def export_hf(
         ``transformers.generate`` stops where ``mlgen generate`` does.
 
     Raises:
-      ConvertError: a model that no supported Hugging Face class can hold (one line).
+      ConvertError: a model that no supported Hugging Face class can hold (one line): SSM
+        layers (``model.pattern`` with ``m``), no RoPE (``model.rope_theta=0``), MoE other
+        than Mixtral's.
     """
     path = os.fspath(path)
     params = (

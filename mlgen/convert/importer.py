@@ -109,7 +109,8 @@ def import_hf(
     Reads ``config.json`` and ``model.safetensors`` (or the shards ``model.safetensors.index.json``
     lists) with ``safetensors``; pickled weights (``.bin``) are refused. Supported:
     ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``MixtralForCausalLM``,
-    ``GPT2LMHeadModel``.
+    ``GPT2LMHeadModel``, and the state-space stacks ``Mamba2ForCausalLM`` (``pattern="m"``) and
+    ``JambaForCausalLM`` (attention / Mamba layers and MoE as ``pattern`` + ``moe_every``).
 
     Args:
       path: the model directory.

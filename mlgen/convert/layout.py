@@ -11,23 +11,24 @@ both read these tables; nothing else knows a Hugging Face name.
 Supported: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (the llama
 flavour), ``MixtralForCausalLM`` (the llama flavour with an MoE layer in every block: one
 checkpoint tensor per layer and expert, ``{i}`` and ``{j}`` in its name) and ``GPT2LMHeadModel``
-(the gpt2 flavour).
+(the gpt2 flavour); ``Mamba2ForCausalLM`` and ``JambaForCausalLM`` (state-space and hybrid
+stacks, import only: their tables are in ``layout_ssm``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any
 
-from mlgen.config import ConfigError
+from mlgen.convert.layout_ssm import (
+    JAMBA,
+    MAMBA2,
+    jamba_config,
+    jamba_sources,
+    mamba2_config,
+    mamba2_sources,
+)
+from mlgen.convert.source import ConvertError, Source, need, validated
 from mlgen.models.transformer import TransformerConfig
-
-
-class ConvertError(ConfigError):
-    """A checkpoint mlgen cannot convert. ``str(err)`` is one line naming the tensor, the
-    config field or the file at fault."""
-
 
 LLAMA_FAMILY = {
     "LlamaForCausalLM": "llama",
@@ -37,48 +38,10 @@ LLAMA_FAMILY = {
 }
 MIXTRAL = "MixtralForCausalLM"
 GPT2 = "GPT2LMHeadModel"
-ARCHITECTURES = (*LLAMA_FAMILY, GPT2)
+ARCHITECTURES = (*LLAMA_FAMILY, GPT2, MAMBA2, JAMBA)
 
 # Buffers some checkpoints carry that are no parameters (recomputed by every implementation).
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """One checkpoint tensor (per layer, for a stacked parameter) holding an mlgen parameter.
-
-    Attributes:
-      name: the tensor's name; ``{i}`` stands for the layer index, ``{j}`` for the expert's
-        (a parameter stacked over layers and experts: one tensor per layer and expert).
-      groups: per checkpoint dimension, the mlgen dimensions (of one layer) it holds, outer
-        to inner (a row-major merge).
-      offset: ``(checkpoint dim, start, total size)`` when the parameter is a slice of that
-        dimension (GPT-2's fused q/k/v), else None.
-    """
-
-    name: str
-    groups: tuple[tuple[int, ...], ...]
-    offset: tuple[int, int, int] | None = None
-
-    def lead(self, key: str) -> int:
-        """How many leading dimensions of the mlgen parameter at ``key`` index tensors (layers,
-        then experts) rather than lie in one."""
-        return int(key.startswith("blocks/")) + int("{j}" in self.name)
-
-    def names(self, ranges: tuple[range, ...]) -> list[str]:
-        """The tensor names of the layers (and experts) in ``ranges``, outer to inner."""
-        if not ranges:
-            return [self.name]
-        if len(ranges) == 1:
-            return [self.name.format(i=i) for i in ranges[0]]
-        return [self.name.format(i=i, j=j) for i in ranges[0] for j in ranges[1]]
-
-    def tensor_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The checkpoint tensor's shape, for an mlgen (per-layer) ``shape``."""
-        out = [math.prod(shape[d] for d in g) for g in self.groups]
-        if self.offset is not None:
-            out[self.offset[0]] = self.offset[2]
-        return tuple(out)
 
 
 def _key(path: tuple[str, ...]) -> str:
@@ -92,6 +55,10 @@ def sources(cfg: TransformerConfig, arch: str, prefix: str = "") -> dict[str, So
     """
     if arch == GPT2:
         return _gpt2(cfg, prefix)
+    if arch == MAMBA2:
+        return mamba2_sources(cfg)
+    if arch == JAMBA:
+        return jamba_sources(cfg)
     if arch not in LLAMA_FAMILY:
         raise ConvertError(_unknown(arch))
     L = "model.layers.{i}."
@@ -183,11 +150,6 @@ def architecture(hf: dict) -> str:
     return archs[0]
 
 
-def _need(cond: bool, field: str, msg: str) -> None:
-    if not cond:
-        raise ConvertError(f"config.json: {field}: {msg}")
-
-
 def _rope(hf: dict) -> tuple[float, dict]:
     """``(theta, scaling dict)`` from transformers' ``rope_parameters`` (v5) or the older
     ``rope_theta`` + ``rope_scaling``."""
@@ -196,7 +158,7 @@ def _rope(hf: dict) -> tuple[float, dict]:
     theta = float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
     scaling = {**params, **legacy}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    _need(
+    need(
         kind in ("default", "llama3"),
         "rope_scaling",
         f"rope type {kind!r} is not supported (mlgen has 'default' and 'llama3')",
@@ -207,16 +169,20 @@ def _rope(hf: dict) -> tuple[float, dict]:
 def to_mlgen(hf: dict) -> tuple[str, TransformerConfig]:
     """``(architecture, TransformerConfig)`` of a Hugging Face ``config.json`` dict."""
     arch = architecture(hf)
+    if arch == MAMBA2:
+        return arch, mamba2_config(hf)
+    if arch == JAMBA:
+        return arch, jamba_config(hf)
     if arch == GPT2:
         act = hf.get("activation_function", "gelu_new")
-        _need(
+        need(
             act in ("gelu_new", "gelu_pytorch_tanh"),
             "activation_function",
             f"{act!r} (mlgen's GPT-2 MLP is the tanh GELU)",
         )
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-            _need(not hf.get(flag, False), flag, "not supported")
-        _need(hf.get("scale_attn_weights", True), "scale_attn_weights", "must be true")
+            need(not hf.get(flag, False), flag, "not supported")
+        need(hf.get("scale_attn_weights", True), "scale_attn_weights", "must be true")
         cfg = TransformerConfig(
             flavour="gpt2",
             vocab_size=hf["vocab_size"],
@@ -228,22 +194,22 @@ def to_mlgen(hf: dict) -> tuple[str, TransformerConfig]:
             norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             tie_embeddings=hf.get("tie_word_embeddings", True),
         )
-        return arch, _validated(cfg)
+        return arch, validated(cfg)
     kind = LLAMA_FAMILY[arch]
-    _need(hf.get("hidden_act", "silu") == "silu", "hidden_act", f"{hf.get('hidden_act')!r}")
-    _need(not hf.get("mlp_bias", False), "mlp_bias", "MLP biases are not supported")
-    _need(
+    need(hf.get("hidden_act", "silu") == "silu", "hidden_act", f"{hf.get('hidden_act')!r}")
+    need(not hf.get("mlp_bias", False), "mlp_bias", "MLP biases are not supported")
+    need(
         not hf.get("attention_bias", False) or kind == "qwen2",
         "attention_bias",
         "biases on q/k/v and o are not supported (Qwen2's q/k/v biases are)",
     )
-    _need(hf.get("pretraining_tp", 1) == 1, "pretraining_tp", "must be 1")
+    need(hf.get("pretraining_tp", 1) == 1, "pretraining_tp", "must be 1")
     theta, scaling = _rope(hf)
     window = 0
     if kind == "mistral":
         window = hf.get("sliding_window") or 0
     elif kind == "qwen2" and hf.get("use_sliding_window", False):
-        _need(
+        need(
             hf.get("max_window_layers", 0) == 0,
             "max_window_layers",
             "a sliding window on some layers only is not supported",
@@ -260,7 +226,7 @@ def to_mlgen(hf: dict) -> tuple[str, TransformerConfig]:
             moe_lb_weight=float(hf.get("router_aux_loss_coef", 0.001)),
             moe_z_weight=0.0,  # Mixtral trains with the load-balancing loss alone
         )
-        _need(
+        need(
             not hf.get("router_jitter_noise", 0.0),
             "router_jitter_noise",
             "router noise is not supported",
@@ -293,19 +259,20 @@ def to_mlgen(hf: dict) -> tuple[str, TransformerConfig]:
         **rope,
         **moe,
     )
-    return arch, _validated(cfg)
-
-
-def _validated(cfg: TransformerConfig) -> TransformerConfig:
-    try:
-        cfg.validate()
-    except ConfigError as e:
-        raise ConvertError(f"config.json: {e}") from None
-    return cfg
+    return arch, validated(cfg)
 
 
 def export_architecture(cfg: TransformerConfig) -> str:
     """The Hugging Face class an mlgen config exports as."""
+    if cfg.has_ssm:
+        raise ConvertError(
+            f"model.pattern: {cfg.pattern!r} has SSM layers, which mlgen does not export "
+            f"({MAMBA2} and {JAMBA} are import only)"
+        )
+    if cfg.flavour == "llama" and not cfg.rope_theta:
+        raise ConvertError(
+            "model.rope_theta: 0 (no RoPE) has no Hugging Face Llama-family class to export as"
+        )
     if cfg.flavour == "gpt2":
         if cfg.kv_heads != cfg.num_heads or cfg.head_size * cfg.num_heads != cfg.d_model:
             raise ConvertError(

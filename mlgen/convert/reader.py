@@ -16,7 +16,8 @@ import os
 import numpy as np
 from safetensors import safe_open
 
-from mlgen.convert.layout import IGNORED_SUFFIXES, ConvertError, Source
+from mlgen.convert.layout import IGNORED_SUFFIXES
+from mlgen.convert.source import ConvertError, Source
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -123,6 +124,9 @@ def _read_one(ckpt, src: Source, name: str, shape, index, dtype) -> np.ndarray:
     # with the inner ones whole (a contiguous range); inner dimensions are cut afterwards.
     slices = []
     for j, group in enumerate(src.groups):
+        if not group:  # a size-1 dimension that holds no mlgen dimension
+            slices.append(slice(None))
+            continue
         inner = math.prod(shape[d] for d in group[1:])
         start, stop, _ = index[group[0]]
         off = src.offset[1] if src.offset is not None and src.offset[0] == j else 0

@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face models, built offline by transformers itself (2 layers, width 64,
+"""Tiny random Hugging Face models, built offline by transformers itself (2-8 layers, width 64,
 vocab 128, float32), saved as safetensors. Needs torch (the 3.11 CI leg; see
 tests/convert/__init__.py)."""
 
@@ -6,8 +6,12 @@ import torch
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
+    JambaConfig,
+    JambaForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    Mamba2Config,
+    Mamba2ForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     MixtralConfig,
@@ -68,15 +72,76 @@ BUILDERS = {
 }
 
 
+_IDS = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_MAMBA2 = dict(
+    _IDS,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_heads=8,
+    head_dim=16,
+    state_size=16,
+    n_groups=2,
+    chunk_size=8,  # the tests' lengths are no multiple of it
+)
+_JAMBA = dict(
+    _IDS,
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts=4,
+    num_experts_per_tok=2,
+    mamba_d_state=8,
+)
+
+# State-space and hybrid models (import only: not in BUILDERS, whose models also export).
+SSM_BUILDERS = {
+    "mamba2": lambda: Mamba2ForCausalLM(Mamba2Config(**_MAMBA2)),
+    "mamba2_bias_tied": lambda: Mamba2ForCausalLM(
+        Mamba2Config(**_MAMBA2, use_bias=True, use_conv_bias=False, tie_word_embeddings=True)
+    ),
+    # 6 layers in 2 scan groups of "m m a+MoE": a stacked run of 2 Mamba layers, then one.
+    "jamba": lambda: JambaForCausalLM(
+        JambaConfig(
+            **_JAMBA,
+            num_hidden_layers=6,
+            attn_layer_period=3,
+            attn_layer_offset=2,
+            expert_layer_period=3,
+            expert_layer_offset=2,
+        )
+    ),
+    # "a m+MoE" twice: MoE on the Mamba layers, biases on the Mamba projections, tied embeddings.
+    "jamba_bias_tied": lambda: JambaForCausalLM(
+        JambaConfig(
+            **_JAMBA,
+            num_hidden_layers=4,
+            attn_layer_period=2,
+            attn_layer_offset=0,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            mamba_proj_bias=True,
+            mamba_conv_bias=False,
+            tie_word_embeddings=True,
+        )
+    ),
+}
+
+
 def build(name: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = BUILDERS[name]().eval()
+    model = {**BUILDERS, **SSM_BUILDERS}[name]().eval()
     # Biases and norms start at 0 / 1 in transformers: randomise every parameter so that a
-    # mapping that drops or swaps one cannot hide behind an initial value.
+    # mapping that drops or swaps one cannot hide behind an initial value. The SSM decays
+    # (A_log) and time steps (dt biases) are jittered around their initial values instead,
+    # which keep the recurrence in its usual range.
     with torch.no_grad():
         for name, p in model.named_parameters():
             norm = p.ndim == 1 and ("norm" in name or ".ln_" in name) and name.endswith("weight")
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if norm else 0.08 * torch.randn_like(p))
+            if name.endswith(("A_log", "dt_bias", "dt_proj.bias")):
+                p.add_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p) if norm else 0.08 * torch.randn_like(p))
     return model
 
 

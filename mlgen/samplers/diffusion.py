@@ -107,7 +107,7 @@ def _guided(denoise: DenoiseFn, x, mt, labels, guidance, rescale, null_label: in
     return jax.lax.cond(guidance == 1.0, cond_only, both, None)
 
 
-def _log_snr_half(alpha, sigma):
+def _half_log_snr(alpha, sigma):
     """``lambda = log(alpha / sigma)``: -inf where alpha = 0 (flow at t = 1), +inf at sigma = 0."""
     return jnp.log(alpha) - jnp.log(sigma)
 
@@ -214,9 +214,9 @@ def sample_fn(
             schedule.alpha(s_),
             schedule.sigma(s_),
         )
-        lam_t = _log_snr_half(a_t, s_t)
-        h = _log_snr_half(a_s, s_s) - lam_t
-        h_prev = lam_t - _log_snr_half(schedule.alpha(t_prev), schedule.sigma(t_prev))
+        lam_t = _half_log_snr(a_t, s_t)
+        h = _half_log_snr(a_s, s_s) - lam_t
+        h_prev = lam_t - _half_log_snr(schedule.alpha(t_prev), schedule.sigma(t_prev))
         # inf / nan in the unused branch (first step, last step) are never selected.
         c = jnp.where(first_order, 0.0, h / (2.0 * h_prev))
         d = x0 + c * (x0 - x0_prev)

@@ -272,7 +272,16 @@ def test_steps_and_guidance_do_not_recompile(model_cls, cfg):
     before = sd.TRACE_COUNT["sample"]
     a = sd.sample(graphdef, params, key=jax.random.key(0), steps=2, guidance=1.0, **kw)
     b = sd.sample(graphdef, params, key=jax.random.key(1), steps=5, guidance=4.0, **kw)
-    c = sd.sample(graphdef, params, key=jax.random.key(1), steps=3, guidance=0.0, eta=0.5, **kw)
+    c = sd.sample(
+        graphdef,
+        params,
+        key=jax.random.key(1),
+        steps=3,
+        guidance=0.5,
+        guidance_rescale=0.7,
+        eta=0.5,
+        **kw,
+    )
     assert sd.TRACE_COUNT["sample"] - before == 1
     assert a.shape == b.shape == c.shape == (3, 8, 8, 1)
     assert np.all(np.isfinite(np.asarray(b)))

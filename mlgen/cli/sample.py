@@ -2,8 +2,9 @@
 from it.
 
 Every mistake is one line naming its flag, found before the weights are restored: the counts,
-the sampler settings (``--steps``, ``--guidance``, ``--eta`` are checked as the run's
-``objective.sampling`` would be: ``--steps`` in [1, max_steps]), ``--class`` (a conditional
+the sampler settings (``--sampler``, ``--steps``, ``--guidance``, ``--guidance-rescale``,
+``--eta`` are checked as the run's ``objective.sampling`` would be: ``--steps`` in
+[1, max_steps], ``--guidance-rescale`` in [0, 1]), ``--class`` (a conditional
 model's class), ``--out`` (a .png or .npz that can be written), the workdir (a diffusion run with
 a checkpoint; ``mlgen eval`` also writes ``WORKDIR/eval.json``, so it must be writable).
 """
@@ -30,7 +31,13 @@ from mlgen.tasks.latent import to_images
 from mlgen.train.checkpoint import workdir_path
 from mlgen.train.trainer import TrainResult
 
-_FLAGS = {"steps": "--steps", "guidance": "--guidance", "eta": "--eta", "sampler": "--sampler"}
+_FLAGS = {
+    "steps": "--steps",
+    "guidance": "--guidance",
+    "guidance_rescale": "--guidance-rescale",
+    "eta": "--eta",
+    "sampler": "--sampler",
+}
 
 
 def _diffusion_run(workdir: str, overrides, step: int | None) -> Config:
@@ -79,6 +86,7 @@ def sample_main(argv: list[str]) -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--sampler", choices=SAMPLERS, default=None)
     ap.add_argument("--guidance", type=float, default=None)
+    ap.add_argument("--guidance-rescale", type=float, default=None, help="phi in [0, 1]; 0 = off")
     ap.add_argument("--eta", type=float, default=None)
     ap.add_argument("--class", dest="cls", type=int, default=None, help="sample only this class")
     ap.add_argument("--seed", type=int, default=0)
@@ -91,7 +99,12 @@ def sample_main(argv: list[str]) -> int:
     cfg = _diffusion_run(a.workdir, a.overrides, a.step)
     scfg = cfg.objective.sampling
     overrides = _sampler_overrides(
-        scfg, sampler=a.sampler, steps=a.steps, guidance=a.guidance, eta=a.eta
+        scfg,
+        sampler=a.sampler,
+        steps=a.steps,
+        guidance=a.guidance,
+        guidance_rescale=a.guidance_rescale,
+        eta=a.eta,
     )
     num_classes = cfg.model.num_classes
     if num_classes:
@@ -153,6 +166,7 @@ def eval_main(argv: list[str]) -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--sampler", choices=SAMPLERS, default=None)
     ap.add_argument("--guidance", type=float, default=None)
+    ap.add_argument("--guidance-rescale", type=float, default=None, help="phi in [0, 1]; 0 = off")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ap.add_argument("--no-ema", action="store_true")
@@ -170,7 +184,13 @@ def eval_main(argv: list[str]) -> int:
     why = unwritable(a.workdir)
     check(why is None, "workdir", f"{a.workdir!r} {why} (eval writes eval.json there)", InputError)
     scfg = cfg.objective.sampling
-    over = _sampler_overrides(scfg, sampler=a.sampler, steps=a.steps, guidance=a.guidance)
+    over = _sampler_overrides(
+        scfg,
+        sampler=a.sampler,
+        steps=a.steps,
+        guidance=a.guidance,
+        guidance_rescale=a.guidance_rescale,
+    )
     result = runs.restore(cfg, step=a.step)
     params = _params(result, scfg.use_ema and not a.no_ema)
     classes = cfg.model.num_classes
@@ -200,6 +220,7 @@ def eval_main(argv: list[str]) -> int:
         sampler=over.get("sampler", scfg.sampler),
         steps=over.get("steps", scfg.steps),
         guidance=over.get("guidance", scfg.guidance),
+        guidance_rescale=over.get("guidance_rescale", scfg.guidance_rescale),
     )
     line = json.dumps(scores)
     print(line)

@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 PREDICTIONS = ("eps", "x0", "v", "flow")
-SAMPLERS = ("ddpm", "ddim", "euler", "heun")
+SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,9 +47,10 @@ class SamplerConfig:
     """How samples are drawn (training-time sample grids, ``mlgen sample`` defaults).
 
     Attributes:
-      sampler: ``ddpm`` | ``ddim`` | ``euler`` | ``heun``.
+      sampler: ``ddpm`` | ``ddim`` | ``euler`` | ``heun`` | ``dpmpp_2m`` (DPM-Solver++(2M)).
       steps: number of steps (a Heun step costs two model calls, except the last).
       guidance: classifier-free guidance scale (1 = conditional, 0 = unconditional).
+      guidance_rescale: phi of guidance rescale (Lin et al. 2023) in [0, 1]; 0 = off.
       eta: DDIM noise (0 = deterministic).
       clip: clip x0 estimates to [-1, 1] (images).
       max_steps: the scan length (compiled once; ``steps`` may vary up to it).
@@ -57,9 +58,10 @@ class SamplerConfig:
       use_ema: sample from the EMA parameters when the run keeps them.
     """
 
-    sampler: Literal["ddpm", "ddim", "euler", "heun"] = "ddim"
+    sampler: Literal["ddpm", "ddim", "euler", "heun", "dpmpp_2m"] = "ddim"
     steps: int = 50
     guidance: float = 2.0
+    guidance_rescale: float = 0.0
     eta: float = 0.0
     clip: bool = True
     max_steps: int = 1000
@@ -78,6 +80,11 @@ class SamplerConfig:
             f"must be in [1, max_steps={self.max_steps}], got {self.steps}",
         )
         check(self.guidance >= 0, "guidance", f"must be >= 0, got {self.guidance}")
+        check(
+            0.0 <= self.guidance_rescale <= 1.0,
+            "guidance_rescale",
+            f"must be in [0, 1], got {self.guidance_rescale}",
+        )
         check(0.0 <= self.eta <= 1.0, "eta", f"must be in [0, 1], got {self.eta}")
         check(self.per_class >= 1, "per_class", f"must be >= 1, got {self.per_class}")
 

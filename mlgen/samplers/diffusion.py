@@ -1,4 +1,4 @@
-"""Diffusion samplers: DDPM, DDIM, Euler and Heun, with classifier-free guidance.
+"""Diffusion samplers: DDPM, DDIM, Euler, Heun and DPM-Solver++(2M), with classifier-free guidance.
 
 Supports:
 - ``ddpm``: ancestral sampling from the posterior ``q(x_s | x_t, x0_hat)`` ("fixed small"
@@ -8,11 +8,19 @@ Supports:
 - ``heun``: Heun's second-order method on the same ODE (in ``sigma / alpha`` for VP
   schedules, as EDM; in ``t`` for the flow path), Euler on the last step (and, for VP, on
   the first, whose interval reaches up to ``sigma / alpha = 2e4``);
+- ``dpmpp_2m``: DPM-Solver++(2M) (Lu et al. 2022), the multistep second-order solver of the
+  same ODE in data prediction and log-SNR ``lambda = log(alpha / sigma)`` (diffusers'
+  ``DPMSolverMultistepScheduler`` default): one model call per step, first order on the first
+  step (no history yet) and on the last (``lower_order_final``; the step to ``sigma = 0`` has
+  ``h = inf``);
 - every prediction type (eps, x0, v, flow) and schedule of ``mlgen.objectives``;
 - classifier-free guidance ``u + w (c - u)``: ``w = 0`` is the unconditional model, ``w = 1``
   the conditional one (a single model call per step then);
+- guidance rescale ``phi`` (Lin et al. 2023, sec. 3.4; diffusers' ``guidance_rescale``): the
+  guided output is rescaled to the conditional output's per-sample std and blended by ``phi``
+  (0 = off), in the model's prediction space as diffusers does; every sampler;
 - ONE ``lax.scan`` per sampling run over a static ``max_steps``; the number of steps, the
-  guidance scale and eta are traced, so changing them never recompiles.
+  guidance scale, guidance rescale and eta are traced, so changing them never recompiles.
 
 Samplers take a model (``graphdef`` + its state), never a run: ``mlgen sample WORKDIR`` is in
 ``mlgen.cli``.
@@ -36,29 +44,72 @@ from mlgen.objectives import schedules as schedules_lib
 from mlgen.objectives.diffusion import SAMPLERS, SamplerConfig, to_x0_eps
 from mlgen.typing import Array, Float
 
-__all__ = ["SAMPLERS", "SamplerConfig", "grid_labels", "sample", "sample_fn", "sample_model"]
+__all__ = [
+    "SAMPLERS",
+    "SamplerConfig",
+    "grid_labels",
+    "guide",
+    "sample",
+    "sample_fn",
+    "sample_model",
+]
 
 # (x [B, ...], model time [B], labels [B] | None) -> raw model output [B, ...]
 DenoiseFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
 
 
 # ----------------------------------------------------------------------------- core
-def _guided(denoise: DenoiseFn, x, mt, labels, guidance, null_label: int):
+def guide(
+    cond: Float[Array, "B ..."],
+    uncond: Float[Array, "B ..."],
+    scale,
+    rescale=0.0,
+) -> Float[Array, "B ..."]:
+    """Classifier-free guidance ``u + w (c - u)``, optionally rescaled (Lin et al. 2023, 3.4).
+
+    With ``rescale = phi > 0`` the guided output ``g`` is blended with ``g * std(c) / std(g)``
+    (stds per example over all but the batch axis): ``phi = 1`` gives the conditional output's
+    std, which undoes the over-exposure that large scales cause; ``phi = 0`` is plain guidance.
+
+    Args:
+      cond, uncond: ``[B, ...]`` model outputs with and without the condition.
+      scale: the guidance scale ``w`` (traced float).
+      rescale: ``phi`` in [0, 1] (traced float).
+
+    Returns:
+      ``[B, ...]`` the guided output, float32.
+    """
+    c, u = cond.astype(jnp.float32), uncond.astype(jnp.float32)
+    g = u + scale * (c - u)
+    axes = tuple(range(1, g.ndim))
+    std_c = jnp.std(c, axis=axes, keepdims=True)
+    std_g = jnp.std(g, axis=axes, keepdims=True)
+    # A constant guided output has nothing to rescale (and would divide by zero).
+    factor = jnp.where(std_g > 0, std_c / jnp.where(std_g > 0, std_g, 1.0), 1.0)
+    return rescale * (g * factor) + (1.0 - rescale) * g
+
+
+def _guided(denoise: DenoiseFn, x, mt, labels, guidance, rescale, null_label: int):
     """The model output with classifier-free guidance (one call when guidance == 1 or no labels)."""
     if labels is None:
         return denoise(x, mt, None)
 
     def cond_only(_):
-        return denoise(x, mt, labels)
+        return denoise(x, mt, labels).astype(jnp.float32)
 
     def both(_):
         xx = jnp.concatenate([x, x])
         ll = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
         out = denoise(xx, jnp.concatenate([mt, mt]), ll)
         c, u = jnp.split(out, 2)
-        return u + guidance * (c - u)
+        return guide(c, u, guidance, rescale)
 
     return jax.lax.cond(guidance == 1.0, cond_only, both, None)
+
+
+def _half_log_snr(alpha, sigma):
+    """``lambda = log(alpha / sigma)``: -inf where alpha = 0 (flow at t = 1), +inf at sigma = 0."""
+    return jnp.log(alpha) - jnp.log(sigma)
 
 
 def sample_fn(
@@ -72,6 +123,7 @@ def sample_fn(
     steps,
     labels=None,
     guidance=1.0,
+    guidance_rescale=0.0,
     eta=0.0,
     null_label: int = 0,
     clip: bool = True,
@@ -88,7 +140,8 @@ def sample_fn(
       key: randomness of ``ddpm`` / ``ddim`` (eta > 0).
       steps: number of steps (traced int, 1..max_steps).
       labels: ``[B]`` ints or None (unconditional model); ``null_label`` is the dropped class.
-      guidance, eta: traced floats.
+      guidance, guidance_rescale, eta: traced floats (``guidance_rescale``: ``phi`` of
+        :func:`guide`; ``eta``: ``ddim`` only).
       clip: clip x0 estimates to [-1, 1].
       max_steps: static scan length.
 
@@ -99,6 +152,7 @@ def sample_fn(
         raise ValueError(f"sample: unknown sampler {sampler!r}; choose from {SAMPLERS}")
     steps = jnp.clip(jnp.asarray(steps, jnp.int32), 1, max_steps)
     guidance = jnp.asarray(guidance, jnp.float32)
+    rescale = jnp.asarray(guidance_rescale, jnp.float32)
     eta = jnp.asarray(
         1.0 if sampler == "ddpm" else (eta if sampler == "ddim" else 0.0), jnp.float32
     )
@@ -107,7 +161,7 @@ def sample_fn(
 
     def predict(x, t):
         mt = jnp.full((B,), schedule.model_time(t), jnp.float32)
-        out = _guided(denoise, x, mt, labels, guidance, null_label).astype(jnp.float32)
+        out = _guided(denoise, x, mt, labels, guidance, rescale, null_label).astype(jnp.float32)
         a, s = schedule.alpha(t), schedule.sigma(t)
         x0, eps = to_x0_eps(out, x, a, s, prediction)
         if clip:
@@ -148,20 +202,48 @@ def sample_fn(
 
         return jax.lax.cond(is_last, lambda _: x_euler, correct, None)
 
-    def body(x, i):
-        def step(x):
+    def dpmpp_step(x, t, s_, t_prev, x0_prev, first_order):
+        # DPM-Solver++(2M) in lambda = log(alpha / sigma), h = lambda_s - lambda_t:
+        #   x_s = (sigma_s / sigma_t) x + alpha_s (1 - e^-h) D,
+        #   D = x0 + (x0 - x0_prev) / (2 r), r = h_prev / h  (D = x0: first order = DDIM).
+        # alpha_s (1 - e^-h) = alpha_s - alpha_t sigma_s / sigma_t stays finite when h = inf.
+        x0, _ = predict(x, t)
+        a_t, s_t, a_s, s_s = (
+            schedule.alpha(t),
+            schedule.sigma(t),
+            schedule.alpha(s_),
+            schedule.sigma(s_),
+        )
+        lam_t = _half_log_snr(a_t, s_t)
+        h = _half_log_snr(a_s, s_s) - lam_t
+        h_prev = lam_t - _half_log_snr(schedule.alpha(t_prev), schedule.sigma(t_prev))
+        # inf / nan in the unused branch (first step, last step) are never selected.
+        c = jnp.where(first_order, 0.0, h / (2.0 * h_prev))
+        d = x0 + c * (x0 - x0_prev)
+        ratio = s_s / s_t
+        return ratio * x + (a_s - a_t * ratio) * d, x0
+
+    def body(carry, i):
+        def step(carry):
+            x, x0_prev, t_prev = carry
             t = 1.0 - i.astype(jnp.float32) / steps
             s_ = jnp.maximum(1.0 - (i + 1).astype(jnp.float32) / steps, 0.0)
             if sampler == "heun":
                 # VP: the first step leaves sigma/alpha = sigma_max (2e4 for the capped cosine);
                 # a trapezoid over [sigma_1, sigma_max] overweights the end point, Euler does not.
                 euler_only = (i + 1 == steps) | ((i == 0) & (not flow))
-                return heun_step(x, t, s_, euler_only)
-            return ddim_step(x, t, s_, jax.random.fold_in(key, i))
+                return heun_step(x, t, s_, euler_only), x0_prev, t
+            if sampler == "dpmpp_2m":
+                x, x0 = dpmpp_step(x, t, s_, t_prev, x0_prev, (i == 0) | (i + 1 == steps))
+                return x, x0, t
+            return ddim_step(x, t, s_, jax.random.fold_in(key, i)), x0_prev, t
 
-        return jax.lax.cond(i < steps, step, lambda x: x, x), None
+        return jax.lax.cond(i < steps, step, lambda c: c, carry), None
 
-    x, _ = jax.lax.scan(body, x_T.astype(jnp.float32), jnp.arange(max_steps))
+    x = x_T.astype(jnp.float32)
+    # (x, the previous step's x0 estimate and time): the history of the multistep solver.
+    carry = (x, jnp.zeros_like(x), jnp.float32(1.0))
+    (x, _, _), _ = jax.lax.scan(body, carry, jnp.arange(max_steps))
     return x
 
 
@@ -191,6 +273,7 @@ def _sample_jit(
     labels,
     steps,
     guidance,
+    guidance_rescale,
     eta,
     *,
     graphdef,
@@ -223,6 +306,7 @@ def _sample_jit(
         steps=steps,
         labels=labels,
         guidance=guidance,
+        guidance_rescale=guidance_rescale,
         eta=eta,
         null_label=null_label,
         clip=clip,
@@ -249,6 +333,7 @@ def sample(
     sampler: str = "ddim",
     steps: int = 50,
     guidance: float = 1.0,
+    guidance_rescale: float = 0.0,
     eta: float = 0.0,
     clip: bool = True,
     max_steps: int = 1000,
@@ -258,7 +343,8 @@ def sample(
 
     ``shape`` is ``(B, H, W, C)``; ``labels`` ``[B]`` ints for a class-conditional model
     (``num_classes`` = its null label). Compiled once per (model, shape, sampler, schedule);
-    ``steps``, ``guidance``, ``eta``, ``key``, ``labels`` and ``params`` never recompile.
+    ``steps``, ``guidance``, ``guidance_rescale``, ``eta``, ``key``, ``labels`` and ``params``
+    never recompile.
     Call under ``mlgen.sharding.use(mesh, rules)`` for sharded params.
     """
     if labels is not None:
@@ -270,6 +356,7 @@ def sample(
         labels,
         jnp.int32(steps),
         jnp.float32(guidance),
+        jnp.float32(guidance_rescale),
         jnp.float32(eta),
         graphdef=graphdef,
         schedule_name=schedule,
@@ -302,6 +389,7 @@ def sample_model(
         sampler=sampler_cfg.sampler,
         steps=sampler_cfg.steps,
         guidance=sampler_cfg.guidance,
+        guidance_rescale=sampler_cfg.guidance_rescale,
         eta=sampler_cfg.eta,
         clip=sampler_cfg.clip,
         max_steps=sampler_cfg.max_steps,

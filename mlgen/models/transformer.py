@@ -257,7 +257,10 @@ class TransformerConfig:
             f"{self.kv_heads} does not divide num_heads={self.num_heads}",
         )
         check(
-            self.head_size % 2 == 0 or self.flavour == "gpt2",
+            self.head_size % 2 == 0
+            or self.flavour == "gpt2"
+            or not self.rope_theta
+            or "a" not in self.pattern,
             "head_dim",
             f"RoPE needs an even head dim, got {self.head_size}",
         )

@@ -1,11 +1,20 @@
 """Tasks: a model kind + an objective + data, with their cross-section checks.
 
-Importing this package registers the built-in tasks (``lm``, ``diffusion``) with
-``mlgen.config``; ``Config.task`` names one. A new task is one module that ends with
-``mlgen.tasks.base.register(TaskSpec(...))``.
+Importing this package registers the built-in tasks (``lm``, ``diffusion``, ``mlm``,
+``seq2seq``) with ``mlgen.config``; ``Config.task`` names one. A new task is one module that
+ends with ``mlgen.tasks.base.register(TaskSpec(...))``.
 """
 
-from mlgen.tasks import diffusion, lm
+from mlgen.tasks import diffusion, encoder, lm
 from mlgen.tasks.base import TaskSpec, check_batch, policy, register, rules_for
 
-__all__ = ["TaskSpec", "check_batch", "diffusion", "lm", "policy", "register", "rules_for"]
+__all__ = [
+    "TaskSpec",
+    "check_batch",
+    "diffusion",
+    "encoder",
+    "lm",
+    "policy",
+    "register",
+    "rules_for",
+]

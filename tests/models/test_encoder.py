@@ -1,5 +1,6 @@
-"""The bidirectional encoder and the T5-style encoder-decoder: attention masks, cross-attention,
-cached decoding, the text-encoder entry point, config errors."""
+"""The bidirectional encoder: attention is bidirectional and honours padding and packed rows,
+cross-attention masks the context's padding, scanned = unrolled layers, config errors (the
+encoder-decoder: test_encoder_decoder.py)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,13 +11,10 @@ from mlgen.config import ConfigError
 from mlgen.models.encoder import (
     Encoder,
     EncoderConfig,
-    EncoderDecoder,
     EncoderDecoderConfig,
-    seq2seq_flops_per_example,
 )
 from mlgen.nn.attention import CrossAttention
 from mlgen.ops.attention import AttentionConfig
-from mlgen.samplers import seq2seq as sampler
 
 V = 32
 _SMALL = dict(vocab_size=V, num_layers=2, d_model=32, num_heads=4, max_len=32)
@@ -25,11 +23,6 @@ _SMALL = dict(vocab_size=V, num_layers=2, d_model=32, num_heads=4, max_len=32)
 def _encoder(**kw):
     cfg = EncoderConfig(**{**_SMALL, "attention": AttentionConfig(backend="xla"), **kw})
     return Encoder(cfg, rngs=nnx.Rngs(params=0))
-
-
-def _seq2seq(**kw):
-    cfg = EncoderDecoderConfig(**{**_SMALL, "attention": AttentionConfig(backend="xla"), **kw})
-    return EncoderDecoder(cfg, rngs=nnx.Rngs(params=1))
 
 
 @nnx.jit
@@ -84,86 +77,29 @@ def test_encoder_packed_row_equals_documents_alone():
     np.testing.assert_allclose(np.asarray(packed[0, 5:]), np.asarray(second[0]), atol=1e-5)
 
 
-def test_cross_attention_masks_context_padding():
+@pytest.mark.parametrize("backend", ["xla", "blockwise"])
+def test_cross_attention_masks_context_padding(backend):
     """Queries see only the real context positions: rewriting the padded ones changes nothing,
     rewriting a real one changes the output."""
-    layer = CrossAttention(16, 4, 2, 8, context_dim=24, rngs=nnx.Rngs(params=0))
+    layer = CrossAttention(
+        16, 4, 2, 8, context_dim=24, attention=AttentionConfig(backend=backend), rngs=nnx.Rngs(0)
+    )
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
     ctx = jnp.asarray(rng.normal(size=(2, 9, 24)), jnp.float32)
     mask = jnp.asarray(np.arange(9)[None] < np.array([[4], [9]]))
-    out = layer(x, ctx, context_mask=mask)
+    run = nnx.jit(lambda layer, x, c, m: layer(x, c, context_mask=m))
+    out = run(layer, x, ctx, mask)
     noise = jnp.asarray(rng.normal(size=ctx.shape), jnp.float32)
     padded_changed = jnp.where(mask[..., None], ctx, noise)
     np.testing.assert_allclose(
-        np.asarray(layer(x, padded_changed, context_mask=mask)), np.asarray(out), atol=1e-6
+        np.asarray(run(layer, x, padded_changed, mask)), np.asarray(out), atol=1e-6
     )
     real_changed = ctx.at[0, 1].add(1.0)
-    assert float(jnp.abs(layer(x, real_changed, context_mask=mask) - out)[0].max()) > 1e-4
+    assert float(jnp.abs(run(layer, x, real_changed, mask) - out)[0].max()) > 1e-4
     # the masked layer on the first row = the same layer on its real prefix, unmasked
     alone = layer(x[:1], ctx[:1, :4])
     np.testing.assert_allclose(np.asarray(out[:1]), np.asarray(alone), atol=1e-5)
-
-
-@pytest.mark.parametrize("flavour", ["llama"])
-def test_seq2seq_source_padding_is_masked(flavour):
-    m = _seq2seq(flavour=flavour)
-    src, dec = _tokens((2, 10)), _tokens((2, 6), seed=1)
-    mask = jnp.asarray(np.arange(10)[None] < np.array([[6], [10]]), jnp.int32)
-    fwd = nnx.jit(lambda m, s, d, k: m(s, d, input_mask=k))
-    out = fwd(m, src, dec, mask)
-    other = jnp.where(mask > 0, src, _tokens((2, 10), seed=7))
-    np.testing.assert_allclose(np.asarray(fwd(m, other, dec, mask)), np.asarray(out), atol=1e-5)
-    changed = src.at[0, 2].set((src[0, 2] + 1) % V)
-    assert float(jnp.abs(fwd(m, changed, dec, mask) - out)[0].max()) > 1e-4
-
-
-@pytest.mark.parametrize("flavour,tied", [("llama", True), ("bert", False)])
-def test_cached_decoding_equals_full_forward(flavour, tied):
-    """Feeding the decoder inputs one at a time through the KV cache (the encoder output and
-    the cross keys / values computed once) gives the full forward's logits at every step."""
-    m = _seq2seq(flavour=flavour, tie_embeddings=tied, num_decoder_layers=3)
-    src, dec = _tokens((2, 9)), _tokens((2, 7), seed=2)
-    mask = jnp.asarray(np.arange(9)[None] < np.array([[5], [9]]), jnp.int32)
-    full = nnx.jit(lambda m, s, d, k: m(s, d, input_mask=k))(m, src, dec, mask)
-
-    @nnx.jit
-    def stepwise(m, src, dec, mask):
-        m = m.for_decoding()
-        memory, real = m.encode(src, mask)
-        cross, cache = m.cross_cache(memory, real), m.init_cache(2, 8)
-        out = []
-        for t in range(dec.shape[1]):
-            logits, cache = m.decode(dec[:, t : t + 1], jnp.full((2, 1), t), cache, cross)
-            out.append(logits)
-        return jnp.stack(out, axis=1)
-
-    np.testing.assert_allclose(np.asarray(stepwise(m, src, dec, mask)), np.asarray(full), atol=1e-5)
-    params = nnx.to_pure_dict(nnx.split(m, nnx.Param)[1])
-    assert ("head" in params["embedding"]) is not tied
-    assert set(params["decoder"]["blocks"]) >= {"attn", "cross", "mlp"}
-    assert "cross" not in params["encoder"]["blocks"]
-
-
-def test_greedy_generation_equals_argmax_of_full_forward():
-    """The sampler's greedy tokens are the argmax of the teacher-forced forward on its own
-    output (so its cache, positions and bos are the training ones)."""
-    m = _seq2seq()
-    sources = [[5, 6, 7, 8, 2], [9, 10, 2]]
-    gen = sampler.generate(m, sources, max_new_tokens=6, bos_id=1, eos_id=None, pad_id=0)
-    assert gen.tokens.shape == (2, 6)
-    src = np.zeros((2, 5), np.int32)
-    mask = np.zeros((2, 5), np.int32)
-    for r, s in enumerate(sources):
-        src[r, : len(s)], mask[r, : len(s)] = s, 1
-    dec = np.concatenate([np.ones((2, 1), np.int32), gen.tokens[:, :-1]], axis=1)
-    logits = nnx.jit(lambda m, s, d, k: m(s, d, input_mask=k))(m, src, dec, mask)
-    np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1)), gen.tokens)
-    # stopping: a row stops at eos and pads after it
-    first = int(gen.tokens[0, 1])
-    stopped = sampler.generate(m, sources[:1], max_new_tokens=6, bos_id=1, eos_id=first)
-    assert stopped.lengths[0] == list(gen.tokens[0]).index(first) + 1
-    assert (stopped.tokens[0, stopped.lengths[0] :] == 0).all()
 
 
 def test_scan_and_unrolled_layers_agree():
@@ -188,10 +124,3 @@ def test_config_errors_name_the_field(cls, kw, field):
     with pytest.raises(ConfigError) as e:
         cls(**{**_SMALL, **kw}).validate()
     assert str(e.value).startswith(f"{field}:") and "\n" not in str(e.value)
-
-
-def test_seq2seq_flops_grow_with_both_lengths():
-    cfg = EncoderDecoderConfig(**_SMALL)
-    base = seq2seq_flops_per_example(cfg, 16, 16)
-    assert seq2seq_flops_per_example(cfg, 32, 16) > base
-    assert seq2seq_flops_per_example(cfg, 16, 32) > base > 0

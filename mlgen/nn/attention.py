@@ -1,5 +1,11 @@
-"""Multi-head self-attention (GQA, optional RoPE, optional sliding window) over
-``mlgen.ops.attention``, with its own KV cache."""
+"""Attention layers over ``mlgen.ops.attention``.
+
+- :class:`SelfAttention`: multi-head self-attention (GQA, optional RoPE, optional sliding
+  window), causal (decoders) or bidirectional (encoders), with its own KV cache;
+- :class:`CrossAttention`: queries from one sequence, keys / values from a context (an encoder's
+  output), the context's padding masked; its keys / values are computed once per context
+  (:class:`CrossKV`) for decoding.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +52,9 @@ class SelfAttention(nnx.Module):
 
     Training / scoring is ``__call__`` (every token at once, any ``mlgen.ops.attention``
     backend per ``attention``); decoding is :meth:`init_cache` + :meth:`decode`. ``lora``
-    adapts the projections named in ``lora_targets`` (``q``, ``k``, ``v``, ``o``).
+    adapts the projections named in ``lora_targets`` (``q``, ``k``, ``v``, ``o``). ``causal``
+    is the default mask of ``__call__``: True for decoders, False for bidirectional encoders
+    (``decode`` is always causal).
     """
 
     def __init__(
@@ -64,6 +72,7 @@ class SelfAttention(nnx.Module):
         attention: AttentionConfig | None = None,
         lora: LoRA | None = None,
         lora_targets: Collection[str] = (),
+        causal: bool = True,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -115,6 +124,7 @@ class SelfAttention(nnx.Module):
         self.sliding_window = sliding_window
         self.attention = attention or AttentionConfig()
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
+        self.causal = causal
 
     def _qkv(self, x, positions):
         q = constrain(self.q(x), ("batch", "length", "act_heads", None))
@@ -131,15 +141,16 @@ class SelfAttention(nnx.Module):
         *,
         positions: Int[Array, "B T"] | None,
         segment_ids: Int[Array, "B T"] | None = None,
-        causal: bool = True,
+        causal: bool | None = None,
     ) -> Float[Array, "B T D"]:
-        """x ``[B, T, D]``; positions ``[B, T]`` (RoPE; may be None without it)."""
+        """x ``[B, T, D]``; positions ``[B, T]`` (RoPE; may be None without it); ``causal``
+        None = the layer's own (``causal=`` of the constructor)."""
         q, k, v = self._qkv(x, positions)
         out = ops.attention(
             q,
             k,
             v,
-            causal=causal,
+            causal=self.causal if causal is None else causal,
             segment_ids=segment_ids,
             sliding_window=self.sliding_window,
             config=self.attention,
@@ -162,6 +173,107 @@ class SelfAttention(nnx.Module):
         cache = _write(cache, k, v, (positions >= 0).astype(jnp.int32))
         out = _cached_attention(q, cache, self.sliding_window)
         return self.o(constrain(out, ("batch", "length", "act_heads", None))), cache
+
+
+class CrossKV(NamedTuple):
+    """A cross-attention layer's keys / values over one context, computed once (decoding).
+
+    k, v: ``[B, S, K, H]``; ``kv_ids``: ``[B, S]`` int32, 1 = a real context position, 0 =
+    padding (never attended to), or None when the context has no padding.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    kv_ids: jax.Array | None
+
+
+class CrossAttention(nnx.Module):
+    """``o(attention(q(x), k(c), v(c)))``: queries from ``x``, keys / values from a context ``c``.
+
+    No positional encoding (a query sees the context as a set; the encoder put the positions in
+    it), grouped K/V heads, bidirectional: every query sees every real context position. The
+    context's padding is masked by segment ids (``(q_ids, kv_ids)`` pairs of
+    ``mlgen.ops.attention``), so any backend that takes segment pairs runs it. ``context_dim``
+    is the context's width (an encoder's ``d_model``; default ``d_model``). Parameters: ``q``,
+    ``k``, ``v``, ``o``, as :class:`SelfAttention`'s.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        context_dim: int | None = None,
+        use_bias: bool = False,
+        attention: AttentionConfig | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"CrossAttention: num_heads={num_heads} is not a multiple of "
+                f"num_kv_heads={num_kv_heads}"
+            )
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        context_dim = context_dim or d_model
+        self.q = Linear(
+            d_model,
+            (num_heads, head_dim),
+            in_names=("embed",),
+            out_names=("heads", "head_dim"),
+            **kw,
+        )
+        kv_out = dict(out_names=("kv_heads", "head_dim"))
+        self.k = Linear(context_dim, (num_kv_heads, head_dim), in_names=("embed",), **kv_out, **kw)
+        self.v = Linear(context_dim, (num_kv_heads, head_dim), in_names=("embed",), **kv_out, **kw)
+        self.o = Linear(
+            (num_heads, head_dim),
+            d_model,
+            in_names=("heads", "head_dim"),
+            out_names=("embed",),
+            **kw,
+        )
+        self.attention = attention or AttentionConfig()
+
+    def project(self, context: Float[Array, "B S C"], mask: Array | None = None) -> CrossKV:
+        """The keys / values of ``context`` ``[B, S, C]``; ``mask`` ``[B, S]`` (True / nonzero =
+        a real position) or None (no padding)."""
+        k = constrain(self.k(context), ("batch", "length", "act_kv_heads", None))
+        v = constrain(self.v(context), ("batch", "length", "act_kv_heads", None))
+        ids = None if mask is None else (mask != 0).astype(jnp.int32)
+        return CrossKV(k, v, ids)
+
+    def attend(self, x: Float[Array, "B T D"], kv: CrossKV) -> Float[Array, "B T D"]:
+        """Queries from ``x`` ``[B, T, D]`` over precomputed keys / values ``kv``."""
+        q = constrain(self.q(x), ("batch", "length", "act_heads", None))
+        segments = None
+        if kv.kv_ids is not None:
+            # Every query has id 1, so it sees exactly the real context positions (id 1); a row
+            # whose context is all padding gets a zero output.
+            q_ids = jnp.ones(q.shape[:2], jnp.int32)
+            segments = (q_ids, kv.kv_ids)
+        out = ops.attention(
+            q,
+            kv.k.astype(q.dtype),
+            kv.v.astype(q.dtype),
+            segment_ids=segments,
+            config=self.attention,
+        )
+        return self.o(constrain(out, ("batch", "length", "act_heads", None)))
+
+    def __call__(
+        self,
+        x: Float[Array, "B T D"],
+        context: Float[Array, "B S C"],
+        *,
+        context_mask: Array | None = None,
+    ) -> Float[Array, "B T D"]:
+        """``x`` ``[B, T, D]`` attends to ``context`` ``[B, S, C]`` (``context_mask`` ``[B, S]``:
+        nonzero = real, or None)."""
+        return self.attend(x, self.project(context, context_mask))
 
 
 def _write(cache: KVCache, k, v, ids) -> KVCache:

@@ -1,7 +1,7 @@
 """Tiny T5-style encoder-decoder learning to reverse random strings (generated in-process).
 
 2 encoder + 2 decoder layers (llama flavour: RMSNorm, RoPE, SwiGLU), width 64, 4 heads, tied
-embeddings (~0.2M parameters); strings of 2-12 symbols over 13 symbols (+ pad / bos / eos); the
+embeddings (0.25M parameters); strings of 2-12 symbols over 13 symbols (+ pad / bos / eos); the
 target is the string backwards, then eos. No files, no download.
 
     mlgen train configs/encoder/tiny_reverse.py workdir=/tmp/tiny-reverse

@@ -2,9 +2,8 @@
 
 A bidirectional encoder (3.3M parameters: 4 layers, width 256, 4 heads, llama flavour: RMSNorm,
 RoPE, SwiGLU, tied embeddings) over packed 128-byte rows; each document in a row attends to
-itself only.
-15% of the bytes are selected (80% -> the mask id 256, 10% -> a random byte, 10% kept) and
-predicted; the vocabulary is the 256 bytes plus the mask id (257, padded to 264).
+itself only. 15% of the bytes are selected (80% -> the mask id 256, 10% -> a random byte, 10%
+kept) and predicted; the vocabulary is the 256 bytes plus the mask id (257, padded to 264).
 
     mlgen train configs/encoder/tiny_mlm.py workdir=/tmp/tiny-mlm
 

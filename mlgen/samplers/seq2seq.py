@@ -83,9 +83,7 @@ def _merge(graphdef, state):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_new_tokens"))
-def _generate(
-    state, src, mask, key, bos_id, eos_id, pad_id, *, graphdef, sampling, max_new_tokens
-):
+def _generate(state, src, mask, key, bos_id, eos_id, pad_id, *, graphdef, sampling, max_new_tokens):
     model: Seq2SeqDecoder = _merge(graphdef, state).for_decoding()
     memory, memory_mask = model.encode(src, mask)
     cross = model.cross_cache(memory, memory_mask)

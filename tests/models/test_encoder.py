@@ -2,18 +2,22 @@
 cross-attention masks the context's padding, scanned = unrolled layers, config errors (the
 encoder-decoder: test_encoder_decoder.py)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from mlgen import sharding
 from mlgen.config import ConfigError
+from mlgen.models import families
 from mlgen.models.encoder import (
     Encoder,
     EncoderConfig,
     EncoderDecoderConfig,
 )
 from mlgen.nn.attention import CrossAttention
+from mlgen.nn.policy import Policy
 from mlgen.ops.attention import AttentionConfig
 
 V = 32
@@ -124,3 +128,30 @@ def test_config_errors_name_the_field(cls, kw, field):
     with pytest.raises(ConfigError) as e:
         cls(**{**_SMALL, **kw}).validate()
     assert str(e.value).startswith(f"{field}:") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["encoder", "encoder_decoder"])
+def test_declared_logical_axes_are_the_ones_the_models_use(name):
+    """As tests/models/test_family.py checks the other families: ``logical_axes`` = the names on
+    the parameters + those the forward constrains activations to + the batch axes."""
+    family, used = families()[name], set()
+    cls = EncoderConfig if name == "encoder" else EncoderDecoderConfig
+    for flavour in ("llama", "bert"):
+        cfg = cls(**{**_SMALL, "flavour": flavour, "tie_embeddings": flavour == "llama"})
+        model = nnx.eval_shape(lambda: family.build(cfg, nnx.Rngs(0), Policy()))  # noqa: B023
+        for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+            used |= {n for n in v.get_metadata()["out_sharding"] if n is not None}
+
+        def forward(cfg=cfg):
+            m = family.build(cfg, nnx.Rngs(0), Policy())
+            tok = jnp.zeros((2, 8), jnp.int32)
+            return m(tok) if name == "encoder" else m(tok, tok)
+
+        with sharding.recording() as names:
+            jax.eval_shape(forward)
+        used |= names
+    used |= {n for axes in family.batch_axes.values() for n in axes if n is not None}
+    assert used == set(family.logical_axes), (
+        sorted(used - family.logical_axes),
+        sorted(family.logical_axes - used),
+    )

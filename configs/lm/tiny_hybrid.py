@@ -7,6 +7,10 @@ parameters each; compare their eval losses at equal wall time::
 
     mlgen train configs/lm/tiny_hybrid.py workdir=/tmp/tiny-hybrid
     mlgen train configs/lm/tiny.py workdir=/tmp/tiny
+
+Measured on the shared 2-core CPU (load 6-16): eval loss 1.821 / 1.657 / 1.501 nats/byte at steps
+100 / 200 / 300 (tiny.py: 2.182 / 1.959 / 1.797); per step ~2x tiny.py's time on CPU (the SSD
+chunks are small batched matmuls).
 """
 
 import dataclasses

@@ -224,6 +224,7 @@ def test_unknown_bench_is_named():
         "all",
         "compare",
         "moe",
+        "long",
     }
 
 

@@ -46,6 +46,8 @@ class Family:
       check: ``(config, shards) -> None``: model-against-mesh checks raising ``ConfigError``
         named from the model section (``num_heads: ...``); ``shards(logical axis)`` is how
         many ways the rules split that axis on this mesh.
+      aliases: older ``module:qualname`` paths of the config class (it moved), so runs saved
+        before still load.
       renamed: old config field names -> new dotted paths (saved configs and overrides that
         use the old names keep working; ``mlgen.config.register``).
       flops_per_token: ``(config, seq_len) -> training FLOPs per token`` (forward + backward
@@ -67,6 +69,7 @@ class Family:
     rules: tuple[tuple[str, str], ...] = ()
     check: Callable[[Any, Callable[[str], int]], None] | None = None
     renamed: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
     flops_per_token: Callable[[Any, int], float] | None = None
     trainable: Callable[[Any], Callable[[str], bool] | None] = lambda config: None
 
@@ -80,7 +83,9 @@ def register(family: Family) -> Family:
         raise ValueError(
             f"register: {family.config.__qualname__} already belongs to another family"
         )
-    config_lib.register(family.name, renamed=dict(family.renamed))(family.config)
+    config_lib.register(family.name, aliases=family.aliases, renamed=dict(family.renamed))(
+        family.config
+    )
     register_axes(family.new_axes)
     _FAMILIES[family.config] = family
     return family

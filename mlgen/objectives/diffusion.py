@@ -231,13 +231,19 @@ def make_loss(
     *,
     num_classes: int = 0,
     train: bool = True,
+    cond_keys: tuple[str, ...] = (),
+    null_cond: dict | None = None,
 ):
     """Returns ``loss(params, model_state, batch, rng) -> (loss, (metrics, model_state))``
     for a denoiser.
 
-    The denoiser is called as ``model(x_t, time, labels, rng=...)`` where ``time`` is
-    ``schedule.model_time(t)`` ``[B]`` and ``labels`` ``[B]`` int (``num_classes`` = the null
-    class) or None when ``num_classes == 0``.
+    The denoiser is called as ``model(x_t, time, labels, rng=..., **cond)`` where ``time`` is
+    ``schedule.model_time(t)`` ``[B]``, ``labels`` ``[B]`` int (``num_classes`` = the null
+    class) or None when ``num_classes == 0``, and ``cond`` the batch's ``cond_keys`` entries
+    (extra conditioning: text tokens, a low-resolution image, ...). When training with
+    ``label_dropout``, the dropped examples get the null class and, for every key of
+    ``null_cond``, its value (broadcast to the example's shape): the learned-null condition of
+    classifier-free guidance.
 
     ``batch``: ``images`` float ``[B, H, W, C]`` in [-1, 1], ``labels`` int ``[B]`` (used when
     ``num_classes > 0``). ``rng`` draws times, noise, label dropout and, when ``train``, dropout.
@@ -255,15 +261,19 @@ def make_loss(
         eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
         alpha, sigma = schedule.alpha(t), schedule.sigma(t)
         x_t = _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * eps
-        labels = None
-        if num_classes:
-            labels = batch["labels"].astype(jnp.int32)
-            if train and cfg.label_dropout > 0:
-                drop = jax.random.bernoulli(k_drop, cfg.label_dropout, (b,))
+        labels = batch["labels"].astype(jnp.int32) if num_classes else None
+        cond = {k: batch[k] for k in cond_keys}
+        if train and cfg.label_dropout > 0 and (num_classes or null_cond):
+            drop = jax.random.bernoulli(k_drop, cfg.label_dropout, (b,))
+            if labels is not None:
                 labels = jnp.where(drop, num_classes, labels)
-        pred = model(x_t, schedule.model_time(t), labels, rng=k_model if train else None).astype(
-            jnp.float32
-        )
+            for k, null in (null_cond or {}).items():
+                v = cond[k]
+                null = jnp.broadcast_to(jnp.asarray(null, v.dtype), v.shape)
+                cond[k] = jnp.where(_bcast(drop, v), null, v)
+        pred = model(
+            x_t, schedule.model_time(t), labels, rng=k_model if train else None, **cond
+        ).astype(jnp.float32)
         target = from_x0_eps(x0, eps, alpha, sigma, cfg.prediction)
         per_example = jnp.mean(jnp.square(pred - target).reshape(b, -1), axis=1)
         weighted = jnp.mean(loss_weight(alpha, sigma, cfg) * per_example)

@@ -54,8 +54,10 @@ __all__ = [
     "sample_model",
 ]
 
-# (x [B, ...], model time [B], labels [B] | None) -> raw model output [B, ...]
-DenoiseFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
+# (x [B, ...], model time [B], labels [B] | None, cond {name: [B, ...]}) -> raw output [B, ...]
+# ``cond``: the extra conditioning inputs (text tokens, a low-resolution image, ...), passed
+# to the denoiser as keyword arguments.
+DenoiseFn = Callable[[jax.Array, jax.Array, jax.Array | None, dict], jax.Array]
 
 
 # ----------------------------------------------------------------------------- core
@@ -89,18 +91,30 @@ def guide(
     return rescale * (g * factor) + (1.0 - rescale) * g
 
 
-def _guided(denoise: DenoiseFn, x, mt, labels, guidance, rescale, null_label: int):
-    """The model output with classifier-free guidance (one call when guidance == 1 or no labels)."""
-    if labels is None:
-        return denoise(x, mt, None)
+def _guided(denoise: DenoiseFn, x, mt, labels, cond, null_cond, guidance, rescale, null_label: int):
+    """The model output with classifier-free guidance: one call when guidance == 1 or when
+    nothing can be dropped (no labels, no ``null_cond``); else one call on the doubled batch,
+    whose second half has the null label and the ``null_cond`` values (the other ``cond``
+    inputs, e.g. a super-resolution stage's low-resolution image, are kept)."""
+    cond, null_cond = cond or {}, null_cond or {}
+    if labels is None and not null_cond:
+        return denoise(x, mt, None, cond)
 
     def cond_only(_):
-        return denoise(x, mt, labels).astype(jnp.float32)
+        return denoise(x, mt, labels, cond).astype(jnp.float32)
 
     def both(_):
         xx = jnp.concatenate([x, x])
-        ll = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
-        out = denoise(xx, jnp.concatenate([mt, mt]), ll)
+        ll = None
+        if labels is not None:
+            ll = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
+        cc = {
+            k: jnp.concatenate(
+                [v, jnp.broadcast_to(jnp.asarray(null_cond.get(k, v), v.dtype), v.shape)]
+            )
+            for k, v in cond.items()
+        }
+        out = denoise(xx, jnp.concatenate([mt, mt]), ll, cc)
         c, u = jnp.split(out, 2)
         return guide(c, u, guidance, rescale)
 
@@ -122,6 +136,8 @@ def sample_fn(
     key: jax.Array,
     steps,
     labels=None,
+    cond=None,
+    null_cond=None,
     guidance=1.0,
     guidance_rescale=0.0,
     eta=0.0,
@@ -132,7 +148,8 @@ def sample_fn(
     """Runs a sampler from ``x_T`` (noise at t = 1) to t = 0. Traceable; one ``lax.scan``.
 
     Args:
-      denoise: ``(x, model_time [B], labels | None) -> output`` in ``prediction`` space.
+      denoise: ``(x, model_time [B], labels | None, cond) -> output`` in ``prediction``
+        space.
       schedule: the noise schedule the model was trained with.
       prediction: ``eps`` | ``x0`` | ``v`` | ``flow``.
       sampler: one of ``SAMPLERS``.
@@ -140,6 +157,9 @@ def sample_fn(
       key: randomness of ``ddpm`` / ``ddim`` (eta > 0).
       steps: number of steps (traced int, 1..max_steps).
       labels: ``[B]`` ints or None (unconditional model); ``null_label`` is the dropped class.
+      cond: ``{name: [B, ...]}`` extra conditioning inputs, passed to ``denoise``.
+      null_cond: ``{name: value}`` what guidance's unconditional half sees instead of
+        ``cond[name]`` (broadcast to its shape); the inputs it does not name are kept.
       guidance, guidance_rescale, eta: traced floats (``guidance_rescale``: ``phi`` of
         :func:`guide`; ``eta``: ``ddim`` only).
       clip: clip x0 estimates to [-1, 1].
@@ -161,7 +181,9 @@ def sample_fn(
 
     def predict(x, t):
         mt = jnp.full((B,), schedule.model_time(t), jnp.float32)
-        out = _guided(denoise, x, mt, labels, guidance, rescale, null_label).astype(jnp.float32)
+        out = _guided(
+            denoise, x, mt, labels, cond, null_cond, guidance, rescale, null_label
+        ).astype(jnp.float32)
         a, s = schedule.alpha(t), schedule.sigma(t)
         x0, eps = to_x0_eps(out, x, a, s, prediction)
         if clip:
@@ -271,6 +293,8 @@ def _sample_jit(
     model_state,
     key,
     labels,
+    cond,
+    null_cond,
     steps,
     guidance,
     guidance_rescale,
@@ -291,10 +315,8 @@ def _sample_jit(
     k_noise, k_sample = jax.random.split(key)
     x_T = jax.random.normal(k_noise, shape, jnp.float32)
 
-    def denoise(
-        x, t, y
-    ):  # merged inside the scan / cond trace: NNX transforms (DiT's scan) need that
-        return bind(graphdef, params, model_state)(x, t, y)
+    def denoise(x, t, y, c):  # merged inside the scan / cond trace: NNX transforms need that
+        return bind(graphdef, params, model_state)(x, t, y, **c)
 
     return sample_fn(
         denoise,
@@ -305,6 +327,8 @@ def _sample_jit(
         key=k_sample,
         steps=steps,
         labels=labels,
+        cond=cond,
+        null_cond=null_cond,
         guidance=guidance,
         guidance_rescale=guidance_rescale,
         eta=eta,
@@ -330,6 +354,8 @@ def sample(
     key: jax.Array,
     labels=None,
     num_classes: int = 0,
+    cond=None,
+    null_cond=None,
     sampler: str = "ddim",
     steps: int = 50,
     guidance: float = 1.0,
@@ -342,9 +368,10 @@ def sample(
     """Samples images from a denoiser given explicitly as ``(graphdef, params[, model_state])``.
 
     ``shape`` is ``(B, H, W, C)``; ``labels`` ``[B]`` ints for a class-conditional model
-    (``num_classes`` = its null label). Compiled once per (model, shape, sampler, schedule);
-    ``steps``, ``guidance``, ``guidance_rescale``, ``eta``, ``key``, ``labels`` and ``params``
-    never recompile.
+    (``num_classes`` = its null label); ``cond`` / ``null_cond``: extra conditioning inputs
+    and what guidance's unconditional half sees instead (:func:`sample_fn`). Compiled once
+    per (model, shape, sampler, schedule); ``steps``, ``guidance``, ``guidance_rescale``,
+    ``eta``, ``key``, ``labels``, ``cond`` values and ``params`` never recompile.
     Call under ``mlgen.sharding.use(mesh, rules)`` for sharded params.
     """
     if labels is not None:
@@ -354,6 +381,8 @@ def sample(
         model_state or {},
         key,
         labels,
+        None if cond is None else {k: jnp.asarray(v) for k, v in cond.items()},
+        None if null_cond is None else {k: jnp.asarray(v) for k, v in null_cond.items()},
         jnp.int32(steps),
         jnp.float32(guidance),
         jnp.float32(guidance_rescale),
@@ -380,6 +409,8 @@ def sample_model(
     num: int,
     key: jax.Array,
     labels=None,
+    cond=None,
+    null_cond=None,
     model_state=None,
     **overrides,
 ):
@@ -406,6 +437,8 @@ def sample_model(
         key=key,
         labels=labels,
         num_classes=model_cfg.num_classes,
+        cond=cond,
+        null_cond=null_cond,
         model_state=model_state,
         **kw,
     )

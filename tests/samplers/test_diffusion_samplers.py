@@ -26,7 +26,7 @@ def gaussian_denoiser(schedule, prediction):
     """The exact model for x0 ~ N(MU, COV): E[x0 | x_t], returned in ``prediction`` space."""
     mu, cov = jnp.asarray(MU), jnp.asarray(COV)
 
-    def denoise(x, mt, labels):
+    def denoise(x, mt, labels, cond):
         del labels
         t = mt / schedule.num_train_steps
         a, s = schedule.alpha(t)[:, None], schedule.sigma(t)[:, None]
@@ -79,7 +79,7 @@ def test_exact_denoiser_reproduces_gaussian(schedule, prediction, sampler, steps
     np.testing.assert_allclose(np.cov(x.T), COV, atol=0.04)
 
 
-def _toy_conditional(x, mt, labels):
+def _toy_conditional(x, mt, labels, cond=None):
     """A label-dependent fake 'eps' model: cond and uncond outputs differ."""
     shift = jnp.where(labels == 10, 0.0, 0.1 * (labels.astype(jnp.float32) + 1.0))
     return 0.9 * x + shift[:, None, None, None] + 1e-4 * mt[:, None, None, None]
@@ -151,9 +151,9 @@ def test_guidance_zero_and_one(sampler):
         null_label=10,
         max_steps=16,
     )
-    cond_only = sd.sample_fn(lambda x, t, y: _toy_conditional(x, t, labels), s, **kw)
+    cond_only = sd.sample_fn(lambda x, t, y, c: _toy_conditional(x, t, labels), s, **kw)
     uncond_only = sd.sample_fn(
-        lambda x, t, y: _toy_conditional(x, t, jnp.full_like(labels, 10)), s, **kw
+        lambda x, t, y, c: _toy_conditional(x, t, jnp.full_like(labels, 10)), s, **kw
     )
     g1 = sd.sample_fn(_toy_conditional, s, labels=labels, guidance=1.0, **kw)
     g0 = sd.sample_fn(_toy_conditional, s, labels=labels, guidance=0.0, **kw)
@@ -161,6 +161,39 @@ def test_guidance_zero_and_one(sampler):
     np.testing.assert_allclose(g1, cond_only, atol=1e-5)
     np.testing.assert_allclose(g0, uncond_only, atol=1e-5)
     assert not np.allclose(g3, g1, atol=1e-3)
+
+
+def _toy_context(x, mt, labels, cond):
+    """A denoiser conditioned on ``ctx`` [B, 3] (guidance's null: zeros) and ``keep`` [B]
+    (never dropped: a super-resolution stage's low-resolution image plays this part)."""
+    del labels
+    s = jnp.sum(cond["ctx"], axis=1) + 2.0 * cond["keep"]
+    return 0.7 * x + 0.01 * mt[:, None, None, None] * s[:, None, None, None]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_guidance_with_extra_conditioning_inputs(sampler):
+    """``cond`` reaches the denoiser; guidance's unconditional half sees ``null_cond``'s
+    values for the inputs it names and the real values of the others."""
+    s = schedules.make("cosine")
+    x_T = jax.random.normal(jax.random.key(0), (4, 2, 2, 1))
+    ctx = jnp.arange(12, dtype=jnp.float32).reshape(4, 3) / 10
+    keep = jnp.array([1.0, -1.0, 0.5, 2.0])
+    kw = dict(prediction="eps", sampler=sampler, x_T=x_T, key=jax.random.key(1), steps=6)
+    kw.update(max_steps=8)
+    cond = {"ctx": ctx, "keep": keep}
+    null = {"ctx": 0.0}
+    g1 = sd.sample_fn(_toy_context, s, cond=cond, null_cond=null, guidance=1.0, **kw)
+    g0 = sd.sample_fn(_toy_context, s, cond=cond, null_cond=null, guidance=0.0, **kw)
+    want1 = sd.sample_fn(lambda x, t, y, c: _toy_context(x, t, y, cond), s, **kw)
+    uncond = {"ctx": jnp.zeros_like(ctx), "keep": keep}
+    want0 = sd.sample_fn(lambda x, t, y, c: _toy_context(x, t, y, uncond), s, **kw)
+    np.testing.assert_allclose(g1, want1, atol=1e-5)
+    np.testing.assert_allclose(g0, want0, atol=1e-5)
+    assert not np.allclose(want0, want1, atol=1e-3)
+    # Without null_cond nothing is dropped: one conditional call whatever the scale.
+    g3 = sd.sample_fn(_toy_context, s, cond=cond, guidance=3.0, **kw)
+    np.testing.assert_allclose(g3, want1, atol=1e-5)
 
 
 def test_guide_rescale_limits():
@@ -183,7 +216,7 @@ def test_guide_rescale_limits():
     np.testing.assert_allclose(sd.guide(c, u, 1.0, 0.7), c, rtol=1e-6, atol=1e-6)
 
 
-def _toy_gain(x, mt, labels):
+def _toy_gain(x, mt, labels, cond=None):
     """A fake 'eps' model whose condition changes the output's std (so rescale matters)."""
     gain = jnp.where(labels == 10, 0.6, 0.9 + 0.05 * labels.astype(jnp.float32))
     return gain[:, None, None, None] * x + _toy_conditional(x, mt, labels) - 0.9 * x
@@ -199,7 +232,7 @@ def test_guidance_rescale_in_the_sampler(sampler, phi):
     kw = dict(prediction="eps", sampler=sampler, x_T=x_T, key=jax.random.key(1), steps=8)
     kw.update(null_label=10, max_steps=8, clip=False)
 
-    def guided_model(x, t, y):  # written out here, independently of sd.guide
+    def guided_model(x, t, y, cond):  # written out here, independently of sd.guide
         c = _toy_gain(x, t, labels)
         u = _toy_gain(x, t, jnp.full_like(labels, 10))
         g = u + w * (c - u)
@@ -240,7 +273,7 @@ def test_sampler_options_errors(tmp_path):
         override(scfg, "sampler", "dpmpp")
     with pytest.raises(ValueError, match=r"unknown sampler 'dpmpp'"):
         sd.sample_fn(
-            lambda x, t, y: x,
+            lambda x, t, y, c: x,
             schedules.make("cosine"),
             prediction="eps",
             sampler="dpmpp",

@@ -4,7 +4,9 @@ Each family module (``transformer.py``, ``unet.py``, ``dit.py``, …) ends with 
 ``register(Family(...))``. Registering names the config class (``mlgen.config.register``: saved
 configs store that name) and adds the family's own logical axes to the sharding vocabulary.
 Tasks work with any family of the ``kind`` they train (``"decoder"``: tokens -> logits and the
-decoder protocol; ``"denoiser"``: ``(x, time, labels) -> output``) and never dispatch on classes.
+decoder protocol; ``"denoiser"``: ``(x, time, labels, **cond) -> output``; ``"autoencoder"``:
+images -> posterior -> images; ``"encoder"``: bidirectional tokens -> hidden states / MLM
+logits; ``"seq2seq"``: an encoder-decoder) and never dispatch on classes.
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ class Family:
         segment_ids=, rng=, return_hidden=, return_aux=)``: logits, or ``(logits, aux)`` with
         ``aux`` a dict of float32 scalars (``aux["loss"]``, if any, joins the objective),
         ``model.logits``, ``init_cache`` / ``decode`` /
-        ``max_length`` / ``for_decoding``) or ``"denoiser"`` (``model(x, time, labels, rng=)``,
-        with ``image_size``, ``in_channels``, ``output_channels``, ``num_classes`` on its config).
+        ``max_length`` / ``for_decoding``), ``"denoiser"`` (``model(x, time, labels, rng=,
+        **cond)``, ``cond`` the extra conditioning inputs it takes, with ``image_size``,
+        ``in_channels``, ``output_channels``, ``num_classes`` on its config), or one of the
+        kinds named above (``"autoencoder"``, ``"encoder"``, ``"seq2seq"``), whose protocols
+        are in their modules' docstrings.
       build: ``(config, rngs, policy) -> nnx.Module``; ``policy`` (``mlgen.nn.policy.Policy``)
         is the run's parameter / compute dtypes and remat, which the family's modules honour.
       batch_axes: the batch keys its inputs come in and their logical axes (keys not listed

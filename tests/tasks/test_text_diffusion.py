@@ -4,6 +4,7 @@ prompt, ``mlgen sample --prompt``, ``mlgen eval`` scoring prompted digits, bad i
 import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,7 +19,9 @@ from mlgen.models.encoder import EncoderConfig
 from mlgen.models.text import TextConfig
 from mlgen.models.unet import PRESETS
 from mlgen.objectives.diffusion import DiffusionObjectiveConfig, SamplerConfig
+from mlgen.runs import setup
 from mlgen.tasks import text as text_lib
+from mlgen.train.checkpoint import Checkpointer
 
 TEXT = TextConfig(
     encoder=EncoderConfig(vocab_size=256, num_layers=1, d_model=16, num_heads=2), max_len=24
@@ -91,13 +94,10 @@ def test_text_run_loss_falls_and_grid_has_a_row_per_class(run):
 def test_sample_cli_prompts(run, tmp_path):
     workdir, _ = run
     out = tmp_path / "x.png"
-    args = [str(workdir), "--prompt", "a handwritten seven", "--prompt", "the digit 3"]
+    args = [str(workdir), "--prompt", "a handwritten seven", "--prompt", ""]  # "" = no text
     assert sample_main(args + ["--num", "3", "--steps", "2", "--out", str(out)]) == 0
     w, h = Image.open(out).size
     assert w > h  # 2 rows of 3
-    npz = tmp_path / "x.npz"
-    assert sample_main([str(workdir), "--prompt", "", "--num", "2", "--out", str(npz)]) == 0
-    assert np.load(npz)["images"].shape == (2, 8, 8, 1)
     with pytest.raises(InputError, match=r"^--prompt: .*max_len=24"):
         sample_main([str(workdir), "--prompt", "x" * 30, "--out", str(out)])
     with pytest.raises(InputError, match=r"^--class: .*--prompt"):
@@ -135,3 +135,33 @@ def test_bad_text_run_fields(override, field, tmp_path):
         mlgen.config.load(cfg, override.split()).validate(1)
     msg = str(e.value)
     assert msg.startswith(field + ":") and "\n" not in msg, msg
+
+
+def test_text_init_loads_an_encoder_run_and_freezes_it(tmp_path):
+    """``model.text.init``: a new run's text encoder starts from an encoder run's latest
+    parameters (the trainable predicate then leaves it out); a mismatched encoder config is a
+    one-line error naming the field."""
+    enc = EncoderConfig(vocab_size=264, num_layers=1, d_model=16, num_heads=2)
+    mlm = mlgen.config.load("configs/encoder/tiny_mlm.py", [f"workdir={tmp_path / 'mlm'}"])
+    mlm = dataclasses.replace(mlm, model=enc)
+    s = setup(mlm.validate(1), devices=jax.devices()[:1])
+    saved = jax.tree.map(np.asarray, s.state["params"])
+    ckpt = Checkpointer(mlm.workdir, async_save=False)
+    ckpt.save(1, s.state, config=mlm, force=True)
+    ckpt.close()
+
+    cfg = tiny_text_config(str(tmp_path / "t2i"))
+    text = dataclasses.replace(TEXT, encoder=enc, init=mlm.workdir, freeze=True)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text=text))
+    t = setup(cfg.validate(1), devices=jax.devices()[:1])
+    ours = t.state["params"]["text"]["encoder"]
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(ours), jax.tree_util.tree_leaves(saved)
+    ):
+        np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(path))
+    assert t.task.trainable is not None and not t.task.trainable("text/encoder/embedding/x")
+
+    wrong = dataclasses.replace(text, encoder=dataclasses.replace(enc, mlp_dim=64))
+    bad = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text=wrong))
+    with pytest.raises(ConfigError, match=r"^model\.text\.encoder\.mlp_dim: text\.init "):
+        bad.validate(1)

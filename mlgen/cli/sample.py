@@ -88,7 +88,10 @@ def sample_main(argv: list[str]) -> int:
         help="grid.png (a PNG grid, one row per class) or x.npz (raw samples)",
     )
     ap.add_argument(
-        "--num", type=int, default=None, help="number of samples (default: per_class x classes)"
+        "--num",
+        type=int,
+        default=None,
+        help="number of samples (default: per_class x classes; text runs: per prompt)",
     )
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--sampler", choices=SAMPLERS, default=None)

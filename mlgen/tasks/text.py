@@ -28,6 +28,7 @@ from mlgen.data.captions import (
     get_tokenizer,
     tokenize,
 )
+from mlgen.models.encoder import EncoderConfig
 from mlgen.train.checkpoint import Checkpointer
 from mlgen.train.trainer import saved_config
 
@@ -82,10 +83,15 @@ def check_text_run(cfg: Config) -> None:
             f"{text.init!r} is not a run directory with a checkpoint",
         )
         source = saved_config(text.init).model
+        check(
+            type(source) is EncoderConfig,
+            "model.text.init",
+            f"{text.init!r} trained a {type(source).__name__}, not an encoder (EncoderConfig)",
+        )
         diffs = [
             d
             for d in differences(source, text.encoder, "model.text.encoder")
-            if not d[0].split(".")[3].startswith(_FREE)
+            if not d[0].removeprefix("model.text.encoder.").startswith(_FREE)
         ]
         if diffs:
             field, theirs, ours = diffs[0]

@@ -50,8 +50,9 @@ __all__ = [
 
 TEXT_KEYS = ("text_tokens", "text_mask")
 TEXT_BATCH_AXES = {k: ("batch", None) for k in TEXT_KEYS}
-# What the owned text encoder and the cross-attention layers' parameters / activations use.
-TEXT_AXES = frozenset(ENCODER.logical_axes | {"embed", "heads", "kv_heads", "head_dim"})
+# What the owned text encoder (all but its MLM logits) and the cross-attention layers'
+# parameters / activations use.
+TEXT_AXES = frozenset((ENCODER.logical_axes - {"act_vocab"}) | {"embed", "heads", "kv_heads"})
 
 
 def _small_encoder() -> EncoderConfig:

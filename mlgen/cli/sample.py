@@ -7,6 +7,11 @@ the sampler settings (``--sampler``, ``--steps``, ``--guidance``, ``--guidance-r
 [1, max_steps], ``--guidance-rescale`` in [0, 1]), ``--class`` (a conditional
 model's class), ``--out`` (a .png or .npz that can be written), the workdir (a diffusion run with
 a checkpoint; ``mlgen eval`` also writes ``WORKDIR/eval.json``, so it must be writable).
+
+Text-to-image runs (``model.context_dim > 0``): ``mlgen sample --prompt "a handwritten seven"
+[--prompt ...] [--num N]`` draws N samples per prompt, one grid row each (default: one row per
+digit from a held-out caption template); ``mlgen eval`` prompts with the held-out templates
+(``mlgen.data.captions.EVAL_TEMPLATES``) and scores the class accuracy of the prompted digits.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from etils import epath
 from mlgen import runs, sharding
 from mlgen.cli.args import Parser, at_least, output_file
 from mlgen.config import Config, ConfigError, InputError, check
+from mlgen.data.captions import EVAL_TEMPLATES
 from mlgen.data.images import save_grid
 from mlgen.data.paths import unwritable
 from mlgen.evaluation.digits import scorer
 from mlgen.models.family import family_of
 from mlgen.objectives.diffusion import DiffusionObjectiveConfig, SamplerConfig
 from mlgen.samplers.diffusion import SAMPLERS, grid_labels, sample_model
+from mlgen.tasks import text as text_lib
 from mlgen.tasks.latent import to_images
 from mlgen.train.checkpoint import workdir_path
 from mlgen.train.trainer import TrainResult
@@ -81,7 +88,10 @@ def sample_main(argv: list[str]) -> int:
         help="grid.png (a PNG grid, one row per class) or x.npz (raw samples)",
     )
     ap.add_argument(
-        "--num", type=int, default=None, help="number of samples (default: per_class x classes)"
+        "--num",
+        type=int,
+        default=None,
+        help="number of samples (default: per_class x classes; text runs: per prompt)",
     )
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--sampler", choices=SAMPLERS, default=None)
@@ -89,6 +99,12 @@ def sample_main(argv: list[str]) -> int:
     ap.add_argument("--guidance-rescale", type=float, default=None, help="phi in [0, 1]; 0 = off")
     ap.add_argument("--eta", type=float, default=None)
     ap.add_argument("--class", dest="cls", type=int, default=None, help="sample only this class")
+    ap.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="text-to-image runs: a prompt (repeat for one grid row each; '' = unconditional)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ap.add_argument("--no-ema", action="store_true", help="use the raw parameters, not their EMA")
@@ -107,7 +123,11 @@ def sample_main(argv: list[str]) -> int:
         eta=a.eta,
     )
     num_classes = cfg.model.num_classes
-    if num_classes:
+    text, ncol = _text_inputs(cfg, a)
+    if text:
+        labels = None
+        n = len(text["cond"]["text_tokens"])
+    elif num_classes:
         if a.cls is not None:
             check(
                 0 <= a.cls < num_classes,
@@ -139,6 +159,7 @@ def sample_main(argv: list[str]) -> int:
             key=jax.random.key(a.seed),
             labels=labels,
             model_state=result.state.get("model_state"),
+            **text,
             **overrides,
         )
     images = to_images(cfg, x)  # latent diffusion (data.vae): decoded by its VAE
@@ -150,9 +171,36 @@ def sample_main(argv: list[str]) -> int:
         np.savez(a.out, **arrays)
     else:
         nrow = scfg.per_class if labels is not None and a.cls is None and a.num is None else None
-        save_grid(images, a.out, ncol=nrow)
+        save_grid(images, a.out, ncol=ncol or nrow)
     print(f"wrote {len(images)} samples to {a.out}")
     return 0
+
+
+def _text_inputs(cfg: Config, a) -> tuple[dict, int | None]:
+    """A text run's ``cond`` / ``null_cond`` for ``sample_model`` from ``--prompt`` / ``--num``
+    (per prompt), and the grid's columns; ``({}, None)`` for other runs."""
+    if not text_lib.is_text(cfg.model):
+        check(
+            a.prompt is None,
+            "--prompt",
+            "the model is not text-conditioned (model.context_dim=0)",
+            InputError,
+        )
+        return {}, None
+    check(a.cls is None, "--class", "the model is text-conditioned; use --prompt", InputError)
+    per = a.num or cfg.objective.sampling.per_class
+    prompts = a.prompt or text_lib.grid_prompts(10, 1)
+    limit = cfg.model.text.max_len
+    for p, n in zip(prompts, text_lib.prompt_lengths(cfg.model, prompts)):
+        check(
+            n <= limit,
+            "--prompt",
+            f"{p!r} is {n} tokens; the model reads at most model.text.max_len={limit}",
+            InputError,
+        )
+    rows = [p for p in prompts for _ in range(per)]
+    cond = text_lib.prompt_cond(cfg.model, rows)
+    return dict(cond=cond, null_cond=text_lib.null_cond(cfg.model)), per
 
 
 def eval_main(argv: list[str]) -> int:
@@ -195,11 +243,21 @@ def eval_main(argv: list[str]) -> int:
     params = _params(result, scfg.use_ema and not a.no_ema)
     classes = cfg.model.num_classes
     labels = np.arange(a.num, dtype=np.int32) % classes if classes else None
+    text = text_lib.is_text(cfg.model)
+    if text:  # held-out caption templates, classes in turn
+        labels, prompts = text_lib.eval_prompts(a.num)
     chunks = []
     with sharding.use(result.mesh, result.rules):
         for i, start in enumerate(range(0, a.num, a.batch)):
             n = min(a.batch, a.num - start)
             lab = labels[start : start + n] if labels is not None else None
+            extra = {}
+            if text:
+                extra = dict(
+                    cond=text_lib.prompt_cond(cfg.model, prompts[start : start + n]),
+                    null_cond=text_lib.null_cond(cfg.model),
+                )
+                lab = None
             x = sample_model(
                 result.graphdef,
                 params,
@@ -210,11 +268,14 @@ def eval_main(argv: list[str]) -> int:
                 key=jax.random.fold_in(jax.random.key(a.seed), i),
                 labels=lab,
                 model_state=result.state.get("model_state"),
+                **extra,
                 **over,
             )
             chunks.append(np.asarray(jax.device_get(x)))
     images = to_images(cfg, np.concatenate(chunks))
     scores = scorer(cfg.data.image_size).score(images, labels)
+    if text:
+        scores["prompts"] = "held-out templates: " + " | ".join(EVAL_TEMPLATES)
     scores.update(
         step=int(result.state["step"]),
         sampler=over.get("sampler", scfg.sampler),

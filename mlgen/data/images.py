@@ -249,8 +249,12 @@ def make_image_data(
     process_index: int = 0,
     process_count: int = 1,
     repeat: bool | None = None,
+    example_map: grain.transforms.RandomMap | None = None,
 ):
     """This host's batches of one split.
+
+    ``example_map``: a grain random map applied to each example before batching, seeded by
+    ``seed`` (captions for text-to-image: ``mlgen.data.captions.CaptionMap``).
 
     Returns:
       A grain ``DatasetIterator`` (``get_state`` / ``set_state``) of ``{"images", "labels"}``
@@ -277,6 +281,8 @@ def make_image_data(
         ds = ds.map(_LoadPNG(cfg.image_size, cfg.channels))
     if cfg.hflip and split == "train":
         ds = ds.random_map(_RandomFlip(), seed=seed)
+    if example_map is not None:
+        ds = ds.random_map(example_map, seed=seed)
     ds = ds.batch(rows, drop_remainder=True)
     read = grain.ReadOptions(num_threads=0 if cfg.num_workers else 1, prefetch_buffer_size=2)
     return track(iter(to_iter_dataset(ds, read, cfg.num_workers)))

@@ -9,6 +9,10 @@ Supports:
   block rematerialised by the run's policy (``mlgen.nn.policy``), which also sets the parameter
   and compute dtypes (norms, softmax and the output in float32);
 - time and class conditioning (label ``num_classes`` = the null class for CFG);
+- text conditioning (``context_dim`` > 0, :mod:`mlgen.models.text`), PixArt-alpha style: an
+  owned text encoder (``text``) and a cross-attention sublayer in every block, between the
+  self-attention and the MLP (``x += cross(LN(x), context)``, zero-initialised, no adaLN); the
+  prompt comes as ``text_tokens=`` / ``text_mask=`` keyword arguments;
 - ``learn_sigma``: twice the output channels (prediction, then the iDDPM variance
   interpolation), for importing / serving such models; the objectives here train none;
 - logical-axis sharding: ``embed`` / ``heads`` / ``mlp`` like the LM, and the token axis as
@@ -28,7 +32,15 @@ from flax import nnx
 
 from mlgen.config import check, prefixed
 from mlgen.models.family import Family, register
-from mlgen.nn.attention import SelfAttention
+from mlgen.models.text import (
+    TEXT_AXES,
+    TEXT_BATCH_AXES,
+    TextConditioner,
+    TextConfig,
+    check_text,
+    text_trainable,
+)
+from mlgen.nn.attention import CrossAttention, SelfAttention
 from mlgen.nn.conv import TimeEmbedding
 from mlgen.nn.core import LayerNorm, Linear, dropout, zeros_init
 from mlgen.nn.mlp import MLP
@@ -55,6 +67,8 @@ class DiTConfig:
     num_classes: int = 0
     learn_sigma: bool = False
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+    context_dim: int = 0  # text conditioning: the context width (0 = no text)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)  # used when context_dim
     # Dtypes and remat are the run's (``precision``, ``remat``: ``mlgen.nn.policy.Policy``).
     # Run the stacked blocks with a lax.scan (compile time independent of depth) or unrolled
     # (MaxText's ``scan_layers``). Unrolled is faster for small models on CPU: no per-layer
@@ -88,6 +102,7 @@ class DiTConfig:
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.num_classes >= 0, "num_classes", f"must be >= 0, got {self.num_classes}")
         prefixed("attention", self.attention.validate)
+        check_text(self.text, self.context_dim)
 
     @property
     def output_channels(self) -> int:  # the denoiser interface (mlgen.models.family)
@@ -147,6 +162,24 @@ class DiTBlock(nnx.Module):
             param_dtype=pdt,
             rngs=rngs,
         )
+        heads = (d, cfg.num_heads, cfg.num_heads, d // cfg.num_heads)
+        self.cross_norm = (
+            LayerNorm(d, eps=1e-6, use_bias=False, use_scale=False) if cfg.context_dim else None
+        )
+        self.cross = (
+            CrossAttention(
+                *heads,
+                context_dim=cfg.context_dim,
+                use_bias=True,
+                zero_init_out=True,
+                attention=cfg.attention,
+                dtype=dt,
+                param_dtype=pdt,
+                rngs=rngs,
+            )
+            if cfg.context_dim
+            else None
+        )
         self.norm2 = LayerNorm(d, eps=1e-6, use_bias=False, use_scale=False)
         self.mlp = MLP(
             d,
@@ -171,11 +204,15 @@ class DiTBlock(nnx.Module):
         )
         self.dropout = cfg.dropout
 
-    def __call__(self, x, c, rng=None):
+    def __call__(self, x, c, rng=None, context=None, context_mask=None):
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.moveaxis(self.ada(jax.nn.silu(c)), 1, 0)
         r1, r2 = jax.random.split(rng) if rng is not None else (None, None)
         h = self.attn(_modulate(self.norm1(x), shift1, scale1), positions=None, causal=False)
         x = x + gate1[:, None, :] * dropout(h, self.dropout, r1)
+        if self.cross is not None:
+            x = x + self.cross(
+                self.cross_norm(x), context.astype(x.dtype), context_mask=context_mask
+            )
         h = self.mlp(_modulate(self.norm2(x), shift2, scale2))
         x = x + gate2[:, None, :] * dropout(h, self.dropout, r2)
         return constrain(x, _ACT)
@@ -201,6 +238,11 @@ class DiT(nnx.Module):
             rngs=rngs,
         )
         self.time = TimeEmbedding(256, d, num_classes=cfg.num_classes, param_dtype=pdt, rngs=rngs)
+        self.text = (
+            TextConditioner(cfg.text, cfg.context_dim, pooled_dim=d, policy=policy, rngs=rngs)
+            if cfg.context_dim
+            else None
+        )
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -239,7 +281,11 @@ class DiT(nnx.Module):
         labels: Int[Array, " B"] | None = None,
         *,
         rng: jax.Array | None = None,
+        text_tokens: Int[Array, "B S"] | None = None,
+        text_mask: Array | None = None,
     ) -> Float[Array, "B H W C"]:
+        """Denoiser output; a text-conditioned model also takes the prompt ``text_tokens`` /
+        ``text_mask`` ``[B, S]`` (all padding = the learned null condition)."""
         cfg = self.cfg
         dt = self.policy.dtype
         B, H, W, C = x.shape
@@ -254,12 +300,19 @@ class DiT(nnx.Module):
         h = self.patch(tokens) + jnp.asarray(sincos_2d(g, cfg.d_model), dt)[None]
         h = constrain(h, _ACT)
         c = self.time(time, labels).astype(dt)
+        ctx = ctx_mask = None
+        if self.text is not None:
+            if text_tokens is None or text_mask is None:
+                raise ValueError("DiT: this model is text-conditioned; pass text_tokens, text_mask")
+            ctx, ctx_mask, pooled = self.text(text_tokens, text_mask)
+            if pooled is not None:
+                c = c + pooled.astype(dt)
         layer_rngs = (
             jax.random.split(rng, cfg.num_layers) if rng is not None and cfg.dropout > 0 else None
         )
 
         body = self.policy.remat_block(  # inside the layer scan
-            lambda block, h, c, r: block(h, c, r), prevent_cse=False
+            lambda block, h, c, r: block(h, c, r, ctx, ctx_mask), prevent_cse=False
         )
 
         @nnx.scan(
@@ -333,7 +386,7 @@ FAMILY = register(
         config=DiTConfig,
         kind="denoiser",
         build=lambda cfg, rngs, policy: DiT(cfg, policy=policy, rngs=rngs),
-        batch_axes={"labels": ("batch",)},
+        batch_axes={"labels": ("batch",), **TEXT_BATCH_AXES},
         logical_axes=frozenset(
             {
                 "layers",
@@ -353,7 +406,9 @@ FAMILY = register(
                 "act_kv_heads",
                 "act_mlp",
             }
-        ),
+        )
+        | TEXT_AXES,
+        trainable=text_trainable,
         check=_check_mesh,
         renamed={"attention_backend": "attention.backend"},
         flops_per_token=dit_flops_per_pixel,

@@ -9,6 +9,9 @@ Supports:
 - strided-conv downsampling, nearest + conv upsampling, dropout (explicit keys);
 - class conditioning (``num_classes``; label ``num_classes`` is the null class used by
   classifier-free guidance);
+- text conditioning (``context_dim`` > 0, :mod:`mlgen.models.text`): an owned text encoder
+  (``text``) and a cross-attention block after every self-attention block (attention levels
+  and the middle); the prompt comes as ``text_tokens=`` / ``text_mask=`` keyword arguments;
 - zero-initialised output convolutions (every residual branch starts as the identity);
 - the run's policy (``mlgen.nn.policy``): parameter / compute dtypes (GroupNorm, softmax and the
   output in float32) and the remat of every residual and attention block;
@@ -27,6 +30,15 @@ from flax import nnx
 
 from mlgen.config import check, prefixed
 from mlgen.models.family import Family, register
+from mlgen.models.text import (
+    TEXT_AXES,
+    TEXT_BATCH_AXES,
+    ImageCrossAttention,
+    TextConditioner,
+    TextConfig,
+    check_text,
+    text_trainable,
+)
 from mlgen.nn.conv import (
     AttentionBlock,
     Conv2d,
@@ -62,6 +74,8 @@ class UNetConfig:
     num_classes: int = 0  # 0 = unconditional
     conv_impl: str = "auto"  # auto | xla | im2col
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+    context_dim: int = 0  # text conditioning: cross-attention width (0 = no text)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)  # used when context_dim
     # Dtypes and remat are the run's (``precision``, ``remat``: ``mlgen.nn.policy.Policy``).
 
     def validate(self) -> None:
@@ -109,6 +123,13 @@ class UNetConfig:
             f"must be auto, xla or im2col, got {self.conv_impl!r}",
         )
         prefixed("attention", self.attention.validate)
+        check_text(self.text, self.context_dim)
+        check(
+            not self.context_dim or self.attention_levels or self.mid_attention,
+            "context_dim",
+            "text conditioning needs attention levels or mid_attention (cross-attention follows "
+            "the self-attention blocks)",
+        )
 
     @property
     def output_channels(self) -> int:
@@ -162,6 +183,18 @@ class UNet(nnx.Module):
             rngs=rngs,
         )
         self.time = TimeEmbedding(c0, emb, num_classes=cfg.num_classes, param_dtype=pdt, rngs=rngs)
+        self.text = (
+            TextConditioner(cfg.text, cfg.context_dim, pooled_dim=emb, policy=policy, rngs=rngs)
+            if cfg.context_dim
+            else None
+        )
+
+        def attention_block(ch):  # self-attention, then cross-attention to the text
+            cross = dict(attn, num_groups=cfg.num_groups)
+            return [AttentionBlock(ch, **attn)] + (
+                [ImageCrossAttention(ch, cfg.context_dim, **cross)] if cfg.context_dim else []
+            )
+
         conv2d = dict(impl=cfg.conv_impl, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.conv_in = Conv2d(cfg.in_channels, c0, 3, **conv2d)
 
@@ -172,7 +205,7 @@ class UNet(nnx.Module):
                 down.append(ResBlock(ch, width, emb, **res))
                 ch = width
                 if lv in cfg.attention_levels:
-                    down.append(AttentionBlock(ch, **attn))
+                    down.extend(attention_block(ch))
                 skip_ch.append(ch)
             if lv != last:
                 down.append(Downsample(ch, **conv))
@@ -180,7 +213,7 @@ class UNet(nnx.Module):
         self.down = nnx.List(down)
         self.mid = nnx.List(
             [ResBlock(ch, ch, emb, **res)]
-            + ([AttentionBlock(ch, **attn)] if cfg.mid_attention else [])
+            + (attention_block(ch) if cfg.mid_attention else [])
             + [ResBlock(ch, ch, emb, **res)]
         )
         up = []
@@ -190,7 +223,7 @@ class UNet(nnx.Module):
                 up.append(ResBlock(ch + skip_ch.pop(), width, emb, **res))
                 ch = width
                 if lv in cfg.attention_levels:
-                    up.append(AttentionBlock(ch, **attn))
+                    up.extend(attention_block(ch))
             if lv != 0:
                 up.append(Upsample(ch, **conv))
         self.up = nnx.List(up)
@@ -204,11 +237,23 @@ class UNet(nnx.Module):
         labels: Int[Array, " B"] | None = None,
         *,
         rng: jax.Array | None = None,
+        text_tokens: Int[Array, "B S"] | None = None,
+        text_mask: Array | None = None,
     ) -> Float[Array, "B H W C"]:
         """Denoiser output for noisy images ``x`` at ``time`` (``[B]``, any scale;
-        0..1000 typical)."""
+        0..1000 typical); a text-conditioned model also takes the prompt ``text_tokens`` /
+        ``text_mask`` ``[B, S]`` (all padding = the learned null condition)."""
         dt = self.policy.dtype
         emb = self.time(time, labels).astype(dt)
+        ctx = ctx_mask = None
+        if self.text is not None:
+            if text_tokens is None or text_mask is None:
+                raise ValueError(
+                    "UNet: this model is text-conditioned; pass text_tokens, text_mask"
+                )
+            ctx, ctx_mask, pooled = self.text(text_tokens, text_mask)
+            if pooled is not None:
+                emb = emb + pooled.astype(dt)
         h = constrain(self.conv_in(x.astype(dt)), ("batch", "height", "width", None))
         skips = [h]
         n_res = 0
@@ -220,15 +265,18 @@ class UNet(nnx.Module):
 
         res = self.policy.remat_block(lambda m, h, emb, r: m(h, emb, rng=r))
         attn = self.policy.remat_block(lambda m, h: m(h))
+        cross = self.policy.remat_block(lambda m, h, c, cm: m(h, c, cm))
 
         def block(m, h):  # residual and attention blocks under the remat policy
             if isinstance(m, ResBlock):
                 return res(m, h, emb, block_rng())
+            if isinstance(m, ImageCrossAttention):
+                return cross(m, h, ctx, ctx_mask)
             return attn(m, h) if isinstance(m, AttentionBlock) else m(h)
 
         for m in self.down:
             h = block(m, h)
-            if not isinstance(m, AttentionBlock):
+            if not isinstance(m, (AttentionBlock, ImageCrossAttention)):
                 skips.append(h)
             else:
                 skips[-1] = h
@@ -248,7 +296,7 @@ FAMILY = register(
         config=UNetConfig,
         kind="denoiser",
         build=lambda cfg, rngs, policy: UNet(cfg, policy=policy, rngs=rngs),
-        batch_axes={"labels": ("batch",)},
+        batch_axes={"labels": ("batch",), **TEXT_BATCH_AXES},
         logical_axes=frozenset(
             {
                 "kernel",
@@ -262,7 +310,9 @@ FAMILY = register(
                 "height",
                 "width",
             }
-        ),
+        )
+        | TEXT_AXES,
+        trainable=text_trainable,
         renamed={"attention_backend": "attention.backend"},
     )
 )

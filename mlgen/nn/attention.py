@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mlgen import ops
-from mlgen.nn.core import Linear, LoRA
+from mlgen.nn.core import Linear, LoRA, zeros_init
 from mlgen.nn.rope import Llama3Scaling, apply_rope
 from mlgen.ops.attention import AttentionConfig
 from mlgen.sharding import constrain
@@ -195,7 +195,8 @@ class CrossAttention(nnx.Module):
     context's padding is masked by segment ids (``(q_ids, kv_ids)`` pairs of
     ``mlgen.ops.attention``), so any backend that takes segment pairs runs it. ``context_dim``
     is the context's width (an encoder's ``d_model``; default ``d_model``). Parameters: ``q``,
-    ``k``, ``v``, ``o``, as :class:`SelfAttention`'s.
+    ``k``, ``v``, ``o``, as :class:`SelfAttention`'s; ``zero_init_out`` starts ``o`` at zero (a
+    residual cross-attention branch that begins as the identity).
     """
 
     def __init__(
@@ -207,6 +208,7 @@ class CrossAttention(nnx.Module):
         *,
         context_dim: int | None = None,
         use_bias: bool = False,
+        zero_init_out: bool = False,
         attention: AttentionConfig | None = None,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
@@ -234,6 +236,7 @@ class CrossAttention(nnx.Module):
             d_model,
             in_names=("heads", "head_dim"),
             out_names=("embed",),
+            init=zeros_init if zero_init_out else None,
             **kw,
         )
         self.attention = attention or AttentionConfig()

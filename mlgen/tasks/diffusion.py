@@ -5,6 +5,9 @@ from ``train.ema_decay``. At each eval and at the end, the hooks write
 ``WORKDIR/samples/step_NNNNNN.png`` (one row per class, from the EMA parameters when kept)
 and ``WORKDIR/loss.png`` (from ``WORKDIR/metrics.jsonl``); only process 0 writes.
 
+Text-to-image: a denoiser with ``model.context_dim > 0`` trains on captioned digits and its
+grids have one row per class prompt (:mod:`mlgen.tasks.text`).
+
 Latent diffusion: with ``data.vae=VAE_WORKDIR`` the denoiser trains on the scaled latents of a
 frozen, trained VAE and its samples are decoded to images (:mod:`mlgen.tasks.latent`).
 """
@@ -33,8 +36,10 @@ from mlgen.data.images import (
 from mlgen.data.images import batch_spec as image_batch_spec
 from mlgen.data.paths import write_bytes_atomic
 from mlgen.models.family import Family
+from mlgen.models.text import TEXT_KEYS
 from mlgen.objectives.diffusion import DiffusionObjectiveConfig, make_loss
 from mlgen.samplers.diffusion import grid_labels, sample_model
+from mlgen.tasks import text as text_lib
 from mlgen.tasks.base import TaskSpec, policy, register
 from mlgen.tasks.latent import LatentData, check_latent_config
 from mlgen.train.task import Task
@@ -63,6 +68,8 @@ def _checks(cfg: Config, family: Family, mesh: dict[str, int] | None) -> None:
         f"the denoiser outputs {m.output_channels} channels for {m.in_channels}-channel images; "
         "the diffusion objective trains no variance (set learn_sigma=false / out_channels=0)",
     )
+    if text_lib.is_text(m):
+        text_lib.check_text_run(cfg)
 
 
 def _check_images(cfg: Config) -> None:
@@ -86,18 +93,27 @@ def _build(cfg: Config, family: Family, mesh: Mesh, rules: sharding.Rules) -> Ta
     classes = cfg.model.num_classes
     pixels = cfg.model.image_size**2  # what the denoiser sees (latent positions for data.vae)
     latent = LatentData(cfg) if d.vae else None  # encodes nothing until the data are asked for
+    text = text_lib.is_text(cfg.model)
+    cond = dict(cond_keys=TEXT_KEYS, null_cond=text_lib.null_cond(cfg.model)) if text else {}
 
     def data(split: str):
         if latent is not None:
             return latent.data(split, process_index=pi, process_count=pc)
-        return make_image_data(d, split=split, seed=cfg.seed, process_index=pi, process_count=pc)
+        captions = text_lib.caption_map(cfg.model, split) if text else None
+        return make_image_data(
+            d, split=split, seed=cfg.seed, process_index=pi, process_count=pc, example_map=captions
+        )
+
+    def make_model():
+        model = family.build(cfg.model, nnx.Rngs(params=cfg.seed), policy(cfg))
+        return text_lib.init_text_encoder(model, cfg) if text else model
 
     return Task(
         name=f"diffusion / {family.name}",
-        make_model=lambda: family.build(cfg.model, nnx.Rngs(params=cfg.seed), policy(cfg)),
+        make_model=make_model,
         trainable=family.trainable(cfg.model),
-        make_loss=lambda gd: make_loss(gd, obj, num_classes=classes, train=True),
-        make_eval_loss=lambda gd: make_loss(gd, obj, num_classes=classes, train=False),
+        make_loss=lambda gd: make_loss(gd, obj, num_classes=classes, train=True, **cond),
+        make_eval_loss=lambda gd: make_loss(gd, obj, num_classes=classes, train=False, **cond),
         train_data=lambda: data("train"),
         eval_data=lambda: data("validation"),
         batch_axes=DIFFUSION.batch_axes_of(family),
@@ -117,6 +133,9 @@ def _batch_spec(cfg: Config) -> dict:
         spec["images"] = ((cfg.data.batch_size, m.image_size, m.image_size, m.in_channels),) + (
             spec["images"][1],
         )
+    if text_lib.is_text(cfg.model):
+        for k in TEXT_KEYS:
+            spec[k] = ((cfg.data.batch_size, cfg.model.text.max_len), np.dtype(np.int32))
     return spec
 
 
@@ -137,6 +156,10 @@ class SampleGridHook:
         params = state["ema"] if (scfg.use_ema and "ema" in state) else state["params"]
         labels = grid_labels(m.num_classes, scfg.per_class) if m.num_classes else None
         n = len(labels) if labels is not None else 10 * scfg.per_class
+        text = {}
+        if text_lib.is_text(m):  # one row per class prompt
+            prompts = text_lib.grid_prompts(10, scfg.per_class)
+            text = dict(cond=text_lib.prompt_cond(m, prompts), null_cond=text_lib.null_cond(m))
         x = sample_model(
             graphdef,
             params,
@@ -147,6 +170,7 @@ class SampleGridHook:
             key=jax.random.key(self.cfg.seed + 1),
             labels=labels,
             model_state=state.get("model_state"),
+            **text,
         )
         x = np.asarray(jax.device_get(x))
         if self.decode is not None:

@@ -14,6 +14,8 @@ from mlgen import sharding
 from mlgen.config import ConfigError
 from mlgen.models import families, family_of
 from mlgen.models.dit import PRESETS as DIT
+from mlgen.models.encoder import EncoderConfig
+from mlgen.models.text import TextConfig
 from mlgen.models.transformer import TransformerConfig
 from mlgen.models.unet import PRESETS as UNETS
 from mlgen.nn.policy import Policy
@@ -23,14 +25,24 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 _LM = TransformerConfig(
     vocab_size=32, num_layers=2, d_model=16, num_heads=2, num_kv_heads=1, max_len=8
 )
+_TEXT = TextConfig(  # bert flavour: the learned position table too
+    encoder=EncoderConfig(flavour="bert", num_layers=1, d_model=8, num_heads=2, max_len=8),
+    max_len=8,
+)
 TINY = {  # per family, configs that between them use every feature
     "transformer": (
         _LM,
         dataclasses.replace(_LM, flavour="gpt2"),
         dataclasses.replace(_LM, num_layers=2, moe_every=2, num_experts=4, lora_rank=2),
     ),
-    "unet": (dataclasses.replace(UNETS["unet-tiny"], num_classes=3),),
-    "dit": (dataclasses.replace(DIT["dit-tiny"], num_classes=3),),
+    "unet": (
+        dataclasses.replace(UNETS["unet-tiny"], num_classes=3),
+        dataclasses.replace(UNETS["unet-tiny"], context_dim=8, text=_TEXT),
+    ),
+    "dit": (
+        dataclasses.replace(DIT["dit-tiny"], num_classes=3),
+        dataclasses.replace(DIT["dit-tiny"], context_dim=8, text=_TEXT),
+    ),
 }
 
 
@@ -41,7 +53,10 @@ def _forward(name, model):
         model.decode(tokens, jnp.zeros((2, 8), jnp.int32), model.init_cache(2, 8))
     else:
         labels = jnp.zeros((2,), jnp.int32) if model.cfg.num_classes else None
-        model(jnp.zeros((2, 8, 8, 1)), jnp.ones((2,)), labels)
+        text = {}
+        if model.cfg.context_dim:
+            text = dict(text_tokens=jnp.ones((2, 8), jnp.int32), text_mask=jnp.ones((2, 8)))
+        model(jnp.zeros((2, 8, 8, 1)), jnp.ones((2,)), labels, **text)
 
 
 def test_builtin_families_are_registered_by_name():

@@ -158,6 +158,14 @@ def test_sample_cli_writes_npz_and_grid(run, tmp_path):
 SHRINK = {
     "digits_unet": ["model.channels=(8,16)", "model.num_groups=4", "model.head_dim=8"],
     "digits_dit": ["model.d_model=32", "model.num_layers=2", "model.num_heads=2"],
+    "digits_text": [
+        "model.channels=(8,16)",
+        "model.num_groups=4",
+        "model.head_dim=8",
+        "model.context_dim=16",
+        "model.text.encoder.num_layers=1",
+        "model.text.encoder.d_model=16",
+    ],
 }
 
 

@@ -1,0 +1,82 @@
+"""Text-to-image UNet diffusion on scikit-learn's digits (16x16, bundled, no download).
+
+The class-conditional digits UNet (channels 32/64, attention at 8x8) with text instead of class
+labels: a byte-level text encoder it owns and trains jointly (2 layers, width 64, prompts of up
+to 24 bytes) feeds a cross-attention block after every self-attention block (context width 64)
+and, pooled, the time embedding. Each training digit gets a caption drawn at random per example
+and epoch from ten templates ("a handwritten seven", "the digit 7", "number seven", "7", ...);
+validation and `mlgen eval` prompt with four held-out templates ("a drawing of a seven", "the
+numeral 7", ...). 10% of the captions are dropped to the empty prompt, which the model maps to
+a learned null embedding (classifier-free guidance).
+
+    mlgen --cpu-devices 2 train configs/diffusion/digits_text.py workdir=/tmp/digits-text
+    mlgen sample /tmp/digits-text --prompt "a handwritten seven" --prompt "the digit 3" --out x.png
+    mlgen eval /tmp/digits-text
+
+Measured on the 2-core CPU shared with other jobs (1-minute load 8.2-12.7 during the run, so
+~3-4x slower than idle; digits_unet.py's class-conditional UNet takes 0.29 s/step idle): 500
+steps in 39m03s wall (3.1-5.4 s/step), loss 0.262 (step 10) -> 0.0244 (step 500), eval loss
+(held-out captions) 0.0283 at step 250 and 0.0224 at step 500. `mlgen eval --num 300 --steps 25`
+(DDIM, held-out prompt templates, 3.4 min at load ~8): class accuracy of the prompted digits
+0.557 at guidance 2 (confidence 0.909, Fréchet 5.70 vs floor 1.79) and 0.597 at guidance 4
+(Fréchet 10.7). NOT yet the issue's >= 90 %: 500 steps are too few for the byte-level encoder
+to tie every number word to its digit (grids: WORKDIR/samples/step_000500.png, one row per
+"a drawing of a <word>" prompt: zero / one / four / five / seven right, three / six / eight /
+nine mostly wrong). The 10-minute budget could not be measured on an idle machine here.
+"""
+
+import dataclasses
+
+from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig
+from mlgen.data.images import ImageDataConfig
+from mlgen.models.encoder import EncoderConfig
+from mlgen.models.text import TextConfig
+from mlgen.models.unet import PRESETS
+from mlgen.objectives.diffusion import DiffusionObjectiveConfig, SamplerConfig
+
+
+def get_config() -> Config:
+    model = dataclasses.replace(
+        PRESETS["unet-digits"],
+        num_classes=0,
+        context_dim=64,
+        text=TextConfig(
+            encoder=EncoderConfig(vocab_size=256, num_layers=2, d_model=64, num_heads=2),
+            tokenizer="byte",
+            max_len=24,
+        ),
+    )
+    return Config(
+        task="diffusion",
+        workdir="/tmp/mlgen-digits-text",
+        seed=0,
+        model=model,
+        data=ImageDataConfig(source="digits", image_size=16, batch_size=64),
+        objective=DiffusionObjectiveConfig(
+            schedule="cosine",
+            prediction="v",
+            loss_weighting="min_snr",
+            min_snr_gamma=5.0,
+            label_dropout=0.1,
+            sampling=SamplerConfig(sampler="ddim", steps=50, guidance=2.0),
+        ),
+        mesh=MeshConfig(data=-1),
+        optim=OptimConfig(
+            lr=2e-3,
+            warmup_steps=100,
+            schedule="cosine",
+            min_lr_ratio=0.05,
+            b2=0.99,
+            weight_decay=0.0,
+            clip_norm=1.0,
+        ),
+        train=TrainConfig(
+            num_steps=500,
+            log_every=50,
+            eval_every=250,
+            eval_steps=3,
+            checkpoint_every=250,
+            ema_decay=0.995,
+            ema_warmup=250,
+        ),
+    )

@@ -7,6 +7,10 @@ the sampler settings (``--sampler``, ``--steps``, ``--guidance``, ``--guidance-r
 [1, max_steps], ``--guidance-rescale`` in [0, 1]), ``--class`` (a conditional
 model's class), ``--out`` (a .png or .npz that can be written), the workdir (a diffusion run with
 a checkpoint; ``mlgen eval`` also writes ``WORKDIR/eval.json``, so it must be writable).
+
+A super-resolution run (``task="superres"``) samples and scores through
+:mod:`mlgen.cli.superres`: ``--base BASE_WORKDIR`` chains a base run into it, ``--aug-level``
+sets the noise augmentation of its low-res input.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 from etils import epath
 
 from mlgen import runs, sharding
+from mlgen.cli import superres
 from mlgen.cli.args import Parser, at_least, output_file
 from mlgen.config import Config, ConfigError, InputError, check
 from mlgen.data.images import save_grid
@@ -92,6 +97,10 @@ def sample_main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ap.add_argument("--no-ema", action="store_true", help="use the raw parameters, not their EMA")
+    ap.add_argument("--base", default=None, help="super-resolution: the base run's workdir")
+    ap.add_argument(
+        "--aug-level", type=float, default=None, help="super-resolution: low-res noise level"
+    )
     ap.add_argument("overrides", nargs="*", help="config overrides for restoring, e.g. mesh.data=1")
     a = ap.parse_args(argv)
     at_least(a.num, 1, "--num")
@@ -127,6 +136,8 @@ def sample_main(argv: list[str]) -> int:
         )
         labels = None
         n = a.num or scfg.per_class * 10
+    if superres.is_superres(cfg) or a.base or a.aug_level is not None:
+        return superres.sample_main(a, cfg, overrides, labels, n)
     result = runs.restore(cfg, step=a.step)
     with sharding.use(result.mesh, result.rules):
         x = sample_model(
@@ -170,6 +181,10 @@ def eval_main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ap.add_argument("--no-ema", action="store_true")
+    ap.add_argument("--base", default=None, help="super-resolution: the base run's workdir")
+    ap.add_argument(
+        "--aug-level", type=float, default=None, help="super-resolution: low-res noise level"
+    )
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     at_least(a.num, 1, "--num")
@@ -191,6 +206,8 @@ def eval_main(argv: list[str]) -> int:
         guidance=a.guidance,
         guidance_rescale=a.guidance_rescale,
     )
+    if superres.is_superres(cfg) or a.base or a.aug_level is not None:
+        return superres.eval_main(a, cfg, over)
     result = runs.restore(cfg, step=a.step)
     params = _params(result, scfg.use_ema and not a.no_ema)
     classes = cfg.model.num_classes

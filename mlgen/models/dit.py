@@ -9,12 +9,16 @@ Supports:
   block rematerialised by the run's policy (``mlgen.nn.policy``), which also sets the parameter
   and compute dtypes (norms, softmax and the output in float32);
 - time and class conditioning (label ``num_classes`` = the null class for CFG);
+- low-resolution image conditioning for super-resolution (``low_res_channels``,
+  ``low_res_size``; :mod:`mlgen.nn.lowres`): upsampled and concatenated to the input before
+  patchifying, its noise-augmentation level embedded and added to the conditioning vector;
 - ``learn_sigma``: twice the output channels (prediction, then the iDDPM variance
   interpolation), for importing / serving such models; the objectives here train none;
 - logical-axis sharding: ``embed`` / ``heads`` / ``mlp`` like the LM, and the token axis as
   ``length``, so a mesh with ``seq > 1`` shards the patches (ring attention inside).
 
-Called as ``model(x [B, H, W, C], time [B], labels [B] | None, rng=None) -> [B, H, W, C_out]``.
+Called as ``model(x [B, H, W, C], time [B], labels [B] | None, rng=None) -> [B, H, W, C_out]``
+(super-resolution: also ``low_res=[B, h, w, C_low], low_res_aug=[B]``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from flax import nnx
 
 from mlgen.config import check, prefixed
 from mlgen.models.family import Family, register
+from mlgen.nn import lowres
 from mlgen.nn.attention import SelfAttention
 from mlgen.nn.conv import TimeEmbedding
 from mlgen.nn.core import LayerNorm, Linear, dropout, zeros_init
@@ -54,6 +59,9 @@ class DiTConfig:
     dropout: float = 0.0
     num_classes: int = 0
     learn_sigma: bool = False
+    low_res_channels: int = 0  # super-resolution: channels of the low-res input (0 = none)
+    low_res_size: int = 0  # its side (divides image_size)
+    low_res_upsample: str = "bilinear"  # bilinear | nearest (to image_size, then concatenated)
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     # Dtypes and remat are the run's (``precision``, ``remat``: ``mlgen.nn.policy.Policy``).
     # Run the stacked blocks with a lax.scan (compile time independent of depth) or unrolled
@@ -87,6 +95,7 @@ class DiTConfig:
         check(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.num_classes >= 0, "num_classes", f"must be >= 0, got {self.num_classes}")
+        lowres.check_fields(self)
         prefixed("attention", self.attention.validate)
 
     @property
@@ -190,8 +199,22 @@ class DiT(nnx.Module):
         self.cfg, self.policy = cfg, policy
         dt, pdt = policy.dtype, policy.param_dtype
         p, d = cfg.patch_size, cfg.d_model
+        self.low_res = (
+            lowres.LowResInput(
+                cfg.low_res_channels,
+                cfg.low_res_size,
+                cfg.image_size,
+                d,
+                freq_dim=256,
+                method=cfg.low_res_upsample,
+                param_dtype=pdt,
+                rngs=rngs,
+            )
+            if cfg.low_res_channels
+            else None
+        )
         self.patch = Linear(
-            (p, p, cfg.in_channels),
+            (p, p, cfg.in_channels + cfg.low_res_channels),
             d,
             in_names=("kernel", "kernel", "channels_in"),
             out_names=("embed",),
@@ -239,9 +262,16 @@ class DiT(nnx.Module):
         labels: Int[Array, " B"] | None = None,
         *,
         rng: jax.Array | None = None,
+        low_res: Float[Array, "B h w L"] | None = None,
+        low_res_aug: Float[Array, " B"] | None = None,
     ) -> Float[Array, "B H W C"]:
         cfg = self.cfg
         dt = self.policy.dtype
+        c = self.time(time, labels)
+        if self.low_res is not None:
+            x, aug_emb = self.low_res(x, low_res, low_res_aug)
+            c = c + aug_emb
+        c = c.astype(dt)
         B, H, W, C = x.shape
         p = cfg.patch_size
         g = H // p
@@ -253,7 +283,6 @@ class DiT(nnx.Module):
         )
         h = self.patch(tokens) + jnp.asarray(sincos_2d(g, cfg.d_model), dt)[None]
         h = constrain(h, _ACT)
-        c = self.time(time, labels).astype(dt)
         layer_rngs = (
             jax.random.split(rng, cfg.num_layers) if rng is not None and cfg.dropout > 0 else None
         )

@@ -63,6 +63,11 @@ def _checks(cfg: Config, family: Family, mesh: dict[str, int] | None) -> None:
         f"the denoiser outputs {m.output_channels} channels for {m.in_channels}-channel images; "
         "the diffusion objective trains no variance (set learn_sigma=false / out_channels=0)",
     )
+    check(
+        not m.low_res_channels,
+        "model.low_res_channels",
+        f"{m.low_res_channels}: a super-resolution denoiser trains with task='superres'",
+    )
 
 
 def _check_images(cfg: Config) -> None:

@@ -215,8 +215,9 @@ def eval_main(a, cfg: Config, over: dict) -> int:
         name: {k: v for k, v in score(x, labels).items() if k in ("accuracy", "frechet")}
         for name, x in naive(low, size).items()
     }
-    if cascade.base is not None:
-        base_cfg = cascade.base[0]
+    base_cfg = cascade.base[0] if cascade.base is not None else None
+    # The scorer's classifier projects on 32 PCA components: images of fewer pixels go unscored.
+    if base_cfg is not None and base_cfg.data.image_size**2 * base_cfg.data.channels >= 32:
         base = scorer(base_cfg.data.image_size).score(low, labels)
         scores["base"] = {k: base[k] for k in ("accuracy", "frechet", "frechet_floor") if k in base}
     st = cascade.stage

@@ -9,7 +9,12 @@ classifier-free guidance, EMA; DDIM sample grids (guidance 2) every 500 steps.
     mlgen sample /tmp/digits-8 --out /tmp/digits-8/grid.png
     mlgen eval /tmp/digits-8
 
-MEASURED
+Measured on this 2-core CPU shared with other jobs (1-minute load 3.2 at the start, 10-12 for
+most of the run; the job got 31% of a core on average): 2000 steps in 39m42s wall, 732 s of CPU
+time (about 7 min on an idle 2-core CPU if it gets ~1.8 cores: an estimate, not measured);
+eval loss 0.0602. Its 1000 DDIM-50 samples (guidance 2), scored by the 8x8 digits classifier
+in ``mlgen eval /tmp/digits-sr --base /tmp/digits-8``: class accuracy 1.000, Fréchet 1.13
+against a real-vs-real floor of 0.68 (8x8 features). Grids: WORKDIR/samples/step_002000.png.
 """
 
 import dataclasses

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 import mlgen
 from mlgen.config import Config, ConfigError, InputError, MeshConfig, OptimConfig, TrainConfig
@@ -101,6 +102,26 @@ def test_data_adds_area_downsampled_low_res():
     assert batch["low_res"].shape == (4, 4, 4, 1)
     want = batch["images"].reshape(4, 4, 2, 4, 2, 1).mean(axis=(2, 4))
     np.testing.assert_allclose(batch["low_res"], want, rtol=1e-6)
+
+
+def test_folder_data_add_low_res_after_the_flip(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        pixels = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+    cfg = ImageDataConfig(
+        source="folder",
+        path=str(tmp_path),
+        image_size=8,
+        channels=3,
+        low_res_size=2,
+        batch_size=2,
+        hflip=True,
+        val_fraction=0.25,
+    )
+    batch = next(make_image_data(cfg, split="train", seed=0))
+    assert batch["low_res"].shape == (2, 2, 2, 3)
+    np.testing.assert_allclose(batch["low_res"], downsample_area(batch["images"], 2), rtol=1e-6)
 
 
 def test_loss_falls_grid_and_the_low_res_input_matters(runs):

@@ -12,6 +12,10 @@ Text-to-image runs (``model.context_dim > 0``): ``mlgen sample --prompt "a handw
 [--prompt ...] [--num N]`` draws N samples per prompt, one grid row each (default: one row per
 digit from a held-out caption template); ``mlgen eval`` prompts with the held-out templates
 (``mlgen.data.captions.EVAL_TEMPLATES``) and scores the class accuracy of the prompted digits.
+
+A super-resolution run (``task="superres"``) samples and scores through
+:mod:`mlgen.cli.superres`: ``--base BASE_WORKDIR`` chains a base run into it, ``--aug-level``
+sets the noise augmentation of its low-res input.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 from etils import epath
 
 from mlgen import runs, sharding
+from mlgen.cli import superres
 from mlgen.cli.args import Parser, at_least, output_file
 from mlgen.config import Config, ConfigError, InputError, check
 from mlgen.data.captions import EVAL_TEMPLATES
@@ -108,6 +113,10 @@ def sample_main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ap.add_argument("--no-ema", action="store_true", help="use the raw parameters, not their EMA")
+    ap.add_argument("--base", default=None, help="super-resolution: the base run's workdir")
+    ap.add_argument(
+        "--aug-level", type=float, default=None, help="super-resolution: low-res noise level"
+    )
     ap.add_argument("overrides", nargs="*", help="config overrides for restoring, e.g. mesh.data=1")
     a = ap.parse_args(argv)
     at_least(a.num, 1, "--num")
@@ -147,6 +156,8 @@ def sample_main(argv: list[str]) -> int:
         )
         labels = None
         n = a.num or scfg.per_class * 10
+    if superres.is_superres(cfg) or a.base or a.aug_level is not None:
+        return superres.sample_main(a, cfg, overrides, labels, n)
     result = runs.restore(cfg, step=a.step)
     with sharding.use(result.mesh, result.rules):
         x = sample_model(
@@ -218,6 +229,10 @@ def eval_main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ap.add_argument("--no-ema", action="store_true")
+    ap.add_argument("--base", default=None, help="super-resolution: the base run's workdir")
+    ap.add_argument(
+        "--aug-level", type=float, default=None, help="super-resolution: low-res noise level"
+    )
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     at_least(a.num, 1, "--num")
@@ -239,6 +254,8 @@ def eval_main(argv: list[str]) -> int:
         guidance=a.guidance,
         guidance_rescale=a.guidance_rescale,
     )
+    if superres.is_superres(cfg) or a.base or a.aug_level is not None:
+        return superres.eval_main(a, cfg, over)
     result = runs.restore(cfg, step=a.step)
     params = _params(result, scfg.use_ema and not a.no_ema)
     classes = cfg.model.num_classes

@@ -1,7 +1,9 @@
 """Image data (grain): scikit-learn's bundled digits by default, or a folder of PNGs.
 
 Batches are dicts of numpy arrays: ``images`` float32 ``[b, H, W, C]`` in [-1, 1] and
-``labels`` int32 ``[b]``, where ``b = batch_size // process_count`` (each host reads its own
+``labels`` int32 ``[b]`` (with ``low_res_size > 0`` also ``low_res`` ``[b, h, h, C]``: the
+images downsampled by area averaging in the pipeline, a super-resolution model's input), where
+``b = batch_size // process_count`` (each host reads its own
 slice of the data). Train iterators are infinite, shuffled per epoch from the run's seed,
 and resumable (``get_state`` / ``set_state``).
 
@@ -40,6 +42,7 @@ __all__ = [
     "array_data",
     "check_images",
     "class_names",
+    "downsample_area",
     "load_arrays",
     "make_image_data",
     "num_classes",
@@ -63,6 +66,8 @@ class ImageDataConfig:
       hflip: random horizontal flips (not for digits).
       vae: latent diffusion: the workdir of a trained VAE run whose latents of these images the
         diffusion task trains on (``mlgen.tasks.latent``); "" = the images themselves.
+      low_res_size: super-resolution: batches also hold ``low_res``, the images downsampled to
+        this side by area averaging (it divides ``image_size``); 0 = none.
     """
 
     source: Literal["digits", "folder"] = "digits"
@@ -74,6 +79,7 @@ class ImageDataConfig:
     val_fraction: float = 0.1
     hflip: bool = False
     vae: str = ""
+    low_res_size: int = 0
 
     def validate(self) -> None:
         check(
@@ -98,6 +104,15 @@ class ImageDataConfig:
             0.0 < self.val_fraction < 1.0,
             "val_fraction",
             f"must be in (0, 1), got {self.val_fraction}",
+        )
+        check(
+            self.low_res_size == 0
+            or (
+                0 < self.low_res_size <= self.image_size
+                and self.image_size % self.low_res_size == 0
+            ),
+            "low_res_size",
+            f"{self.low_res_size} must divide image_size={self.image_size} (0 = no low-res images)",
         )
         if self.vae:
             check(
@@ -205,6 +220,27 @@ class _LoadPNG:
         return {"images": x / 127.5 - 1.0, "labels": np.int32(label)}
 
 
+def downsample_area(images: np.ndarray, size: int) -> np.ndarray:
+    """``[..., H, W, C] -> [..., size, size, C]``: the mean of each ``H/size x W/size`` block
+    (``size`` divides ``H`` and ``W``). numpy, for the data pipeline."""
+    *lead, h, w, c = images.shape
+    if h % size or w % size:
+        raise ValueError(f"downsample_area: {size} does not divide the image size {h}x{w}")
+    fh, fw = h // size, w // size
+    x = np.asarray(images, np.float32).reshape(*lead, size, fh, size, fw, c)
+    return x.mean(axis=(-4, -2))
+
+
+class _AddLowRes:
+    """Adds ``low_res``: the image averaged over ``f x f`` blocks (after any flip)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, element):
+        return dict(element, low_res=downsample_area(element["images"], self.size))
+
+
 class _RandomFlip(grain.transforms.RandomMap):
     def random_map(self, element, rng: np.random.Generator):
         if rng.random() < 0.5:
@@ -229,11 +265,14 @@ def load_arrays(cfg: ImageDataConfig, split: Literal["train", "validation", "all
 
 def batch_spec(cfg: ImageDataConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """The GLOBAL batch's ``key -> (shape, dtype)``, without reading any data (``mlgen plan``)."""
-    b, s = cfg.batch_size, cfg.image_size
-    return {
+    b, s, lr = cfg.batch_size, cfg.image_size, cfg.low_res_size
+    spec = {
         "images": ((b, s, s, cfg.channels), np.dtype(np.float32)),
         "labels": ((b,), np.dtype(np.int32)),
     }
+    if lr:
+        spec["low_res"] = ((b, lr, lr, cfg.channels), np.dtype(np.float32))
+    return spec
 
 
 def num_classes(cfg: ImageDataConfig) -> int:
@@ -283,6 +322,8 @@ def make_image_data(
         ds = ds.random_map(_RandomFlip(), seed=seed)
     if example_map is not None:
         ds = ds.random_map(example_map, seed=seed)
+    if cfg.low_res_size:
+        ds = ds.map(_AddLowRes(cfg.low_res_size))
     ds = ds.batch(rows, drop_remainder=True)
     read = grain.ReadOptions(num_threads=0 if cfg.num_workers else 1, prefetch_buffer_size=2)
     return track(iter(to_iter_dataset(ds, read, cfg.num_workers)))

@@ -13,12 +13,16 @@ Supports:
   owned text encoder (``text``) and a cross-attention sublayer in every block, between the
   self-attention and the MLP (``x += cross(LN(x), context)``, zero-initialised, no adaLN); the
   prompt comes as ``text_tokens=`` / ``text_mask=`` keyword arguments;
+- low-resolution image conditioning for super-resolution (``low_res_channels``,
+  ``low_res_size``; :mod:`mlgen.nn.lowres`): upsampled and concatenated to the input before
+  patchifying, its noise-augmentation level embedded and added to the conditioning vector;
 - ``learn_sigma``: twice the output channels (prediction, then the iDDPM variance
   interpolation), for importing / serving such models; the objectives here train none;
 - logical-axis sharding: ``embed`` / ``heads`` / ``mlp`` like the LM, and the token axis as
   ``length``, so a mesh with ``seq > 1`` shards the patches (ring attention inside).
 
-Called as ``model(x [B, H, W, C], time [B], labels [B] | None, rng=None) -> [B, H, W, C_out]``.
+Called as ``model(x [B, H, W, C], time [B], labels [B] | None, rng=None) -> [B, H, W, C_out]``
+(super-resolution: also ``low_res=[B, h, w, C_low], low_res_aug=[B]``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from mlgen.models.text import (
     check_text,
     text_trainable,
 )
+from mlgen.nn import lowres
 from mlgen.nn.attention import CrossAttention, SelfAttention
 from mlgen.nn.conv import TimeEmbedding
 from mlgen.nn.core import LayerNorm, Linear, dropout, zeros_init
@@ -66,6 +71,9 @@ class DiTConfig:
     dropout: float = 0.0
     num_classes: int = 0
     learn_sigma: bool = False
+    low_res_channels: int = 0  # super-resolution: channels of the low-res input (0 = none)
+    low_res_size: int = 0  # its side (divides image_size)
+    low_res_upsample: str = "bilinear"  # bilinear | nearest (to image_size, then concatenated)
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     context_dim: int = 0  # text conditioning: the context width (0 = no text)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)  # used when context_dim
@@ -101,6 +109,7 @@ class DiTConfig:
         check(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.num_classes >= 0, "num_classes", f"must be >= 0, got {self.num_classes}")
+        lowres.check_fields(self)
         prefixed("attention", self.attention.validate)
         check_text(self.text, self.context_dim)
 
@@ -227,8 +236,22 @@ class DiT(nnx.Module):
         self.cfg, self.policy = cfg, policy
         dt, pdt = policy.dtype, policy.param_dtype
         p, d = cfg.patch_size, cfg.d_model
+        self.low_res = (
+            lowres.LowResInput(
+                cfg.low_res_channels,
+                cfg.low_res_size,
+                cfg.image_size,
+                d,
+                freq_dim=256,
+                method=cfg.low_res_upsample,
+                param_dtype=pdt,
+                rngs=rngs,
+            )
+            if cfg.low_res_channels
+            else None
+        )
         self.patch = Linear(
-            (p, p, cfg.in_channels),
+            (p, p, cfg.in_channels + cfg.low_res_channels),
             d,
             in_names=("kernel", "kernel", "channels_in"),
             out_names=("embed",),
@@ -281,6 +304,8 @@ class DiT(nnx.Module):
         labels: Int[Array, " B"] | None = None,
         *,
         rng: jax.Array | None = None,
+        low_res: Float[Array, "B h w L"] | None = None,
+        low_res_aug: Float[Array, " B"] | None = None,
         text_tokens: Int[Array, "B S"] | None = None,
         text_mask: Array | None = None,
     ) -> Float[Array, "B H W C"]:
@@ -288,6 +313,11 @@ class DiT(nnx.Module):
         ``text_mask`` ``[B, S]`` (all padding = the learned null condition)."""
         cfg = self.cfg
         dt = self.policy.dtype
+        c = self.time(time, labels)
+        if self.low_res is not None:
+            x, aug_emb = self.low_res(x, low_res, low_res_aug)
+            c = c + aug_emb
+        c = c.astype(dt)
         B, H, W, C = x.shape
         p = cfg.patch_size
         g = H // p
@@ -299,7 +329,6 @@ class DiT(nnx.Module):
         )
         h = self.patch(tokens) + jnp.asarray(sincos_2d(g, cfg.d_model), dt)[None]
         h = constrain(h, _ACT)
-        c = self.time(time, labels).astype(dt)
         ctx = ctx_mask = None
         if self.text is not None:
             if text_tokens is None or text_mask is None:

@@ -12,12 +12,16 @@ Supports:
 - text conditioning (``context_dim`` > 0, :mod:`mlgen.models.text`): an owned text encoder
   (``text``) and a cross-attention block after every self-attention block (attention levels
   and the middle); the prompt comes as ``text_tokens=`` / ``text_mask=`` keyword arguments;
+- low-resolution image conditioning for super-resolution (``low_res_channels``,
+  ``low_res_size``; :mod:`mlgen.nn.lowres`): the low-res image is upsampled and concatenated to
+  the input, its noise-augmentation level embedded and added to the time embedding;
 - zero-initialised output convolutions (every residual branch starts as the identity);
 - the run's policy (``mlgen.nn.policy``): parameter / compute dtypes (GroupNorm, softmax and the
   output in float32) and the remat of every residual and attention block;
 - logical-axis sharding of every parameter (``channels`` / ``heads`` / ``norm`` / ``kernel``).
 
-Called as ``model(x [B, H, W, C], time [B], labels [B] | None, rng=None) -> [B, H, W, C_out]``.
+Called as ``model(x [B, H, W, C], time [B], labels [B] | None, rng=None) -> [B, H, W, C_out]``
+(super-resolution: also ``low_res=[B, h, w, C_low], low_res_aug=[B]``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from mlgen.models.text import (
     check_text,
     text_trainable,
 )
+from mlgen.nn import lowres
 from mlgen.nn.conv import (
     AttentionBlock,
     Conv2d,
@@ -73,6 +78,9 @@ class UNetConfig:
     dropout: float = 0.0
     num_classes: int = 0  # 0 = unconditional
     conv_impl: str = "auto"  # auto | xla | im2col
+    low_res_channels: int = 0  # super-resolution: channels of the low-res input (0 = none)
+    low_res_size: int = 0  # its side (divides image_size)
+    low_res_upsample: str = "bilinear"  # bilinear | nearest (to image_size, then concatenated)
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     context_dim: int = 0  # text conditioning: cross-attention width (0 = no text)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)  # used when context_dim
@@ -122,6 +130,7 @@ class UNetConfig:
             "conv_impl",
             f"must be auto, xla or im2col, got {self.conv_impl!r}",
         )
+        lowres.check_fields(self)
         prefixed("attention", self.attention.validate)
         check_text(self.text, self.context_dim)
         check(
@@ -196,7 +205,21 @@ class UNet(nnx.Module):
             )
 
         conv2d = dict(impl=cfg.conv_impl, dtype=dt, param_dtype=pdt, rngs=rngs)
-        self.conv_in = Conv2d(cfg.in_channels, c0, 3, **conv2d)
+        self.low_res = (
+            lowres.LowResInput(
+                cfg.low_res_channels,
+                cfg.low_res_size,
+                cfg.image_size,
+                emb,
+                freq_dim=c0,
+                method=cfg.low_res_upsample,
+                param_dtype=pdt,
+                rngs=rngs,
+            )
+            if cfg.low_res_channels
+            else None
+        )
+        self.conv_in = Conv2d(cfg.in_channels + cfg.low_res_channels, c0, 3, **conv2d)
 
         down, skip_ch, ch = [], [c0], c0
         last = len(cfg.channels) - 1
@@ -237,14 +260,22 @@ class UNet(nnx.Module):
         labels: Int[Array, " B"] | None = None,
         *,
         rng: jax.Array | None = None,
+        low_res: Float[Array, "B h w L"] | None = None,
+        low_res_aug: Float[Array, " B"] | None = None,
         text_tokens: Int[Array, "B S"] | None = None,
         text_mask: Array | None = None,
     ) -> Float[Array, "B H W C"]:
         """Denoiser output for noisy images ``x`` at ``time`` (``[B]``, any scale;
-        0..1000 typical); a text-conditioned model also takes the prompt ``text_tokens`` /
-        ``text_mask`` ``[B, S]`` (all padding = the learned null condition)."""
+        0..1000 typical); a super-resolution model also takes the (noise-augmented) low-res
+        image ``low_res`` and its augmentation level ``low_res_aug`` in [0, 1], a
+        text-conditioned model the prompt ``text_tokens`` / ``text_mask`` ``[B, S]`` (all
+        padding = the learned null condition)."""
         dt = self.policy.dtype
-        emb = self.time(time, labels).astype(dt)
+        emb = self.time(time, labels)
+        if self.low_res is not None:
+            x, aug_emb = self.low_res(x, low_res, low_res_aug)
+            emb = emb + aug_emb
+        emb = emb.astype(dt)
         ctx = ctx_mask = None
         if self.text is not None:
             if text_tokens is None or text_mask is None:

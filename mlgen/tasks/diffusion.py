@@ -70,6 +70,11 @@ def _checks(cfg: Config, family: Family, mesh: dict[str, int] | None) -> None:
     )
     if text_lib.is_text(m):
         text_lib.check_text_run(cfg)
+    check(
+        not m.low_res_channels,
+        "model.low_res_channels",
+        f"{m.low_res_channels}: a super-resolution denoiser trains with task='superres'",
+    )
 
 
 def _check_images(cfg: Config) -> None:

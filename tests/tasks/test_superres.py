@@ -14,6 +14,7 @@ from flax import nnx
 from PIL import Image
 
 import mlgen
+from mlgen.cli.sample import eval_main, sample_main
 from mlgen.config import Config, ConfigError, InputError, MeshConfig, OptimConfig, TrainConfig
 from mlgen.data.images import ImageDataConfig, downsample_area, make_image_data
 from mlgen.models.dit import DiT, DiTConfig
@@ -217,8 +218,6 @@ def test_fixed_level_at_sampling_and_labels_through_the_cascade(runs, monkeypatc
 
 
 def test_cli_sample_and_eval_with_and_without_base(runs, tmp_path):
-    from mlgen.cli.sample import eval_main, sample_main
-
     (sr_dir, _), (base_dir, _) = runs
     out = tmp_path / "x.npz"
     args = [str(sr_dir), "--base", str(base_dir), "--num", "4", "--steps", "2", "--out", str(out)]

@@ -62,6 +62,9 @@ class Family:
       trainable: ``config -> predicate | None``: which parameters train, a predicate on a
         parameter's path (``"blocks/attn/q/lora_a"``), or None when all of them do. The others
         are frozen: no gradient, no optimizer state (LoRA: only the adapters train).
+      axes_of: ``config -> logical axes`` that this config's model uses, a subset of
+        ``logical_axes`` (the mesh-use check takes these: a UNet without text has no
+        ``length`` axis, so ``mesh.seq > 1`` shards nothing of it); None = all of them.
     """
 
     name: str
@@ -77,6 +80,11 @@ class Family:
     aliases: tuple[str, ...] = ()
     flops_per_token: Callable[[Any, int], float] | None = None
     trainable: Callable[[Any], Callable[[str], bool] | None] = lambda config: None
+    axes_of: Callable[[Any], frozenset[str]] | None = None
+
+    def used_axes(self, config) -> frozenset[str]:
+        """The logical axes ``config``'s model uses (``axes_of``, else ``logical_axes``)."""
+        return frozenset(self.logical_axes if self.axes_of is None else self.axes_of(config))
 
 
 _FAMILIES: dict[type, Family] = {}

@@ -46,6 +46,7 @@ __all__ = [
     "TextConditioner",
     "TextConfig",
     "text_trainable",
+    "with_text_axes",
 ]
 
 TEXT_KEYS = ("text_tokens", "text_mask")
@@ -104,6 +105,12 @@ def check_text(cfg, context_dim: int) -> None:
     check(context_dim >= 0, "context_dim", f"must be >= 0 (0 = no text), got {context_dim}")
     if context_dim:
         prefixed("text", cfg.validate)
+
+
+def with_text_axes(axes: frozenset[str]) -> Callable[[object], frozenset[str]]:
+    """``Family.axes_of`` of a denoiser whose own axes are ``axes``: plus the text path's
+    (:data:`TEXT_AXES`) when the config has ``context_dim > 0``."""
+    return lambda model_cfg: axes | (TEXT_AXES if model_cfg.context_dim else frozenset())
 
 
 def text_trainable(model_cfg) -> Callable[[str], bool] | None:

@@ -42,6 +42,7 @@ from mlgen.models.text import (
     TextConfig,
     check_text,
     text_trainable,
+    with_text_axes,
 )
 from mlgen.nn import lowres
 from mlgen.nn.conv import (
@@ -321,6 +322,22 @@ class UNet(nnx.Module):
         return self.conv_out(jax.nn.silu(self.norm_out(h)), out_dtype=jnp.float32)
 
 
+# The UNet's own logical axes (a text-conditioned one adds TEXT_AXES).
+_AXES = frozenset(
+    {
+        "kernel",
+        "channels_in",
+        "channels",
+        "norm",
+        "heads",
+        "head_dim",
+        "vocab",
+        "batch",
+        "height",
+        "width",
+    }
+)
+
 FAMILY = register(
     Family(
         name="unet",
@@ -328,21 +345,8 @@ FAMILY = register(
         kind="denoiser",
         build=lambda cfg, rngs, policy: UNet(cfg, policy=policy, rngs=rngs),
         batch_axes={"labels": ("batch",), **TEXT_BATCH_AXES},
-        logical_axes=frozenset(
-            {
-                "kernel",
-                "channels_in",
-                "channels",
-                "norm",
-                "heads",
-                "head_dim",
-                "vocab",
-                "batch",
-                "height",
-                "width",
-            }
-        )
-        | TEXT_AXES,
+        logical_axes=_AXES | TEXT_AXES,
+        axes_of=with_text_axes(_AXES),
         trainable=text_trainable,
         renamed={"attention_backend": "attention.backend"},
     )

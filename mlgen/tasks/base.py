@@ -69,7 +69,7 @@ class TaskSpec:
             )
         rules = rules_for(cfg, family, mesh)
         if mesh is not None:
-            used = set(family.logical_axes) | {
+            used = set(family.used_axes(cfg.model)) | {
                 n for axes in self.batch_axes_of(family).values() for n in axes if n
             }
             sharding.check_mesh_use(

@@ -19,7 +19,9 @@ eval loss (held-out captions) 0.0243 / 0.0209 / 0.0188 at steps 500 / 1000 / 150
 `mlgen eval WORKDIR --num 300 --steps 25` (DDIM, guidance 2, the four held-out prompt
 templates): class accuracy of the prompted digits 0.947 (the classifier scores real held-out
 digits 1.0), confidence 0.931 (real 0.936), Fréchet 3.60 against a floor of 1.79 at 300
-samples. Grids: WORKDIR/samples/step_001500.png, one row per "a drawing of a <word>" prompt.
+samples. Grids: WORKDIR/samples/step_001500.png, one row per "a drawing of a <word>" prompt:
+zero to seven come out right, but "eight" gives mixed 6 / 8 / 0 and "nine" gives 4s with
+this word template (the digit templates carry those classes in the 0.947).
 At 500 steps (an earlier run, load 8-13) accuracy was 0.557: the byte-level encoder needs the
 longer schedule to tie every number word to its digit. The 10-minute budget is not measured:
 this run never had the machine to itself.

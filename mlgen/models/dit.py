@@ -43,6 +43,7 @@ from mlgen.models.text import (
     TextConfig,
     check_text,
     text_trainable,
+    with_text_axes,
 )
 from mlgen.nn import lowres
 from mlgen.nn.attention import CrossAttention, SelfAttention
@@ -409,6 +410,28 @@ def dit_flops_per_pixel(cfg: DiTConfig, pixels: int) -> float:
     return dit_flops_per_token(cfg, pixels // p2) / p2
 
 
+# The DiT's own logical axes (a text-conditioned one adds TEXT_AXES).
+_AXES = frozenset(
+    {
+        "layers",
+        "embed",
+        "heads",
+        "kv_heads",
+        "head_dim",
+        "mlp",
+        "kernel",
+        "channels",
+        "channels_in",
+        "vocab",
+        "batch",
+        "length",
+        "act_embed",
+        "act_heads",
+        "act_kv_heads",
+        "act_mlp",
+    }
+)
+
 FAMILY = register(
     Family(
         name="dit",
@@ -416,27 +439,8 @@ FAMILY = register(
         kind="denoiser",
         build=lambda cfg, rngs, policy: DiT(cfg, policy=policy, rngs=rngs),
         batch_axes={"labels": ("batch",), **TEXT_BATCH_AXES},
-        logical_axes=frozenset(
-            {
-                "layers",
-                "embed",
-                "heads",
-                "kv_heads",
-                "head_dim",
-                "mlp",
-                "kernel",
-                "channels",
-                "channels_in",
-                "vocab",
-                "batch",
-                "length",
-                "act_embed",
-                "act_heads",
-                "act_kv_heads",
-                "act_mlp",
-            }
-        )
-        | TEXT_AXES,
+        logical_axes=_AXES | TEXT_AXES,
+        axes_of=with_text_axes(_AXES),
         trainable=text_trainable,
         check=_check_mesh,
         renamed={"attention_backend": "attention.backend"},

@@ -34,7 +34,6 @@ It never loses work:
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
@@ -48,7 +47,6 @@ import optax
 from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
-from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from mlgen import config as config_lib
@@ -56,6 +54,7 @@ from mlgen import distributed, sharding
 from mlgen.ops.attention import describe, recording
 from mlgen.train.checkpoint import Checkpointer, one_line, workdir_path
 from mlgen.train.errors import CheckpointWriteError, Diverged
+from mlgen.train.events import EventWriter
 from mlgen.train.lock import WorkdirLock
 from mlgen.train.optim import make_optimizer
 from mlgen.train.preemption import Preemption
@@ -183,18 +182,7 @@ class _Logger:
                 if ln.strip() and json.loads(ln)["step"] <= start
             ]
             self._rewrite()
-        if (
-            self.remote
-            and str(workdir).startswith("gs://")
-            and not _has_module("google.cloud.storage")
-        ):
-            log.warning(
-                "TensorBoard logging to %s needs google-cloud-storage "
-                "(pip install google-cloud-storage); metrics.jsonl is written",
-                workdir,
-            )
-        else:
-            self.writer = SummaryWriter(str(workdir / "tb"))
+        self.writer = EventWriter(workdir / "tb")  # a remote one is rewritten when jsonl is
         if progress:
             self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
@@ -208,15 +196,16 @@ class _Logger:
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         line = json.dumps(record)
         self.lines.append(line)
+        due = not self.remote or time.monotonic() - self.flushed > self.flush_s
         if not self.remote:
             with self.path.open("a") as f:
                 f.write(line + "\n")
-        elif time.monotonic() - self.flushed > self.flush_s:
+        elif due:
             self._rewrite()
-        if self.writer is not None:
-            for k, v in record.items():
-                if k != "step" and math.isfinite(v):  # a skipped step's NaN: metrics.jsonl only
-                    self.writer.add_scalar(k, v, step)
+        for k, v in record.items():
+            if k != "step" and math.isfinite(v):  # a skipped step's NaN: metrics.jsonl only
+                self.writer.scalar(k, v, step)
+        if due:
             self.writer.flush()
         if self.bar is not None:
             shown = {
@@ -237,13 +226,6 @@ class _Logger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
-
-
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def _mean_metrics(items: list[dict]) -> dict[str, float]:

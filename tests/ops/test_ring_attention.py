@@ -187,7 +187,7 @@ def test_pallas_tpu_kernels_as_the_local_backend(causal, zigzag):
     """
     n = 2
     T = 32
-    q, k, v, do, seg = make_inputs(B=1, T=T, S=T, N=4, K=2, H=8, segments="docs", seed=n)
+    q, k, v, do, seg = make_inputs(B=1, T=T, S=T, N=2, K=1, H=8, segments="docs", seed=n)
     want = fwd_and_grads(
         lambda q, k, v: reference.attention(q, k, v, causal=causal, segment_ids=seg), q, k, v, do
     )

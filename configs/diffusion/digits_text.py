@@ -23,8 +23,12 @@ samples. Grids: WORKDIR/samples/step_001500.png, one row per "a drawing of a <wo
 zero to seven come out right, but "eight" gives mixed 6 / 8 / 0 and "nine" gives 4s with
 this word template (the digit templates carry those classes in the 0.947).
 At 500 steps (an earlier run, load 8-13) accuracy was 0.557: the byte-level encoder needs the
-longer schedule to tie every number word to its digit. The 10-minute budget is not measured:
-this run never had the machine to itself.
+longer schedule to tie every number word to its digit.
+Step cost on a near-idle 2-core CPU (2026-12-02, 1-minute load ~1.8, steps 20-80 of a short
+run, side by side with the other digits configs): 0.72 s/step, against 0.68 for digits_unet on
+the same minutes, so 1500 steps take ~18 min on that machine. That machine ran float32 matmuls
+at 117 GFLOP/s (170-188 on the one that timed digits_unet at 0.29 s/step): the 10-minute budget
+holds only on the faster one.
 """
 
 import dataclasses

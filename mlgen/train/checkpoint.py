@@ -32,6 +32,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+try:  # orbax's per-host array-metadata store (its default handler has one) has no public name
+    from orbax.checkpoint._src.metadata.array_metadata_store import Store as _MetadataStore
+except ImportError:  # pragma: no cover
+    _MetadataStore = None
+
 from mlgen.config import Config, differences, from_dict, to_dict
 from mlgen.distributed import any_process, gather_json
 from mlgen.train.errors import CheckpointMismatch
@@ -90,6 +95,30 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
     return path if "://" in text else path.absolute()
 
 
+_single_process_writer = False
+
+
+def _write_from_one_replica() -> None:
+    """In a single process, arrays are written from one replica of each shard.
+
+    Orbax's default on CPU and TPU splits every replicated array into one slice per replica, so
+    that several *hosts* share the writing: with one process that only adds work (8 simulated
+    devices: a save of ~200 small replicated arrays took 1.3-2.4 s against 0.5-0.6 s without).
+    The files are the same either way. Several processes keep orbax's default. Registered once,
+    for ``jax.Array`` in orbax's global type-handler registry (what every save looks up).
+    """
+    global _single_process_writer
+    if _single_process_writer or jax.process_count() > 1:
+        return
+    if _MetadataStore is None:  # pragma: no cover  (a newer orbax: keep its default handler)
+        return
+    handler = ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=False, array_metadata_store=_MetadataStore()
+    )
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    _single_process_writer = True
+
+
 def _empty(x) -> bool:
     return isinstance(x, dict) and not jax.tree.leaves(x)
 
@@ -105,6 +134,7 @@ class Checkpointer:
     def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
         self.directory = workdir_path(workdir) / "checkpoints"
         self.async_save = async_save
+        _write_from_one_replica()
         _hold_back_orbax_errors(True)
         self.manager = ocp.CheckpointManager(
             self.directory,

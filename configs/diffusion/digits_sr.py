@@ -57,6 +57,7 @@ def get_config() -> Config:
             low_res_channels=1,
             low_res_size=8,
             low_res_upsample="bilinear",
+            num_classes=0,  # the low-res image carries the class: it follows any base
         ),
         data=ImageDataConfig(source="digits", image_size=16, low_res_size=8, batch_size=64),
         objective=SuperResObjectiveConfig(
@@ -64,7 +65,6 @@ def get_config() -> Config:
             prediction="v",
             loss_weighting="min_snr",
             min_snr_gamma=5.0,
-            label_dropout=0.1,
             aug_min=0.0,
             aug_max=0.5,
             sample_aug=0.1,

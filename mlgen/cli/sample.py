@@ -14,8 +14,9 @@ digit from a held-out caption template); ``mlgen eval`` prompts with the held-ou
 (``mlgen.data.captions.EVAL_TEMPLATES``) and scores the class accuracy of the prompted digits.
 
 A super-resolution run (``task="superres"``) samples and scores through
-:mod:`mlgen.cli.superres`: ``--base BASE_WORKDIR`` chains a base run into it, ``--aug-level``
-sets the noise augmentation of its low-res input.
+:mod:`mlgen.cli.superres`: ``--base BASE_WORKDIR`` chains a base run into it (``--class`` /
+``--prompt`` are then the base run's: ``mlgen sample SR --base TEXT_RUN --prompt "a
+handwritten seven"``), ``--aug-level`` sets the noise augmentation of its low-res input.
 """
 
 from __future__ import annotations
@@ -131,8 +132,10 @@ def sample_main(argv: list[str]) -> int:
         guidance_rescale=a.guidance_rescale,
         eta=a.eta,
     )
-    num_classes = cfg.model.num_classes
-    text, ncol = _text_inputs(cfg, a)
+    # A cascade's labels or prompts are the base run's (checked to chain, before restoring).
+    lead = superres.base_config(a.base, cfg) if a.base and superres.is_superres(cfg) else cfg
+    num_classes = lead.model.num_classes
+    text, ncol = _text_inputs(lead, a)
     if text:
         labels = None
         n = len(text["cond"]["text_tokens"])
@@ -157,7 +160,7 @@ def sample_main(argv: list[str]) -> int:
         labels = None
         n = a.num or scfg.per_class * 10
     if superres.is_superres(cfg) or a.base or a.aug_level is not None:
-        return superres.sample_main(a, cfg, overrides, labels, n)
+        return superres.sample_main(a, cfg, overrides, labels, n, text, ncol)
     result = runs.restore(cfg, step=a.step)
     with sharding.use(result.mesh, result.rules):
         x = sample_model(

@@ -2,13 +2,16 @@
 
 - ``mlgen sample SR_WORKDIR --base BASE_WORKDIR --out grid.png``: the cascade: the base run
   (a diffusion run at the upsampler's ``low_res_size``) samples low-res images, the upsampler
-  upsamples them; class labels (``--class``, ``--num``) flow through both stages. Without
-  ``--base`` the upsampler is fed held-out real low-res images (of the asked classes).
+  upsamples them; class labels (``--class``, ``--num``) go to each class-conditional stage,
+  and a text-to-image base takes ``--prompt`` (an upsampler without classes follows any base).
+  Without ``--base`` the upsampler is fed held-out real low-res images (of the asked classes).
 - ``mlgen eval SR_WORKDIR [--base BASE_WORKDIR]``: scores the high-resolution output (digits
   classifier accuracy, Fréchet at the upsampler's size) of the cascade, or of the upsampler
   fed held-out real low-res digits; beside it the same scores of naive (bicubic, nearest)
   upsampling of the same low-res images, and with ``--base`` the base samples' own scores at
-  the low resolution. Written to ``SR_WORKDIR/eval.json`` too.
+  the low resolution. A text-to-image base is prompted with the held-out caption templates
+  (classes in turn), and the classes of its prompts are what accuracy is scored against.
+  Written to ``SR_WORKDIR/eval.json`` too.
 
 The sampler flags (``--steps``, ``--guidance``, ...) set the upsampler's sampler; the base
 stage samples as its run's ``objective.sampling`` says. ``--aug-level`` sets the noise
@@ -33,11 +36,15 @@ from mlgen.objectives.diffusion import DiffusionObjectiveConfig
 from mlgen.objectives.superres import SuperResObjectiveConfig
 from mlgen.samplers.cascade import Stage, check_chain, upsample
 from mlgen.samplers.diffusion import sample_model
+from mlgen.tasks import text as text_lib
 from mlgen.tasks.superres import held_out_low_res
 from mlgen.train.checkpoint import workdir_path
 from mlgen.train.trainer import TrainResult
 
-__all__ = ["Cascade", "eval_main", "is_superres", "load", "sample_main"]
+__all__ = ["Cascade", "base_config", "eval_main", "is_superres", "load", "sample_main"]
+
+
+DIGIT_CLASSES = 10  # what mlgen eval scores: the digits
 
 
 def is_superres(cfg: Config) -> bool:
@@ -67,7 +74,9 @@ def _check_flags(cfg: Config, base: str | None, aug_level: float | None) -> None
     )
 
 
-def _base_config(workdir: str, sr_cfg: Config) -> Config:
+def base_config(workdir: str, sr_cfg: Config) -> Config:
+    """The saved config of the base run ``workdir``, checked to chain into ``sr_cfg``'s
+    upsampler (InputError naming ``--base``)."""
     cfg = runs.saved_config(workdir)
     check(
         isinstance(cfg.objective, DiffusionObjectiveConfig) and not is_superres(cfg),
@@ -99,11 +108,13 @@ class Cascade:
         self.cfg, self.result, self.stage = cfg, result, stage
         self.base = base  # (config, result, stage) or None
 
-    def low_res(self, labels, n: int, key) -> np.ndarray:
-        """``n`` low-res inputs: the base run's samples, or held-out real ones of ``labels``."""
+    def low_res(self, labels, n: int, key, text: dict | None = None) -> np.ndarray:
+        """``n`` low-res inputs: the base run's samples, or held-out real ones of ``labels``.
+        ``text``: a text base's ``cond`` / ``null_cond`` (its prompts)."""
         if self.base is None:
             return _held_out_for(self.cfg, labels, n)
-        _, result, st = self.base
+        base_cfg, result, st = self.base
+        labels = labels if base_cfg.model.num_classes else None
         with sharding.use(result.mesh, result.rules):
             x = sample_model(
                 st.graphdef,
@@ -115,12 +126,14 @@ class Cascade:
                 key=key,
                 labels=labels,
                 model_state=st.model_state,
+                **(text or {}),
                 **st.overrides,
             )
         return np.asarray(jax.device_get(x))
 
     def high_res(self, low: np.ndarray, labels, key, aug_level) -> np.ndarray:
         r = self.result
+        labels = labels if self.cfg.model.num_classes else None
         with sharding.use(r.mesh, r.rules):
             x = upsample(self.stage, jnp.asarray(low), key=key, labels=labels, aug_level=aug_level)
         return np.asarray(jax.device_get(x))
@@ -129,7 +142,7 @@ class Cascade:
 def load(cfg: Config, a, overrides: dict) -> Cascade:
     """Checks ``--base`` / ``--aug-level`` and restores the upsampler (and base run)."""
     _check_flags(cfg, a.base, a.aug_level)
-    base_cfg = _base_config(a.base, cfg) if a.base else None
+    base_cfg = base_config(a.base, cfg) if a.base else None
     use_ema = cfg.objective.sampling.use_ema and not a.no_ema
     result = runs.restore(cfg, step=a.step)
     stage = _stage(cfg, result, use_ema, overrides)
@@ -156,10 +169,10 @@ def _held_out_for(cfg: Config, labels, n: int) -> np.ndarray:
     return np.stack(out)
 
 
-def sample(cascade: Cascade, labels, n: int, key, aug_level):
-    """``(high_res, low_res)`` samples (one batch)."""
+def sample(cascade: Cascade, labels, n: int, key, aug_level, text: dict | None = None):
+    """``(high_res, low_res)`` samples (one batch); ``text``: a text base's prompts."""
     k_low, k_high = jax.random.split(key)
-    low = cascade.low_res(labels, n, k_low)
+    low = cascade.low_res(labels, n, k_low, text)
     return cascade.high_res(low, labels, k_high, aug_level), low
 
 
@@ -173,11 +186,14 @@ def naive(low: np.ndarray, size: int) -> dict[str, np.ndarray]:
     }
 
 
-def sample_main(a, cfg: Config, overrides: dict, labels, n: int) -> int:
+def sample_main(
+    a, cfg: Config, overrides: dict, labels, n: int, text: dict, ncol: int | None
+) -> int:
     """``mlgen sample SR_WORKDIR [--base BASE_WORKDIR]`` after ``mlgen.cli.sample`` parsed and
-    checked the common flags: writes the high-res samples (``.npz``: also ``low_res``)."""
+    checked the common flags (the labels, or a text base's prompts as ``text`` with ``ncol``
+    samples per prompt): writes the high-res samples (``.npz``: also ``low_res``)."""
     cascade = load(cfg, a, overrides)
-    high, low = sample(cascade, labels, n, jax.random.key(a.seed), a.aug_level)
+    high, low = sample(cascade, labels, n, jax.random.key(a.seed), a.aug_level, text or None)
     epath.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     if a.out.endswith(".npz"):
         arrays = {"images": high, "low_res": low}
@@ -187,7 +203,7 @@ def sample_main(a, cfg: Config, overrides: dict, labels, n: int) -> int:
     else:
         per_class = cfg.objective.sampling.per_class
         grid = labels is not None and a.cls is None and a.num is None
-        save_grid(high, a.out, ncol=per_class if grid else None)
+        save_grid(high, a.out, ncol=ncol or (per_class if grid else None))
     src = f"the base run {a.base!r}" if a.base else "held-out real low-res images"
     print(f"wrote {len(high)} samples upsampled from {src} to {a.out}")
     return 0
@@ -197,14 +213,25 @@ def eval_main(a, cfg: Config, over: dict) -> int:
     """``mlgen eval SR_WORKDIR [--base BASE_WORKDIR]``: one JSON line of scores (and
     ``SR_WORKDIR/eval.json``)."""
     cascade = load(cfg, a, over)
-    classes = cfg.model.num_classes
-    labels = np.arange(a.num, dtype=np.int32) % classes if classes else None
+    base_cfg = cascade.base[0] if cascade.base is not None else None
+    prompts = None
+    if base_cfg is not None and text_lib.is_text(base_cfg.model):
+        labels, prompts = text_lib.eval_prompts(a.num)  # held-out templates, classes in turn
+    else:  # the classes of a class-conditional base; held-out real digits of every class
+        classes = base_cfg.model.num_classes if base_cfg is not None else DIGIT_CLASSES
+        labels = np.arange(a.num, dtype=np.int32) % classes if classes else None
     highs, lows = [], []
     for i, start in enumerate(range(0, a.num, a.batch)):
         n = min(a.batch, a.num - start)
         lab = labels[start : start + n] if labels is not None else None
+        text = None
+        if prompts is not None:
+            text = dict(
+                cond=text_lib.prompt_cond(base_cfg.model, prompts[start : start + n]),
+                null_cond=text_lib.null_cond(base_cfg.model),
+            )
         key = jax.random.fold_in(jax.random.key(a.seed), i)
-        high, low = sample(cascade, lab, n, key, a.aug_level)
+        high, low = sample(cascade, lab, n, key, a.aug_level, text)
         highs.append(high)
         lows.append(low)
     high, low = np.concatenate(highs), np.concatenate(lows)
@@ -215,7 +242,6 @@ def eval_main(a, cfg: Config, over: dict) -> int:
         name: {k: v for k, v in score(x, labels).items() if k in ("accuracy", "frechet")}
         for name, x in naive(low, size).items()
     }
-    base_cfg = cascade.base[0] if cascade.base is not None else None
     # The scorer's classifier projects on 32 PCA components: images of fewer pixels go unscored.
     if base_cfg is not None and base_cfg.data.image_size**2 * base_cfg.data.channels >= 32:
         base = scorer(base_cfg.data.image_size).score(low, labels)

@@ -6,7 +6,10 @@ super-resolution diffusion model (Ho et al. 2021, "Cascaded Diffusion Models").
   (:func:`mlgen.objectives.superres.sampling_cond`), then the upsampler's sampler runs with
   them as conditioning; class labels (and their classifier-free guidance) as any
   class-conditional model's; the low-res image is kept in guidance's unconditional half.
-- :func:`cascade`: base model -> upsampler, the same labels through both stages.
+- :func:`cascade`: base model -> upsampler. Class labels go to each class-conditional stage;
+  a text-conditioned base takes its prompts as ``base_cond`` / ``base_null_cond`` (Imagen's
+  recipe: text -> low-res image -> upsampler). An upsampler without classes follows any base:
+  the low-res image carries what the base was asked for.
 
 A stage is a :class:`Stage`: a model (``graphdef`` + parameters) with its objective, denoiser
 and sampler configs, never a run (``mlgen sample SR_WORKDIR --base BASE_WORKDIR`` is in
@@ -63,10 +66,16 @@ def check_chain(base_model, sr_model) -> None:
             f"model.low_res_channels: the upsampler takes {sr_model.low_res_channels} channels, "
             f"the base model makes {base_model.in_channels}"
         )
-    if bool(base_model.num_classes) != bool(sr_model.num_classes):
+    if sr_model.num_classes and not base_model.num_classes:
+        raise ValueError(
+            f"model.num_classes: the upsampler takes class labels ({sr_model.num_classes} "
+            "classes) but the base model has none to give it; chain an upsampler without "
+            "classes (model.num_classes=0)"
+        )
+    if sr_model.num_classes and sr_model.num_classes != base_model.num_classes:
         raise ValueError(
             f"model.num_classes: the base model has {base_model.num_classes} classes, the "
-            f"upsampler {sr_model.num_classes}; both or neither must be class-conditional"
+            f"upsampler {sr_model.num_classes}"
         )
 
 
@@ -124,9 +133,16 @@ def cascade(
     key: jax.Array,
     labels=None,
     aug_level: float | None = None,
+    base_cond: dict | None = None,
+    base_null_cond: dict | None = None,
 ) -> tuple[Float[Array, "B H W C"], Float[Array, "B h w C"]]:
-    """Base model -> upsampler: returns ``(high_res, low_res)`` samples of ``num`` examples, the
-    same ``labels`` (``[num]`` ints, or None for unconditional models) through both stages."""
+    """Base model -> upsampler: returns ``(high_res, low_res)`` samples of ``num`` examples.
+
+    ``labels`` (``[num]`` ints, or None) go to each stage that is class-conditional;
+    ``base_cond`` / ``base_null_cond`` are the base model's extra conditioning inputs and their
+    null values (a text base: ``text_tokens`` / ``text_mask`` of its prompts,
+    :func:`mlgen.tasks.text.prompt_cond`), as :func:`~mlgen.samplers.diffusion.sample_model`
+    takes them."""
     check_chain(base.model, sr.model)
     k_base, k_sr = jax.random.split(key)
     low = sample_model(
@@ -137,9 +153,12 @@ def cascade(
         base.sampling,
         num=num,
         key=k_base,
-        labels=labels,
+        labels=labels if base.model.num_classes else None,
+        cond=base_cond,
+        null_cond=base_null_cond,
         model_state=base.model_state,
         **base.overrides,
     )
-    high = upsample(sr, low, key=k_sr, labels=labels, aug_level=aug_level)
+    sr_labels = labels if sr.model.num_classes else None
+    high = upsample(sr, low, key=k_sr, labels=sr_labels, aug_level=aug_level)
     return high, low

@@ -115,7 +115,13 @@ def _write_from_one_replica() -> None:
     handler = ocp.type_handlers.ArrayHandler(
         use_replica_parallel=False, array_metadata_store=_MetadataStore()
     )
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    absl = logging.getLogger("absl")  # orbax warns of every override
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl.setLevel(level)
     _single_process_writer = True
 
 

@@ -3,6 +3,7 @@ for the empty prompt (and for dropped captions), guidance 0 / 1 reduce to the nu
 prompt-only model, the text encoder can be frozen, bad fields are one-line errors."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,22 +32,40 @@ CONFIGS = {
 }
 
 
-def _randomised(cls, cfg):
+@functools.cache
+def _randomised(name):
     """A model whose zero-initialised parameters (cross-attention outputs, adaLN, the pooled
-    projection) are random too, so that every path from the text reaches the output."""
-    model = cls(cfg, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    leaves, tree = jax.tree.flatten(nnx.to_pure_dict(params))
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [v + 0.2 * jax.random.normal(k, v.shape, v.dtype) for v, k in zip(leaves, keys)]
-    nnx.replace_by_pure_dict(params, jax.tree.unflatten(tree, leaves))
-    return nnx.merge(graphdef, params)
+    projection) are random too, so that every path from the text reaches the output. Built
+    once per name by one compiled init (eager init runs op by op: slow)."""
+    cls, cfg = CONFIGS[name]
+
+    def build():
+        model = cls(cfg, rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model, nnx.Param)
+        leaves, tree = jax.tree.flatten(nnx.to_pure_dict(params))
+        keys = jax.random.split(jax.random.key(1), len(leaves))
+        leaves = [v + 0.2 * jax.random.normal(k, v.shape, v.dtype) for v, k in zip(leaves, keys)]
+        nnx.replace_by_pure_dict(params, jax.tree.unflatten(tree, leaves))
+        return nnx.split(nnx.merge(graphdef, params))[1]
+
+    graphdef = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))[0]
+    return nnx.merge(graphdef, jax.jit(build)())
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def model(request):
-    cls, cfg = CONFIGS[request.param]
-    return _randomised(cls, cfg)
+    return _randomised(request.param)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, x, t, tokens, mask):
+    return nnx.merge(graphdef, state)(x, t, text_tokens=tokens, text_mask=mask)
+
+
+def _run(model, x, t, tokens, mask):
+    """``model(x, t, text_tokens=tokens, text_mask=mask)``, compiled once per model (the
+    model's current parameters are an argument: changing one does not recompile)."""
+    return _forward(*nnx.split(model), x, t, tokens, mask)
 
 
 def _inputs():
@@ -59,13 +78,11 @@ def _inputs():
 
 def test_cross_attention_ignores_padding(model):
     x, t, tokens, mask = _inputs()
-    out = model(x, t, text_tokens=tokens, text_mask=mask)
+    out = _run(model, x, t, tokens, mask)
     other_pad = jnp.where(mask == 0, 123, tokens)
-    np.testing.assert_allclose(
-        model(x, t, text_tokens=other_pad, text_mask=mask), out, rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(_run(model, x, t, other_pad, mask), out, rtol=1e-5, atol=1e-5)
     other_real = tokens.at[:, 0].set(50)  # a real token: the output follows it
-    assert not np.allclose(model(x, t, text_tokens=other_real, text_mask=mask), out, atol=1e-4)
+    assert not np.allclose(_run(model, x, t, other_real, mask), out, atol=1e-4)
     # The cross-attention layers alone ignore whatever sits in the context's padded slots.
     ctx, cmask, _ = model.text(tokens, mask)
     assert cmask.tolist() == (mask != 0).tolist()
@@ -97,15 +114,13 @@ def test_empty_prompt_is_the_learned_null(model):
     ctx, cmask, _ = model.text(tokens, empty)
     np.testing.assert_allclose(ctx[:, 0], jnp.broadcast_to(model.text.null[...], ctx[:, 0].shape))
     assert cmask[:, 0].all() and not cmask[:, 1:].any()
-    out = model(x, t, text_tokens=tokens, text_mask=empty)
+    out = _run(model, x, t, tokens, empty)
     # The empty prompt's tokens do not matter; the null embedding does.
-    np.testing.assert_allclose(
-        model(x, t, text_tokens=tokens + 1, text_mask=empty), out, rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(_run(model, x, t, tokens + 1, empty), out, rtol=1e-5, atol=1e-5)
     saved = model.text.null[...]
     model.text.null[...] = saved + 1.0
     try:
-        assert not np.allclose(model(x, t, text_tokens=tokens, text_mask=empty), out, atol=1e-4)
+        assert not np.allclose(_run(model, x, t, tokens, empty), out, atol=1e-4)
     finally:
         model.text.null[...] = saved
 
@@ -124,8 +139,9 @@ def test_caption_dropout_trains_the_null(model):
         loss = make_loss(
             graphdef, obj, train=True, cond_keys=("text_tokens", "text_mask"), null_cond=null
         )
-        g = jax.grad(lambda p: loss(p, {}, batch, jax.random.key(0))[0])(params)
-        return float(jnp.abs(g["text"]["null"]).sum())
+        # jitted (the eager gradient ran op by op: 35 s of CPU for the UNet against 7)
+        grad = jax.grad(lambda p: loss(p, {}, batch, jax.random.key(0))[0])
+        return float(jnp.abs(jax.jit(lambda p: grad(p)["text"]["null"])(params)).sum())
 
     assert null_grad(0.0) == 0.0
     assert null_grad(0.99) > 0.0
@@ -133,8 +149,7 @@ def test_caption_dropout_trains_the_null(model):
 
 @pytest.mark.parametrize("name", ["unet"])
 def test_guidance_zero_and_one_with_text(name):
-    cls, cfg = CONFIGS[name]
-    model = _randomised(cls, cfg)
+    model = _randomised(name)  # the fixture's model
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
     _, _, tokens, mask = _inputs()

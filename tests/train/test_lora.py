@@ -13,6 +13,7 @@ from mlgen.convert.layout import ConvertError, flatten
 from mlgen.convert.run import merge_lora_run
 from mlgen.models.transformer import transformer_flops_per_token
 from mlgen.nn.core import is_adapter
+from mlgen.train import trainer
 from tests.helpers import replace, tiny_lm_config
 
 
@@ -30,11 +31,13 @@ def _host(tree) -> dict:
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-    """A LoRA run trained 2 steps, then resumed to 4; its step-0 parameters."""
+    """A LoRA run trained 2 steps, then resumed to 4; its step-0 parameters (read from the
+    first run's own setup before it trains: one random init fewer than a separate setup)."""
     workdir = tmp_path_factory.mktemp("lora") / "run"
     cfg = _lora_config(workdir)
-    initial = _host(runs.setup(cfg).state["params"])
-    first = mlgen.train(replace(cfg, train=replace(cfg.train, num_steps=2)))
+    s = runs.setup(replace(cfg, train=replace(cfg.train, num_steps=2)))
+    initial = _host(s.state["params"])  # host copies: fit donates the state
+    first = trainer.fit(s)
     result = mlgen.train(cfg)
     return cfg, initial, first, result
 

@@ -5,6 +5,7 @@ with depth, the decode cache of an SSM layer does not grow with the context, FLO
 and pattern errors name the field."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ BASE = dict(
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 11)))
 
 VARIANTS = {
-    "mamba2": dict(pattern="m", ssm_mlp=False),  # a Mamba-2 LM: mixer layers only
+    "mamba2": dict(pattern="m", ssm_mlp=False, num_layers=2),  # a Mamba-2 LM: mixer layers only
     "mamba": dict(pattern="m", ssm="mamba"),
     "jamba": dict(pattern="mmam", ssm="mamba", moe_every=2, num_experts=4, rope_theta=0.0),
     "nvidia": dict(pattern="mmma", ssm_groups=2),  # a stacked run of three SSM layers
@@ -45,10 +46,21 @@ def _model(**kw) -> Transformer:
     return Transformer(TransformerConfig(**{**BASE, **kw}), rngs=nnx.Rngs(0))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, tokens, kw):
+    return nnx.merge(graphdef, state)(tokens, **kw)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(graphdef, state, tokens, positions, cache):
+    return nnx.merge(graphdef, state).decode(tokens, positions, cache)
+
+
 def _forward(model, tokens, **kw):
-    """``model(tokens, **kw)`` compiled once (eager NNX runs op by op: slow on 2 cores)."""
+    """``model(tokens, **kw)`` compiled (eager NNX runs op by op: slow on 2 cores), once per
+    model config and shapes: equal graphdefs share the compiled program across tests."""
     graphdef, state = nnx.split(model)
-    return jax.jit(lambda s, t, kw: nnx.merge(graphdef, s)(t, **kw))(state, tokens, kw)
+    return _apply(graphdef, state, tokens, kw)
 
 
 @pytest.mark.parametrize("name", ["mamba2", "jamba", "nvidia", "infini"])
@@ -65,7 +77,7 @@ def test_scanned_equals_unrolled_and_decoding_equals_the_full_pass(name):
     tokens = tokens.at[0].set(jnp.concatenate([TOKENS[0], jnp.zeros(pad, TOKENS.dtype)]))
     positions = positions.at[0].set(jnp.arange(14))  # row 0 unpadded: its first 11 tokens
     graphdef, state = nnx.split(model)
-    decode = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s).decode(t, p, c))
+    decode = functools.partial(_decode, graphdef)
     cache = model.init_cache(2, 16)
     kinds = {type(c).__name__ for c in cache}
     attention = "InfiniCache" if model.cfg.infini_segment else "KVCache"
@@ -88,10 +100,13 @@ def test_the_sampler_decodes_a_hybrid_greedily():
     model = _model(**VARIANTS["jamba"])
     prompts = [list(map(int, TOKENS[0, :5])), list(map(int, TOKENS[1, :3]))]
     out = generate(model, prompts, max_new_tokens=4, eos_id=-1)
-    for prompt, completion in zip(prompts, out.completions(), strict=True):
-        full = np.asarray(_forward(model, jnp.asarray([prompt + completion])))
+    # Both rows in one causal pass, right-padded with zeros to TOKENS' shape (one compiled
+    # program, shared with the full pass above): the padding is after every position read.
+    rows = [p + c for p, c in zip(prompts, out.completions(), strict=True)]
+    full = np.asarray(_forward(model, jnp.asarray([r + [0] * (11 - len(r)) for r in rows])))
+    for i, (prompt, completion) in enumerate(zip(prompts, out.completions(), strict=True)):
         n = len(prompt)
-        assert completion == [int(t) for t in full[0, n - 1 : n + 3].argmax(-1)]
+        assert completion == [int(t) for t in full[i, n - 1 : n + 3].argmax(-1)]
 
 
 @pytest.mark.parametrize("name", ["mamba2", "jamba"])
@@ -103,9 +118,11 @@ def test_packed_documents_do_not_see_each_other(name):
     seg = jnp.asarray([[1] * 6 + [2] * 5])
     pos = jnp.asarray([list(range(6)) + list(range(5))])
     packed = _forward(model, row, positions=pos, segment_ids=seg)
-    first, second = _forward(model, row[:, :6]), _forward(model, row[:, 6:])
-    np.testing.assert_allclose(packed[0, :6], first[0], atol=2e-5)
-    np.testing.assert_allclose(packed[0, 6:], second[0], atol=2e-5)
+    # Each document alone from position 0, both in one (causal) pass: the second right-padded.
+    alone = jnp.concatenate([row[:, :6], jnp.pad(row[:, 6:], ((0, 0), (0, 1)))])
+    first, second = _forward(model, alone)
+    np.testing.assert_allclose(packed[0, :6], first, atol=2e-5)
+    np.testing.assert_allclose(packed[0, 6:], second[:5], atol=2e-5)
 
 
 def test_the_program_does_not_grow_with_depth():
@@ -221,7 +238,8 @@ def test_sequence_parallel_step_equals_the_data_parallel_one(tmp_path):
             ssm_chunk=4,
             attention=AttentionConfig(backend=backend),
         )
-        t = replace(cfg.train, num_steps=1, log_every=1, eval_every=0, checkpoint_every=1)
+        # eval_steps=0: no eval program to compile (the test reads the train step only)
+        t = replace(cfg.train, num_steps=1, log_every=1, eval_every=0, eval_steps=0)
         return mlgen.train(replace(cfg, train=t))
 
     results = [

@@ -1,39 +1,40 @@
 """Super-resolution diffusion on scikit-learn's digits, 8x8 -> 16x16: the second stage of the
-digits cascade (base model: ``configs/diffusion/digits_8.py``).
+digits cascades (base models: ``configs/diffusion/digits_text.py``, text-to-image, and
+``configs/diffusion/digits_8.py``, class-conditional).
 
-A class-conditional UNet (channels 32/64, no attention: upsampling is local) that sees the noisy
-16x16 image with the 8x8 low-res digit (the 16x16 image area-averaged to 8x8 by the data
+A UNet without classes (channels 32/64, no attention: upsampling is local; the low-res image
+carries the class, so it follows any base: class-conditional or text-to-image) that sees the
+noisy 16x16 image with the 8x8 low-res digit (the 16x16 image area-averaged to 8x8 by the data
 pipeline) bilinearly upsampled and concatenated on channels. The low-res input is noise-
 augmented by the diffusion schedule at a random level in [0, 0.5] while training (the level is
 embedded and added to the time embedding) and at the fixed level ``sample_aug`` when sampling.
-Cosine schedule, v prediction, min-SNR-5, 10% label dropout (the low-res image is never
-dropped), EMA. Sample grids every 500 steps show held-out triples low-res | output | real.
+Cosine schedule, v prediction, min-SNR-5, EMA. Sample grids every 500 steps show held-out
+triples low-res | output | real.
 
-    mlgen --cpu-devices 2 train configs/diffusion/digits_8.py workdir=/tmp/digits-8
+    mlgen --cpu-devices 2 train configs/diffusion/digits_text.py workdir=/tmp/digits-text
     mlgen --cpu-devices 2 train configs/diffusion/digits_sr.py workdir=/tmp/digits-sr
-    mlgen sample /tmp/digits-sr --base /tmp/digits-8 --out /tmp/digits-sr/cascade.png
-    mlgen eval /tmp/digits-sr --base /tmp/digits-8     # the cascade's 16x16 samples
+    mlgen sample /tmp/digits-sr --base /tmp/digits-text --prompt "a handwritten seven" --out y.png
+    mlgen eval /tmp/digits-sr --base /tmp/digits-text  # the text cascade's 16x16 samples
+    mlgen eval /tmp/digits-sr --base /tmp/digits-8     # or the class-conditional base's
     mlgen eval /tmp/digits-sr                          # fed held-out real 8x8 digits
 
-Measured on this 2-core CPU shared with other jobs (1-minute load 8-12; the job got 32% of a
-core): 678 steps in 47m33s wall (804 s CPU time) before it was stopped by SIGTERM for lack of
-time; the numbers below are of its step-500 checkpoint (``--step 500``; lr not yet annealed),
-not of the full 1000 steps. An idle 2-core CPU should run the 1000 steps well under 10 minutes
-(the attention-free UNet costs less per step than digits_unet.py's 0.29 s), not measured here.
-Eval loss 0.0151 at step 500.
+Measured on a 2-core CPU (2026-12-02, near idle: only `mlgen eval` and `mlgen sample` of
+other runs had finished before): 1000 steps in 6m32s wall (0.30 s/step, 606 s user CPU);
+loss 0.0144, eval loss 0.0137 at step 1000.
 
-``mlgen eval /tmp/digits-sr --base /tmp/digits-8 --step 500`` (1000 samples: base DDIM-50
-guidance 2 at 8x8, then the upsampler DDIM-50 guidance 1, aug level 0.1; 19 min under load):
-cascade at 16x16: class accuracy 1.000, confidence 0.936 (real 0.936), Fréchet 2.97 against
-the floor 1.46; naive upsampling of the same 8x8 base samples: bicubic 4.54, nearest 6.95.
-The one-stage 16x16 model (digits_unet.py, 1500 steps; its documented value, not rerun) scores
-2.76. ``mlgen eval /tmp/digits-sr --step 500`` (the upsampler fed the held-out real 8x8
-digits): Fréchet 0.39, accuracy 0.998 (bicubic 0.94, nearest 0.68); this is below the floor
-because the outputs are upsampled from the very held-out images the score compares them with.
-Grid: WORKDIR/samples/step_000500.png (held-out triples low-res | output | real).
-Step cost on a near-idle 2-core CPU (2026-12-02, 1-minute load ~1.8, steps 20-80 of short runs
-side by side): this upsampler 0.58 s/step (1000 steps ~10 min), the digits_8 base 0.20 s/step
-(2000 steps ~7 min), digits_unet 0.68 s/step on the same minutes.
+``mlgen eval /tmp/digits-sr --base /tmp/digits-text`` (1000 samples: the text base DDIM-50,
+guidance 2, prompted with the held-out caption templates; then the upsampler DDIM-50, guidance
+1, aug level 0.1; 4m16s): the cascade at 16x16: class accuracy of the prompted digits 0.912,
+confidence 0.931 (real 0.936), Fréchet 3.13 against the floor 1.46. Naive upsampling of the same
+8x8 base samples: bicubic 4.69, nearest 6.97 (accuracy 0.914 both). The base samples at 8x8:
+accuracy 0.915, Fréchet 1.19 (floor 0.68). An earlier class-conditional upsampler (step 500 of
+an unfinished run, fed digits_8.py's samples) scored 2.97 (bicubic 4.54).
+``mlgen eval /tmp/digits-sr`` (the upsampler fed 1000 held-out real 8x8 digits, 2m37s):
+Fréchet 0.37, accuracy 0.992 (bicubic: Fréchet 0.94, accuracy 0.996; nearest: 0.68, 1.000);
+below the floor because the outputs are upsampled from the very held-out images the score
+compares them with.
+Grids: WORKDIR/samples/step_001000.png (held-out triples low-res | output | real); the cascade:
+``mlgen sample /tmp/digits-sr --base /tmp/digits-text --out cascade.png`` (a row per digit).
 """
 
 import dataclasses

@@ -5,8 +5,11 @@ import dataclasses
 import numpy as np
 
 from mlgen.config import Config, MeshConfig, OptimConfig, TrainConfig
+from mlgen.data.images import ImageDataConfig
 from mlgen.data.text import TextDataConfig
 from mlgen.models.transformer import TransformerConfig
+from mlgen.models.unet import PRESETS
+from mlgen.objectives.diffusion import DiffusionObjectiveConfig, SamplerConfig
 from mlgen.objectives.lm import LMObjectiveConfig
 from mlgen.ops.attention import AttentionConfig
 
@@ -72,3 +75,32 @@ def random_lm_batch(
 
 def replace(cfg, **sections):
     return dataclasses.replace(cfg, **sections)
+
+
+def tiny_digits_config(workdir: str) -> Config:
+    """A class-conditional unet-tiny digits run at 8x8, 30 steps (fsdp rules)."""
+    return Config(
+        task="diffusion",
+        workdir=workdir,
+        seed=0,
+        model=dataclasses.replace(PRESETS["unet-tiny"], num_classes=10),
+        data=ImageDataConfig(source="digits", image_size=8, batch_size=16),
+        objective=DiffusionObjectiveConfig(
+            schedule="cosine",
+            prediction="v",
+            loss_weighting="min_snr",
+            sampling=SamplerConfig(sampler="ddim", steps=4, per_class=2, max_steps=8),
+        ),
+        mesh=MeshConfig(data=-1, rules="fsdp"),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0),
+        train=TrainConfig(
+            num_steps=30,
+            log_every=10,
+            eval_every=30,
+            eval_steps=1,
+            checkpoint_every=30,
+            progress_bar=False,
+            async_checkpoints=False,
+            ema_decay=0.9,
+        ),
+    )

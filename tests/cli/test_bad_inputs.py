@@ -21,8 +21,7 @@ from mlgen.config import ConfigError, InputError
 from mlgen.data.text import TextDataConfig, check_corpus, split_documents
 from mlgen.runs import setup
 from mlgen.train.checkpoint import Checkpointer
-from tests.helpers import tiny_lm_config
-from tests.tasks.test_diffusion_task import tiny_digits_config
+from tests.helpers import tiny_digits_config, tiny_lm_config
 
 TINY = "configs/lm/tiny.py"  # the tests run from the repository root (pyproject's pythonpath)
 

@@ -115,7 +115,7 @@ def test_rules_that_waste_or_miss_the_mesh_are_config_errors(overrides, msg):
 
 
 def test_unet_has_nothing_for_a_seq_axis():
-    from tests.tasks.test_diffusion_task import tiny_digits_config
+    from tests.helpers import tiny_digits_config
 
     cfg = dataclasses.replace(tiny_digits_config("/tmp/x"), mesh=MeshConfig(data=4, seq=2))
     with pytest.raises(

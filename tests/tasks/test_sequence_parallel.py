@@ -88,7 +88,7 @@ def test_loss_matches_mesh_without_seq(mesh, grads):
 def test_dit_shards_its_patches_over_seq_with_ring_attention():
     """The DiT under a mesh with seq > 1: its token axis is ``length`` (sharded over seq), ``auto``
     picks ring attention for it as for the LM, and the loss equals the single-device one."""
-    from tests.tasks.test_diffusion_task import tiny_digits_config
+    from tests.helpers import tiny_digits_config
 
     base = tiny_digits_config("/tmp/mlgen-dit-seq")
     base = dataclasses.replace(base, model=dataclasses.replace(DIT["dit-tiny"], num_classes=10))

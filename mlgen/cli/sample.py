@@ -213,8 +213,7 @@ def _text_inputs(cfg: Config, a) -> tuple[dict, int | None]:
             InputError,
         )
     rows = [p for p in prompts for _ in range(per)]
-    cond = text_lib.prompt_cond(cfg.model, rows)
-    return dict(cond=cond, null_cond=text_lib.null_cond(cfg.model)), per
+    return text_lib.prompt_inputs(cfg.model, rows), per
 
 
 def eval_main(argv: list[str]) -> int:
@@ -273,10 +272,7 @@ def eval_main(argv: list[str]) -> int:
             lab = labels[start : start + n] if labels is not None else None
             extra = {}
             if text:
-                extra = dict(
-                    cond=text_lib.prompt_cond(cfg.model, prompts[start : start + n]),
-                    null_cond=text_lib.null_cond(cfg.model),
-                )
+                extra = text_lib.prompt_inputs(cfg.model, prompts[start : start + n])
                 lab = None
             x = sample_model(
                 result.graphdef,

@@ -226,10 +226,7 @@ def eval_main(a, cfg: Config, over: dict) -> int:
         lab = labels[start : start + n] if labels is not None else None
         text = None
         if prompts is not None:
-            text = dict(
-                cond=text_lib.prompt_cond(base_cfg.model, prompts[start : start + n]),
-                null_cond=text_lib.null_cond(base_cfg.model),
-            )
+            text = text_lib.prompt_inputs(base_cfg.model, prompts[start : start + n])
         key = jax.random.fold_in(jax.random.key(a.seed), i)
         high, low = sample(cascade, lab, n, key, a.aug_level, text)
         highs.append(high)

@@ -164,7 +164,7 @@ class SampleGridHook:
         text = {}
         if text_lib.is_text(m):  # one row per class prompt
             prompts = text_lib.grid_prompts(10, scfg.per_class)
-            text = dict(cond=text_lib.prompt_cond(m, prompts), null_cond=text_lib.null_cond(m))
+            text = text_lib.prompt_inputs(m, prompts)
         x = sample_model(
             graphdef,
             params,

@@ -41,6 +41,7 @@ __all__ = [
     "is_text",
     "null_cond",
     "prompt_cond",
+    "prompt_inputs",
     "prompt_lengths",
 ]
 
@@ -110,6 +111,12 @@ def prompt_cond(model_cfg, prompts: Sequence[str]) -> dict[str, np.ndarray]:
     """``{"text_tokens", "text_mask"}`` ``[len(prompts), max_len]`` for the model's tokenizer."""
     text = model_cfg.text
     return tokenize(get_tokenizer(text.tokenizer), list(prompts), text.max_len)
+
+
+def prompt_inputs(model_cfg, prompts: Sequence[str]) -> dict:
+    """``cond`` (the prompts' tokens) and ``null_cond`` (the empty prompt) as
+    :func:`mlgen.samplers.diffusion.sample_model` takes them."""
+    return dict(cond=prompt_cond(model_cfg, prompts), null_cond=null_cond(model_cfg))
 
 
 def caption_map(model_cfg, split: str) -> CaptionMap:
